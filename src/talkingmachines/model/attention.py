@@ -1,0 +1,235 @@
+"""Self-attention strategies for the DiT: 3-D RoPE, block-sparse causal masks, and the KV cache.
+
+A DiT block computes q, k, v (normed, not yet rotated) and hands them to an *attention
+strategy*; the strategy owns positions, masks and caching. Four strategies share one block:
+
+- `Bidirectional`: the teacher (and diffusers' Wan): every token sees every token.
+- `SparseCausal`: the student over a whole clip in one masked forward (training, and the
+  reference the streaming path must reproduce).
+- `SinkPrefill` / `CachedChunk`: the streaming path, one chunk at a time against a KV cache
+  that holds only the sink (reference image) and the previous chunk.
+
+Positions. The sink is latent frame 0. Chunk i (1-based) covers latent frames
+1+(i-1)F .. iF of the clip. Streaming re-bases RoPE to the attention window so that every
+chunk sees the same geometry however long the stream runs (no position ever grows, no
+extrapolation beyond what training saw): the sink sits at t=0, the previous chunk at
+t=1..F, the current chunk at t=F+1..2F (chunk 1, which has no previous chunk, at 1..F).
+RoPE only sees position differences, so this equals absolute positions for chunk-to-chunk
+attention; only the sink must move: for chunk i it sits at t=max(i-2, 0)*F in absolute
+terms. The whole-clip `SparseCausal` forward reproduces that by giving each chunk its own
+rotated copy of the sink's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of a head given to (t, h, w), as Wan: 128 -> 44/42/42."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def _axis_angles(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim))
+    return torch.outer(pos.to(torch.float64), freqs)  # [N, dim/2]
+
+
+def rope_cos_sin(t_pos, h_pos, w_pos, head_dim: int, theta: float = 10000.0):
+    """cos/sin [N, head_dim/2] for tokens at integer (t, h, w) positions (float64 angles, as diffusers)."""
+    dt, dh, dw = rope_split(head_dim)
+    ang = torch.cat(
+        [_axis_angles(t_pos, dt, theta), _axis_angles(h_pos, dh, theta), _axis_angles(w_pos, dw, theta)], dim=1
+    )
+    return ang.cos().float(), ang.sin().float()
+
+
+def grid_positions(t_positions: torch.Tensor, height: int, width: int):
+    """(t, h, w) per token for frames at `t_positions`, each a height x width token grid, frame-major."""
+    n = len(t_positions)
+    t = t_positions.view(n, 1, 1).expand(n, height, width)
+    h = torch.arange(height, device=t.device).view(1, height, 1).expand(n, height, width)
+    w = torch.arange(width, device=t.device).view(1, 1, width).expand(n, height, width)
+    return t.reshape(-1), h.reshape(-1), w.reshape(-1)
+
+
+class Rope:
+    """cos/sin tables for a set of tokens; `apply` rotates [B, L, H, D] tensors (interleaved pairs)."""
+
+    def __init__(self, t_positions, height, width, head_dim, device=None):
+        t_positions = torch.as_tensor(t_positions, device=device)
+        cos, sin = rope_cos_sin(*grid_positions(t_positions, height, width), head_dim)
+        self.cos = cos[None, :, None, :]
+        self.sin = sin[None, :, None, :]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = self.cos.to(x.device), self.sin.to(x.device)
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+        return out.type_as(x)
+
+
+def sdpa(q, k, v, mask=None):
+    """[B, L, H, D] in and out."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- strategies
+class Bidirectional:
+    def __init__(self, num_frames: int, height: int, width: int, head_dim: int, device=None):
+        self.rope = Rope(torch.arange(num_frames), height, width, head_dim, device)
+
+    def __call__(self, layer: int, q, k, v):
+        return sdpa(self.rope.apply(q), self.rope.apply(k), v)
+
+
+def chunk_t_positions(chunk: int, chunk_frames: int) -> torch.Tensor:
+    """Absolute latent-frame positions of chunk `chunk` (1-based)."""
+    return torch.arange(1 + (chunk - 1) * chunk_frames, 1 + chunk * chunk_frames)
+
+
+def sink_t_position(chunk: int, chunk_frames: int) -> int:
+    """Where the sink sits, in absolute terms, as seen from chunk `chunk` (re-based RoPE)."""
+    return max(chunk - 2, 0) * chunk_frames
+
+
+class SparseCausal:
+    """Whole-clip student forward: chunk i sees the sink, chunk i-1 and itself.
+
+    Token layout (frame-major): [sink (1 frame)] + chunks 1..N; with `teacher_forcing`,
+    [sink] + clean chunks 1..N + noisy chunks 1..N, where noisy chunk i sees the sink, the
+    *clean* chunk i-1 and itself, and clean chunk i sees the sink, clean chunk i-1 and
+    itself, exactly what the streaming path computes when it writes clean chunks to the cache.
+    """
+
+    def __init__(self, num_chunks, chunk_frames, height, width, head_dim, teacher_forcing=False, device=None):
+        hw = height * width
+        n, fr = num_chunks, chunk_frames
+        self.hw, self.n, self.fr = hw, n, fr
+        # per-token segment ids: -1 sink; clean chunk c -> c; noisy chunk c -> 1000 + c
+        segs = [torch.full((hw,), -1)]
+        t_pos = [torch.zeros(1, dtype=torch.long)]
+        groups = [range(1, n + 1)] + ([range(1001, 1001 + n)] if teacher_forcing else [])
+        for g in groups:
+            for c in g:
+                segs.append(torch.full((fr * hw,), c))
+                t_pos.append(chunk_t_positions(c % 1000, fr))
+        seg = torch.cat(segs)
+        self.rope = Rope(torch.cat(t_pos), height, width, head_dim, device)
+        # rotated sink copies, one per chunk: chunk c's copy sits at sink_t_position(c)
+        self.sink_ropes = [
+            Rope(torch.tensor([sink_t_position(c, fr)]), height, width, head_dim, device) for c in range(1, n + 1)
+        ]
+        L = seg.numel()
+        chunk_of = seg % 1000  # chunk number for clean/noisy tokens, 999 for sink (-1 % 1000)
+        is_sink = seg == -1
+        is_noisy = seg >= 1000
+        clean_key = (~is_sink) & (~is_noisy)
+        q_chunk = chunk_of[:, None]
+        k_chunk = chunk_of[None, :]
+        # keys from the sequence itself
+        same = seg[:, None] == seg[None, :]  # itself (noisy sees noisy self; clean sees clean self; sink sink)
+        if teacher_forcing:
+            prev = clean_key[None, :] & (k_chunk == q_chunk - 1) & (~is_sink[:, None])
+        else:
+            prev = (k_chunk == q_chunk - 1) & (~is_sink[:, None]) & (~is_sink[None, :])
+        seq_mask = same | prev
+        # keys from the sink copies: chunk c's queries see copy c only; the sink itself sees the
+        # real sink tokens (via `same` above).
+        copy_chunk = torch.arange(1, n + 1).repeat_interleave(hw)
+        copy_mask = (~is_sink[:, None]) & (chunk_of[:, None] == copy_chunk[None, :])
+        self.mask = torch.cat([copy_mask, seq_mask], dim=1).to(device)  # [L, n*hw + L]
+        self.length = L
+
+    def __call__(self, layer: int, q, k, v):
+        hw = self.hw
+        sink_k, sink_v = k[:, :hw], v[:, :hw]
+        k_copies = torch.cat([r.apply(sink_k) for r in self.sink_ropes], dim=1)
+        v_copies = sink_v.repeat(1, self.n, 1, 1)
+        keys = torch.cat([k_copies, self.rope.apply(k)], dim=1)
+        vals = torch.cat([v_copies, v], dim=1)
+        return sdpa(self.rope.apply(q), keys, vals, self.mask)
+
+
+# ----------------------------------------------------------------------------- KV cache
+@dataclass
+class KVCache:
+    """Per layer: the sink's keys/values (computed once per session) and the previous chunk's.
+
+    Keys are stored already rotated for the re-based window (sink at t=0, previous chunk at
+    t=1..F), so a cached chunk is never touched again. Its size is fixed after chunk 1.
+    """
+
+    num_layers: int
+    sink_k: list = field(default_factory=list)
+    sink_v: list = field(default_factory=list)
+    prev_k: list = field(default_factory=list)
+    prev_v: list = field(default_factory=list)
+    chunks_written: int = 0
+
+    def __post_init__(self):
+        for name in ("sink_k", "sink_v", "prev_k", "prev_v"):
+            if not getattr(self, name):
+                setattr(self, name, [None] * self.num_layers)
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for name in ("sink_k", "sink_v", "prev_k", "prev_v")
+            for t in getattr(self, name)
+            if t is not None
+        )
+
+
+class SinkPrefill:
+    """Runs the sink (reference frame) alone through the blocks and stores its K/V."""
+
+    def __init__(self, cache: KVCache, height, width, head_dim, device=None):
+        self.cache = cache
+        self.rope = Rope(torch.zeros(1, dtype=torch.long), height, width, head_dim, device)
+
+    def __call__(self, layer: int, q, k, v):
+        k = self.rope.apply(k)
+        self.cache.sink_k[layer], self.cache.sink_v[layer] = k, v
+        return sdpa(self.rope.apply(q), k, v)
+
+
+class CachedChunk:
+    """One chunk against the cache. With `write=True` (the clean pass at timestep 0) the chunk's
+    keys/values replace the previous chunk's once all layers ran (call `commit`)."""
+
+    def __init__(self, cache: KVCache, chunk: int, chunk_frames, height, width, head_dim, write=False, device=None):
+        self.cache, self.write = cache, write
+        fr = chunk_frames
+        self.has_prev = chunk > 1
+        cur = torch.arange(fr + 1, 2 * fr + 1) if self.has_prev else torch.arange(1, fr + 1)
+        self.rope_cur = Rope(cur, height, width, head_dim, device)
+        self.rope_prev = Rope(torch.arange(1, fr + 1), height, width, head_dim, device)
+        self.pending_k = [None] * cache.num_layers
+        self.pending_v = [None] * cache.num_layers
+
+    def __call__(self, layer: int, q, k, v):
+        c = self.cache
+        keys = [c.sink_k[layer]]
+        vals = [c.sink_v[layer]]
+        if self.has_prev:
+            keys.append(c.prev_k[layer])
+            vals.append(c.prev_v[layer])
+        keys.append(self.rope_cur.apply(k))
+        vals.append(v)
+        if self.write:
+            # stored as "previous chunk" for the next chunk: re-rotated to t = 1..F
+            self.pending_k[layer] = self.rope_prev.apply(k)
+            self.pending_v[layer] = v
+        return sdpa(self.rope_cur.apply(q), torch.cat(keys, 1), torch.cat(vals, 1))
+
+    def commit(self):
+        assert self.write
+        self.cache.prev_k, self.cache.prev_v = self.pending_k, self.pending_v
+        self.cache.chunks_written += 1
