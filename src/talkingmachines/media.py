@@ -80,47 +80,97 @@ def _open_input(p: Path, what: str):
         raise InputError(f"cannot read {what} file {p}: not a media file PyAV can decode ({_short(e)})") from None
 
 
-def _decode_audio_stream(container, stream, p: Path, max_seconds: float | None) -> np.ndarray:
-    """Decode `stream` to float32 mono at SAMPLE_RATE (channels averaged)."""
-    av = _av()
-    resampler = av.AudioResampler(format="fltp", layout=None, rate=SAMPLE_RATE)
-    out: list[np.ndarray] = []
-    total = 0
-    limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
+class _AudioDecoder:
+    """Decode one audio stream, packet by packet, to float32 mono at SAMPLE_RATE.
 
-    def take(frames):
-        nonlocal total
+    Channels are averaged. The end is trimmed to the last packet's pts + duration, which
+    drops the zero padding of a final AAC frame (FFmpeg's decoders return it in full).
+    """
+
+    def __init__(self, stream, p: Path, max_seconds: float | None):
+        av = _av()
+        self.stream, self.p = stream, p
+        self.resampler = av.AudioResampler(format="fltp", layout=None, rate=SAMPLE_RATE)
+        self.out: list[np.ndarray] = []
+        self.total = 0
+        self.max_seconds = max_seconds
+        self.limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
+        self.start = None  # pts of the first packet with pts >= 0 (priming has pts < 0)
+        self.end = None  # max(pts + duration)
+        self.error: str | None = None
+
+    def _take(self, frames) -> None:
         for g in frames:
             a = g.to_ndarray()  # [channels, n] planar float
             a = a.reshape(1, -1) if a.ndim == 1 else a
             m = a.mean(axis=0, dtype=np.float64).astype(np.float32) if a.shape[0] > 1 else a[0].astype(np.float32)
-            out.append(m)
-            total += m.shape[0]
-            if limit is not None and total > limit:
+            self.out.append(m)
+            self.total += m.shape[0]
+            if self.limit is not None and self.total > self.limit:
                 raise InputError(
-                    f"audio file {p} is too long (more than {max_seconds / 3600:g} h); split it into shorter parts"
+                    f"audio file {self.p} is too long (more than {self.max_seconds / 3600:g} h); "
+                    "split it into shorter parts"
                 )
 
-    try:
-        for frame in container.decode(stream):
+    def feed(self, packet) -> None:
+        if self.error is not None:
+            return
+        if packet.pts is not None and packet.size:
+            if self.start is None or (packet.pts >= 0 and packet.pts < self.start):
+                self.start = max(packet.pts, 0)
+            if packet.duration:
+                e = packet.pts + packet.duration
+                self.end = e if self.end is None else max(self.end, e)
+        try:
+            for frame in packet.decode():
+                try:
+                    self._take(self.resampler.resample(frame))
+                except ValueError:
+                    # channel layout / rate changed mid-stream: start a new resampler
+                    self._take(self.resampler.resample(None))
+                    self.resampler = _av().AudioResampler(format="fltp", layout=None, rate=SAMPLE_RATE)
+                    self._take(self.resampler.resample(frame))
+        except InputError:
+            raise
+        except Exception as e:
+            self.error = _short(e)
+
+    def finish(self) -> np.ndarray:
+        if self.error is None:
             try:
-                take(resampler.resample(frame))
-            except ValueError:
-                # the channel layout / rate changed mid-stream: start a new resampler
-                take(resampler.resample(None))
-                resampler = av.AudioResampler(format="fltp", layout=None, rate=SAMPLE_RATE)
-                take(resampler.resample(frame))
-        take(resampler.resample(None))
+                self._take(self.resampler.resample(None))
+            except InputError:
+                raise
+            except Exception as e:
+                self.error = _short(e)
+        if self.error is not None:
+            if self.total == 0:
+                raise InputError(f"cannot decode audio in {self.p}: {self.error}")
+            warnings.warn(
+                f"audio in {self.p}: decoding stopped early ({self.error}); using the first "
+                f"{self.total / SAMPLE_RATE:.2f} s"
+            )
+        audio = np.concatenate(self.out) if self.out else np.zeros(0, np.float32)
+        tb = self.stream.time_base
+        if self.end is not None and self.start is not None and tb:
+            want = int(round(float((self.end - self.start) * tb) * SAMPLE_RATE))
+            # trim encoder padding only (never pad, never cut more than one codec frame)
+            if 0 < want < audio.shape[0] and audio.shape[0] - want <= 0.1 * SAMPLE_RATE:
+                audio = audio[:want]
+        np.clip(audio, -1.0, 1.0, out=audio)
+        return audio
+
+
+def _decode_audio_stream(container, stream, p: Path, max_seconds: float | None) -> np.ndarray:
+    dec = _AudioDecoder(stream, p, max_seconds)
+    try:
+        for packet in container.demux(stream):
+            dec.feed(packet)
     except InputError:
         raise
     except Exception as e:
-        if total == 0:
-            raise InputError(f"cannot decode audio file {p}: {_short(e)}") from None
-        # a damaged tail: keep what decoded cleanly
-        warnings.warn(f"audio file {p}: decoding stopped early ({_short(e)}); using the first {total / SAMPLE_RATE:.2f} s")
-    audio = np.concatenate(out) if out else np.zeros(0, np.float32)
-    np.clip(audio, -1.0, 1.0, out=audio)
-    return audio
+        dec.error = dec.error or _short(e)
+    return dec.finish()
 
 
 def load_audio(path) -> np.ndarray:
@@ -259,11 +309,10 @@ class Mp4Writer:
     on an exception (or `abort()`) the temp file is deleted and nothing is left behind.
 
     Video pts are frame indices (time base 1/fps); audio pts are sample counts (time base
-    1/sample_rate), so A/V stay in sync. If `audio=True` and a `write` brings fewer samples
-    than its frames span (or none), nothing is invented until `close()`, which pads with
-    silence only where needed to keep the muxed audio no shorter than... the audio given:
-    the muxed audio duration equals the total number of samples written (AAC's final frame
-    is zero-padded by the encoder and trimmed again by the packet duration / edit list).
+    1/sample_rate), so A/V stay in sync. Audio is never invented: the muxed audio duration
+    equals the number of samples written (AAC's final frame is zero-padded by the encoder
+    and trimmed again via the last packet's duration / the MP4 edit list), so callers that
+    want silence under silent frames pass zeros.
     Odd `width`/`height` are rounded down to even (yuv420p needs even sizes) by cropping.
     """
 
@@ -479,34 +528,41 @@ def read_video(path) -> tuple[np.ndarray, np.ndarray | None, float]:
         if not container.streams.video:
             raise InputError(f"video file {p} has no video stream")
         vs = container.streams.video[0]
+        as_ = container.streams.audio[0] if container.streams.audio else None
         rate = vs.average_rate or vs.guessed_rate or vs.base_rate
         fps = float(rate) if rate else float(FPS)
-        frames = []
+        frames: list[np.ndarray] = []
+        adec = _AudioDecoder(as_, p, None) if as_ is not None else None
+        verr = None
+        streams = [vs] + ([as_] if as_ is not None else [])
         try:
-            for f in container.decode(vs):
-                frames.append(f.to_ndarray(format="rgb24"))
+            for packet in container.demux(*streams):
+                if packet.stream.type == "audio":
+                    adec.feed(packet)
+                elif verr is None:
+                    try:
+                        for f in packet.decode():
+                            frames.append(f.to_ndarray(format="rgb24"))
+                    except Exception as e:
+                        verr = _short(e)
         except Exception as e:
-            if not frames:
-                raise InputError(f"cannot decode video file {p}: {_short(e)}") from None
+            verr = verr or _short(e)
         if not frames:
-            raise InputError(f"video file {p} has no decodable frames")
-        audio = None
-        if container.streams.audio:
-            container.seek(0)
-            audio = _decode_audio_stream(container, container.streams.audio[0], p, None)
+            raise InputError(f"cannot decode video file {p}: {verr or 'no video frames'}")
+        audio = adec.finish() if adec is not None else None
     finally:
         container.close()
     return np.stack(frames), audio, fps
 
 
 def probe(path) -> dict:
-    """Describe a media file.
+    """Describe a media file without decoding its video.
 
-    Returns {"video_duration", "frames", "fps", "width", "height", "has_video", "has_audio",
-    "audio_duration", "audio_sample_rate", "duration"} (durations in seconds, None where
-    absent). `frames` counts the video packets (one per frame for H.264), `video_duration`
-    is frames / fps and `audio_duration` counts decoded samples (priming and padding
-    trimmed), so they are exact rather than header estimates.
+    Returns {"has_video", "has_audio", "frames", "fps", "width", "height", "video_duration",
+    "audio_duration", "audio_sample_rate", "duration"} (seconds; None where absent).
+    `frames` counts video packets (one per frame for H.264) and `video_duration` is
+    frames / fps; `audio_duration` is the last audio packet's end (pts + duration, encoder
+    priming and final-frame padding excluded), so both are exact rather than header guesses.
     """
     p = _check_file(path, "media")
     container = _open_input(p, "media")
@@ -528,29 +584,35 @@ def probe(path) -> dict:
         if vs is not None:
             rate = vs.average_rate or vs.guessed_rate or vs.base_rate
             info.update(has_video=True, fps=float(rate) if rate else None, width=vs.width, height=vs.height)
-            n = 0
+        if as_ is not None:
+            info.update(has_audio=True, audio_sample_rate=as_.rate)
+        streams = [s for s in (vs, as_) if s is not None]
+        n, a_start, a_end = 0, None, None
+        if streams:
             try:
-                for pkt in container.demux(vs):
-                    if pkt.size:
+                for pkt in container.demux(*streams):
+                    if not pkt.size:
+                        continue
+                    if pkt.stream.type == "video":
                         n += 1
+                    elif pkt.pts is not None:
+                        if a_start is None or (0 <= pkt.pts < a_start):
+                            a_start = max(pkt.pts, 0)
+                        if pkt.duration:
+                            a_end = max(a_end or 0, pkt.pts + pkt.duration)
             except Exception as e:
-                raise InputError(f"cannot read video file {p}: {_short(e)}") from None
+                raise InputError(f"cannot read media file {p}: {_short(e)}") from None
+        if vs is not None:
             info["frames"] = n
             if info["fps"]:
                 info["video_duration"] = n / info["fps"]
             elif vs.duration is not None:
                 info["video_duration"] = float(vs.duration * vs.time_base)
         if as_ is not None:
-            info["has_audio"] = True
-            info["audio_sample_rate"] = as_.rate
-            container.seek(0)
-            samples = 0
-            try:
-                for f in container.decode(as_):
-                    samples += f.samples
-            except Exception as e:
-                raise InputError(f"cannot decode audio in {p}: {_short(e)}") from None
-            info["audio_duration"] = samples / as_.rate if as_.rate else None
+            if a_end is not None and a_start is not None:
+                info["audio_duration"] = float((a_end - a_start) * as_.time_base)
+            elif as_.duration is not None:
+                info["audio_duration"] = float(as_.duration * as_.time_base)
     finally:
         container.close()
     return info

@@ -1,0 +1,164 @@
+"""Command line: `talkingmachines demo | generate | info | bench | serve | ...`.
+
+User errors (`InputError`) print one line and exit with code 2; outputs are written
+atomically, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="model preset (default: tiny, the shipped model)")
+    p.add_argument("--model", default=None, help="a talkingmachines model folder (default: the shipped tiny model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the student's 2)")
+
+
+def _load(args):
+    import torch
+
+    from .stream.generator import load_avatar
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: CUDA is not available on this machine")
+    avatar = load_avatar(args.model, args.preset, args.device)
+    if avatar.random_weights:
+        print(f"NOTE: preset {avatar.preset.name!r} has no trained weights here: using RANDOM weights "
+              "(the video will be noise-like; speed figures are still real).", file=sys.stderr)
+    return avatar
+
+
+def cmd_generate(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .config import SAMPLES_PER_FRAME
+    from .media import Mp4Writer, load_audio, load_image
+    from .model.audio import is_silence
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".mp4":
+        raise InputError(f"{out}: the output must be an .mp4 file")
+    if not out.parent.exists():
+        raise InputError(f"{out.parent}: output folder does not exist")
+    audio = load_audio(args.audio)
+    if is_silence(audio):
+        raise InputError(f"{args.audio}: the audio is silent; nothing to lip-sync")
+    avatar = _load(args)
+    p = avatar.preset
+    portrait = load_image(args.image or ASSETS / "portrait.png", (p.height, p.width))
+    n_frames = math.ceil(len(audio) / SAMPLES_PER_FRAME)
+    stream = avatar.new_stream(portrait, seed=args.seed, steps=args.steps)
+    stream.push_audio(audio)
+    stream.end_audio()
+    n_chunks = math.ceil(n_frames / stream.chunk_video_frames)
+    written = 0
+    with Mp4Writer(out, p.width, p.height) as w, tqdm(total=n_chunks, desc="generating", unit="chunk") as bar:
+        for _ in range(n_chunks):
+            c = stream.next_chunk()
+            k = min(len(c.frames), n_frames - written)
+            a0, a1 = written * SAMPLES_PER_FRAME, min(len(audio), (written + k) * SAMPLES_PER_FRAME)
+            w.write(c.frames[:k], audio[a0:a1])
+            written += k
+            bar.update(1)
+    print(f"wrote {out} ({written} frames, {len(audio) / 16000:.2f} s, {p.width}x{p.height} @ 25 fps)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    args.image = args.image or str(ASSETS / "portrait.png")
+    args.audio = str(ASSETS / "speech.wav")
+    return cmd_generate(args)
+
+
+def cmd_info(args) -> int:
+    from .config import get_preset
+    from .model.weights import parameter_breakdown
+
+    p = get_preset(args.preset)
+    b = parameter_breakdown(p.dit)
+    if args.json:
+        print(json.dumps({"preset": p.name, **b}))
+        return 0
+    print(f"preset {p.name}: {p.width}x{p.height} @ 25 fps, chunk {p.stream.chunk_frames} latent frames "
+          f"({p.stream.chunk_seconds:.2f} s), {p.stream.student_steps} steps, audio look-ahead "
+          f"{p.stream.lookahead_ms:.0f} ms (+ front end)")
+    for k, v in b.items():
+        print(f"  {k:<28} {v / 1e9:8.3f} B" if isinstance(v, int) else f"  {k:<28} {v}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .eval.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="talkingmachines", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="portrait + speech -> lip-synced MP4")
+    g.add_argument("--image", default=None, help="portrait image (default: the bundled portrait)")
+    g.add_argument("--audio", required=True, help="speech: wav, mp3, flac, ogg, m4a")
+    g.add_argument("-o", "--output", required=True, help="output .mp4")
+    _add_model_args(g)
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="the bundled portrait speaks the bundled speech -> demo.mp4")
+    d.add_argument("-o", "--output", default="demo.mp4")
+    d.add_argument("--image", default=None)
+    _add_model_args(d)
+    d.set_defaults(fn=cmd_demo)
+
+    i = sub.add_parser("info", help="preset summary and parameter count (meta device, no memory)")
+    i.add_argument("--preset", default="tiny")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+    b = sub.add_parser("bench", help="real-time factor, latency, KV-cache speedup, memory over a long stream")
+    _add_model_args(b)
+    b.add_argument("--json", action="store_true", help="print one JSON line")
+    b.add_argument("--chunks", type=int, default=300, help="length of the long stream")
+    b.add_argument("--plot", default=None, help="write a PNG of per-chunk latency")
+    b.set_defaults(fn=cmd_bench)
+
+    import importlib
+
+    # optional command groups, each registering its own sub-commands
+    for name in ("serve.cli", "train.cli", "eval.cli"):
+        if importlib.util.find_spec(f"talkingmachines.{name}") is not None:
+            importlib.import_module(f"talkingmachines.{name}").register(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.fn(args) or 0)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

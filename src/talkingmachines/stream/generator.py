@@ -1,0 +1,291 @@
+"""The streaming engine: portrait + audio as it arrives -> video chunks, forever, at flat cost.
+
+Data flows one way: audio -> features -> (DiT, 2 steps per chunk, KV cache) -> latents ->
+streaming VAE decoder -> frames. Per session, the sink's keys/values, the text/image
+cross-attention keys/values and the reference latent are computed once (`__init__`);
+per chunk, only the chunk's own tokens are computed (2 denoising passes + 1 clean pass that
+writes its keys/values for the next chunk).
+
+Audio timing: generated video frame g (0-based, after the portrait) shows samples
+[640 g, 640 (g+1)); latent frame j (1-based) covers generated frames 4(j-1) .. 4j-1.
+A chunk can start once its audio and `lookahead_samples` beyond it have arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, VAE_TEMPORAL, Preset, get_preset
+from ..diffusion import flow
+from ..model import audio as audio_fe
+from ..model.dit import AudioDiT
+from .types import Chunk
+
+log = logging.getLogger(__name__)
+
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny"
+
+
+def fit_image(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop to the aspect and resize (a portrait given as an array, e.g. from the web page)."""
+    from PIL import Image, ImageOps
+
+    img = np.asarray(img, dtype=np.uint8)
+    if img.shape[:2] == (height, width):
+        return img
+    im = ImageOps.fit(Image.fromarray(img[..., :3]), (width, height), method=Image.Resampling.LANCZOS)
+    return np.asarray(im, dtype=np.uint8)
+
+
+class AudioBuffer:
+    """Samples with an absolute position: old audio is dropped as chunks consume it, so memory
+    stays flat however long the call lasts."""
+
+    def __init__(self, keep_before: int):
+        self.data = np.zeros(0, np.float32)
+        self.start = 0  # absolute sample index of data[0]
+        self.keep_before = keep_before  # samples of history kept before the read position
+        self.ended = False
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.data)
+
+    def push(self, samples: np.ndarray) -> None:
+        self.data = np.concatenate([self.data, np.asarray(samples, np.float32).reshape(-1)])
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        """Samples [a, b) in absolute positions; zeros where there is no audio (yet, or any more)."""
+        out = np.zeros(b - a, np.float32)
+        lo, hi = max(a, self.start), min(b, self.end)
+        if hi > lo:
+            out[lo - a: hi - a] = self.data[lo - self.start: hi - self.start]
+        return out
+
+    def drop_before(self, pos: int) -> None:
+        cut = pos - self.keep_before - self.start
+        if cut > 0:
+            self.data = self.data[cut:]
+            self.start += cut
+
+    def clear_after(self, pos: int) -> int:
+        """Barge-in: forget everything from absolute sample `pos` on."""
+        n = max(0, self.end - pos)
+        self.data = self.data[: max(0, pos - self.start)]
+        return n
+
+
+@dataclass
+class Avatar:
+    """A loaded model: DiT, VAE, audio front end and per-model constants. Share it across streams."""
+
+    preset: Preset
+    dit: AudioDiT
+    vae: object
+    frontend: object
+    device: torch.device
+    dtype: torch.dtype
+    text: torch.Tensor  # [1, Lt, text_dim] prompt embedding (constant per model)
+    random_weights: bool = False
+
+    def default_portrait(self) -> np.ndarray:
+        from ..media import load_image
+
+        return load_image(Path(__file__).resolve().parent.parent / "assets" / "portrait.png",
+                          (self.preset.height, self.preset.width))
+
+    def new_stream(self, portrait: np.ndarray | None = None, seed: int = 0, steps: int | None = None):
+        return StreamingGenerator(self, self.default_portrait() if portrait is None else portrait, seed, steps)
+
+
+def _random_vae(kind: str, dev):
+    from ..model import vae as vae_mod
+
+    if kind == "tiny":
+        return vae_mod.TinyVAE().to(dev).eval()
+    from diffusers import AutoencoderKLWan
+
+    return vae_mod.WanVAE(AutoencoderKLWan().to(dev).eval())
+
+
+def _random_wav2vec2() -> Path:
+    """A randomly initialised wav2vec2-base folder (for speed runs of real presets without weights)."""
+    import tempfile
+
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    d = Path(tempfile.gettempdir()) / "talkingmachines-random-wav2vec2-base"
+    if not (d / "config.json").exists():
+        torch.manual_seed(0)
+        Wav2Vec2Model(Wav2Vec2Config()).save_pretrained(d)
+    return d
+
+
+def load_avatar(model: str | Path | None = None, preset: str = "tiny", device: str = "cpu",
+                dtype: torch.dtype | None = None) -> Avatar:
+    """Load a model folder (ours: preset.json, dit/, vae/), the shipped tiny model by default, or
+    random weights for `preset` when no trained weights exist (benchmarks; said loudly)."""
+    from ..model import vae as vae_mod
+
+    dev = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    folder = Path(model) if model else (SHIPPED_MODEL if preset == "tiny" else None)
+    random_weights = folder is None or not (folder / "preset.json").exists()
+    if model and random_weights:
+        from ..errors import InputError
+
+        raise InputError(f"{model}: not a talkingmachines model folder (no preset.json)")
+    if not random_weights:
+        p = Preset.load(folder / "preset.json")
+        dit = AudioDiT.from_pretrained(folder / "dit", device=dev, dtype=dtype)
+        vae = vae_mod.load_vae(p.vae, folder / "vae", device=dev)
+        fe_path = folder / "wav2vec2" if p.audio_frontend == "wav2vec2" else None
+    else:
+        p = get_preset(preset)
+        torch.manual_seed(0)
+        dit = AudioDiT(p.dit).to(dev, dtype)
+        vae = _random_vae(p.vae, dev)
+        fe_path = _random_wav2vec2() if p.audio_frontend == "wav2vec2" else None
+    dit.eval().requires_grad_(False)
+    frontend = audio_fe.build_frontend(p, fe_path)
+    text = torch.zeros(1, p.text_len, p.dit.text_dim, device=dev, dtype=dtype)
+    if not random_weights and (folder / "text_embeds.safetensors").exists():
+        from safetensors.torch import load_file
+
+        text = load_file(folder / "text_embeds.safetensors")["text"].to(dev, dtype)
+    return Avatar(p, dit, vae, frontend, dev, dtype, text, random_weights)
+
+
+class StreamingGenerator:
+    """One call's engine (implements `stream.types.AvatarStream`)."""
+
+    fps = FPS
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, avatar: Avatar, portrait: np.ndarray, seed: int = 0, steps: int | None = None):
+        a = self.avatar = avatar
+        p = a.preset
+        self.height, self.width = p.height, p.width
+        self.chunk_frames = p.stream.chunk_frames
+        self.chunk_video_frames = p.stream.chunk_video_frames
+        self.chunk_samples = self.chunk_video_frames * SAMPLES_PER_FRAME
+        self.context = p.stream.audio_context
+        self.lookahead_samples = self.context * SAMPLES_PER_FRAME + getattr(a.frontend, "lookahead_samples", 0)
+        steps = steps or p.stream.student_steps
+        if steps == p.stream.student_steps:
+            self.sigmas = [t / 1000.0 for t in p.stream.student_timesteps] + [0.0]
+        else:
+            self.sigmas = flow.sigmas(steps, p.stream.flow_shift).tolist()
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.index = 0  # chunks produced
+        self.audio = AudioBuffer(keep_before=(self.context + 8) * SAMPLES_PER_FRAME + 16000)
+        self.pos = 0  # absolute sample where the next chunk's audio starts
+        with torch.inference_mode():
+            img = fit_image(portrait, self.height, self.width)
+            self.ref = a.vae.encode_image(img).to(a.device, a.dtype)  # [1, C, 1, h, w]
+            C, h, w = self.ref.shape[1], self.ref.shape[3], self.ref.shape[4]
+            self.latent_shape = (1, C, self.chunk_frames, h, w)
+            self.ctx = a.dit.encode_context(a.text, None)
+            self.cache = a.dit.new_cache()
+            sink = self._dit_input(self.ref, known=True)
+            a.dit.prefill_sink(self.cache, sink, self.ctx, self._zero_audio(1))
+            self.decoder = a.vae.stream_decoder()
+            self.decoder.decode(self.ref)  # the sink decodes to the portrait frame: primes the causal state
+
+    # ------------------------------------------------------------------ audio in
+    def push_audio(self, samples: np.ndarray) -> None:
+        self.audio.push(samples)
+
+    def end_audio(self) -> None:
+        self.audio.ended = True
+
+    def clear_audio(self) -> int:
+        return self.audio.clear_after(self.pos)
+
+    def buffered_samples(self) -> int:
+        return max(0, self.audio.end - self.pos)
+
+    def ready(self) -> bool:
+        return self.audio.ended or self.audio.end >= self.pos + self.chunk_samples + self.lookahead_samples
+
+    # ------------------------------------------------------------------ helpers
+    def _dit_input(self, x, known: bool):
+        """Wan I2V input: [noisy latent | 4 mask channels | reference latent]."""
+        T = x.shape[2]
+        mask = torch.full((1, 4, T, *x.shape[3:]), 1.0 if known else 0.0, device=x.device, dtype=x.dtype)
+        return torch.cat([x, mask, self.ref.expand(-1, -1, T, -1, -1)], dim=1)
+
+    def _zero_audio(self, frames):
+        d = self.avatar.preset.dit
+        if d.audio_dim is None:
+            return None
+        return torch.zeros(1, frames, d.audio_window, d.audio_dim, device=self.avatar.device, dtype=self.avatar.dtype)
+
+    def _audio_windows(self, first_frame: int, n_latent: int) -> torch.Tensor | None:
+        """Feature windows [1, n_latent, W, C] for the latents covering generated frames first_frame.."""
+        d = self.avatar.preset.dit
+        if d.audio_dim is None:
+            return None
+        fe = self.avatar.frontend
+
+        def features(start, n):  # absolute video frames -> [n, C], from the buffered samples only
+            lo, hi = fe.samples_needed(start, n)
+            return fe.features_for_frames(self.audio.read(lo, hi), start, n, buffer_offset=lo)
+
+        win = audio_fe.windows_for_latents(features, first_frame // VAE_TEMPORAL, n_latent, fe.dim, self.context)
+        return win.to(self.avatar.device, self.avatar.dtype)[None]
+
+    # ------------------------------------------------------------------ the chunk step
+    @torch.inference_mode()
+    def next_chunk(self, wait: bool = False) -> Chunk | None:
+        if wait and not self.ready():
+            return None
+        a, dit = self.avatar, self.avatar.dit
+        t0 = time.perf_counter()
+        first_frame = self.index * self.chunk_video_frames
+        chunk_audio = self.audio.read(self.pos, self.pos + self.chunk_samples)
+        au = self._audio_windows(first_frame, self.chunk_frames)
+        t1 = time.perf_counter()
+        chunk = self.index + 1
+        x = torch.randn(self.latent_shape, generator=self.gen).to(a.device, a.dtype)
+        for i, s in enumerate(self.sigmas[:-1]):
+            t = torch.tensor([s * 1000.0], device=a.device)
+            v = dit.forward_chunk(self.cache, self._dit_input(x, False), t, self.ctx, au, chunk=chunk)
+            x0 = x - s * v
+            s_next = self.sigmas[i + 1]
+            if s_next > 0:
+                noise = torch.randn(self.latent_shape, generator=self.gen).to(a.device, a.dtype)
+                x = (1 - s_next) * x0 + s_next * noise  # re-noise (DMD / CausVid few-step sampling)
+            else:
+                x = x0
+        dit.forward_chunk(self.cache, self._dit_input(x, True), torch.zeros(1, device=a.device), self.ctx, au,
+                          chunk=chunk, write=True)
+        if a.device.type == "cuda":
+            torch.cuda.synchronize(a.device)
+        t2 = time.perf_counter()
+        frames = self.decoder.decode(x)
+        t3 = time.perf_counter()
+        self.index += 1
+        self.pos += self.chunk_samples
+        self.audio.drop_before(self.pos)
+        speaking = not audio_fe.is_silence(chunk_audio)
+        timings = {"audio_ms": 1e3 * (t1 - t0), "dit_ms": 1e3 * (t2 - t1), "vae_ms": 1e3 * (t3 - t2)}
+        return Chunk(self.index - 1, frames, chunk_audio, speaking, timings)
+
+    def stream(self, audio_iter=None, max_chunks: int | None = None):
+        """Yield chunks; with an iterator of sample arrays, pull audio as needed, stop when it ends."""
+        while max_chunks is None or self.index < max_chunks:
+            while audio_iter is not None and not self.ready():
+                try:
+                    self.push_audio(next(audio_iter))
+                except StopIteration:
+                    self.end_audio()
+            if self.audio.ended and self.pos >= self.audio.end:
+                return
+            yield self.next_chunk()
