@@ -27,6 +27,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the student's 2)")
 
 
+def _preset(args):
+    from .config import Preset, get_preset
+
+    if args.model:
+        f = Path(args.model) / "preset.json"
+        if not f.is_file():
+            raise InputError(f"{args.model}: not a talkingmachines model folder (no preset.json)")
+        return Preset.load(f)
+    try:
+        return get_preset(args.preset)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def _load(args):
     import torch
 
@@ -34,6 +48,7 @@ def _load(args):
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: CUDA is not available on this machine")
+    _preset(args)  # clear error for a bad --model / --preset
     avatar = load_avatar(args.model, args.preset, args.device)
     if avatar.random_weights:
         print(f"NOTE: preset {avatar.preset.name!r} has no trained weights here: using RANDOM weights "
@@ -54,12 +69,13 @@ def cmd_generate(args) -> int:
         raise InputError(f"{out}: the output must be an .mp4 file")
     if not out.parent.exists():
         raise InputError(f"{out.parent}: output folder does not exist")
+    # validate every input before the (slow) model load
     audio = load_audio(args.audio)
     if is_silence(audio):
         raise InputError(f"{args.audio}: the audio is silent; nothing to lip-sync")
-    avatar = _load(args)
-    p = avatar.preset
+    p = _preset(args)
     portrait = load_image(args.image or ASSETS / "portrait.png", (p.height, p.width))
+    avatar = _load(args)
     n_frames = math.ceil(len(audio) / SAMPLES_PER_FRAME)
     stream = avatar.new_stream(portrait, seed=args.seed, steps=args.steps)
     stream.push_audio(audio)
@@ -98,6 +114,9 @@ def cmd_info(args) -> int:
           f"{p.stream.lookahead_ms:.0f} ms (+ front end)")
     for k, v in b.items():
         print(f"  {k:<28} {v / 1e9:8.3f} B" if isinstance(v, int) else f"  {k:<28} {v}")
+    if p.dit.image_dim and p.dit.audio_dim:
+        print("  (Wan2.1 '14B' names the trunk without its I2V image branch; the paper's 18B is that "
+              "trunk plus the audio layers: t2v_trunk_plus_audio)")
     return 0
 
 

@@ -342,7 +342,10 @@ class Mp4Writer:
         parent = self.path.parent if str(self.path.parent) else Path(".")
         if not parent.is_dir():
             raise InputError(f"cannot write {self.path}: directory {parent} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp.mp4", dir=parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp.mp4", dir=parent)
+        except OSError as e:
+            raise InputError(f"cannot write {self.path}: {_short(e)}") from None
         os.close(fd)
         self.tmp_path = Path(tmp)
         try:

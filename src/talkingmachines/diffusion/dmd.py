@@ -104,11 +104,12 @@ def dmd_generator_loss(
         x_s = add_noise(x0, noise, s)
         real = real_x0_fn(x_s, s).to(x0.dtype)
         fake = fake_x0_fn(x_s, s).to(x0.dtype)
-        normaliser = _per_sample_mean((x0 - real).abs().float()).clamp_min(eps)
+        ct = torch.promote_types(x0.dtype, torch.float32)  # at least fp32 for bf16 models
+        normaliser = _per_sample_mean((x0 - real).abs().to(ct)).clamp_min(eps)
         normaliser = normaliser.reshape(b, *([1] * (x0.ndim - 1)))
-        grad = torch.nan_to_num((fake - real).float() / normaliser)
-        target = (x0.float() - grad).detach()
-    loss = 0.5 * F.mse_loss(x0_gen.float(), target, reduction=reduction)
+        grad = torch.nan_to_num((fake - real).to(ct) / normaliser)
+        target = (x0.to(ct) - grad).detach()
+    loss = 0.5 * F.mse_loss(x0_gen.to(ct), target, reduction=reduction)
     diag = {
         "dmd_loss": float(loss.detach()),
         "dmd_grad_norm": float(grad.norm() / b**0.5),  # per-sample RMS norm of the direction

@@ -338,7 +338,7 @@ def sample_train_timesteps(
     (``shift = 1``: no shift), then mapped affinely into ``[s_min, s_max]``.
     The network timestep is ``1000 * s``.
     """
-    dev = generator.device if generator is not None and device is None else device
+    dev = generator.device if generator is not None else device  # draw where the generator lives
     if dist == "uniform":
         u = torch.rand(batch, generator=generator, device=dev)
     elif dist == "logit_normal":

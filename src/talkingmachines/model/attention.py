@@ -22,6 +22,7 @@ rotated copy of the sink's keys.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -58,14 +59,20 @@ def grid_positions(t_positions: torch.Tensor, height: int, width: int):
     return t.reshape(-1), h.reshape(-1), w.reshape(-1)
 
 
+@functools.lru_cache(maxsize=64)
+def _rope_tables(t_positions: tuple, height, width, head_dim, device):
+    cos, sin = rope_cos_sin(*grid_positions(torch.tensor(t_positions), height, width), head_dim)
+    return cos[None, :, None, :].to(device), sin[None, :, None, :].to(device)
+
+
 class Rope:
-    """cos/sin tables for a set of tokens; `apply` rotates [B, L, H, D] tensors (interleaved pairs)."""
+    """cos/sin tables for a set of tokens; `apply` rotates [B, L, H, D] tensors (interleaved pairs).
+
+    Tables are memoised: a stream's chunks all share one geometry, so they are built once."""
 
     def __init__(self, t_positions, height, width, head_dim, device=None):
-        t_positions = torch.as_tensor(t_positions, device=device)
-        cos, sin = rope_cos_sin(*grid_positions(t_positions, height, width), head_dim)
-        self.cos = cos[None, :, None, :]
-        self.sin = sin[None, :, None, :]
+        key = tuple(int(t) for t in torch.as_tensor(t_positions).tolist())
+        self.cos, self.sin = _rope_tables(key, height, width, head_dim, torch.device(device or "cpu"))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)

@@ -202,9 +202,14 @@ class AudioDiT(nn.Module):
         return self.audio_embedder(audio.to(self.proj_out.weight.dtype))
 
     def _patchify(self, x):
-        x = self.patch_embedding(x)
-        B, D, T, H, W = x.shape
-        return x.flatten(2).transpose(1, 2).contiguous(), (T, H, W)
+        """Conv3d patch embedding computed as one matmul over non-overlapping patches (same
+        weights and result; CPU conv3d is far slower for this stride == kernel case)."""
+        B, C, T, H, W = x.shape
+        pt, ph, pw = self.config.patch_size
+        T, H, W = T // pt, H // ph, W // pw
+        x = x.reshape(B, C, T, pt, H, ph, W, pw).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, T * H * W, -1)
+        conv = self.patch_embedding
+        return F.linear(x, conv.weight.flatten(1), conv.bias), (T, H, W)
 
     def _unpatchify(self, x, temb, grid):
         T, H, W = grid
@@ -296,6 +301,21 @@ class AudioDiT(nn.Module):
         if write:
             strategy.commit()
         return out
+
+    # ------------------------------------------------------------------ checkpoints (see weights.py)
+    def save_pretrained(self, directory, **kwargs):
+        """Write this model to `directory`: config.json + safetensors (`weights.save_dit`)."""
+        from .weights import save_dit
+
+        return save_dit(self, directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None, **overrides) -> "AudioDiT":
+        """A folder written by `save_pretrained`, or a Wan2.1 checkpoint (diffusers or original
+        layout; `overrides` are DiTConfig fields such as `audio_dim`): `weights.load_pretrained`."""
+        from .weights import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype, **overrides)
 
 
 def count_parameters(cfg: DiTConfig) -> int:

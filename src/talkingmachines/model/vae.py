@@ -258,15 +258,25 @@ class TinyEncoder(nn.Module):
         self.down2 = nn.Conv2d(w1, w2, 3, stride=2, padding=1)
         self.res = nn.ModuleList(_Res(w2) for _ in range(cfg.enc_res_blocks))
         self.conv_out = nn.Conv2d(w2, 2 * cfg.latent_channels, 3, padding=1)
+        # linear shortcut: 8x8 average colour of the 4 frames -> latent mean (coarse colour is
+        # learnt in a few steps; the conv path learns the detail)
+        self.skip = nn.Conv2d(cfg.in_channels * TEMPORAL, cfg.latent_channels, 1)
+        with torch.no_grad():  # start with a narrow posterior (logvar ~ -6) so the decoder sees the mean
+            c = cfg.latent_channels
+            self.conv_out.weight[c:].mul_(0.1)
+            self.conv_out.bias[c:].fill_(-6.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.skip(F.avg_pool2d(x, SPATIAL))
         x = F.pixel_unshuffle(x, 2)
         x = F.silu(self.conv_in(x))
         x = F.silu(self.down1(x))
         x = self.down2(x)
         for r in self.res:
             x = r(x)
-        return self.conv_out(F.silu(x))
+        out = self.conv_out(F.silu(x))
+        c = skip.shape[1]
+        return torch.cat([out[:, :c] + skip, out[:, c:]], dim=1)
 
 
 class TinyDecoder(nn.Module):
@@ -280,13 +290,18 @@ class TinyDecoder(nn.Module):
         self.up1 = _Up(d0, d1)
         self.up2 = _Up(d1, d2)
         self.conv_out = nn.Conv2d(d2, 4 * cfg.in_channels * TEMPORAL, 3, padding=1)
+        # linear shortcut: latent j -> the 4 frames' coarse colour, bilinearly upsampled 8x
+        self.skip = nn.Conv2d(cfg.latent_channels, cfg.in_channels * TEMPORAL, 1)
+        self.latent_channels = cfg.latent_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.skip(x[:, : self.latent_channels])
+        skip = F.interpolate(skip, scale_factor=SPATIAL, mode="bilinear", align_corners=False)
         x = self.conv_in(x)
         for r in self.res:
             x = r(x)
         x = self.up2(self.up1(x))
-        return F.pixel_shuffle(self.conv_out(F.silu(x)), 2)
+        return F.pixel_shuffle(self.conv_out(F.silu(x)), 2) + skip
 
 
 class TinyVAE(nn.Module, VideoVAE):

@@ -74,6 +74,13 @@ class AudioBuffer:
             self.data = self.data[cut:]
             self.start += cut
 
+    def skip_to(self, pos: int) -> None:
+        """The consumer went past the end of the audio (it padded with silence): audio that
+        arrives from now on belongs at `pos`, not where the old audio ended."""
+        if self.end < pos:
+            self.data = np.zeros(0, np.float32)
+            self.start = pos
+
     def clear_after(self, pos: int) -> int:
         """Barge-in: forget everything from absolute sample `pos` on."""
         n = max(0, self.end - pos)
@@ -238,7 +245,10 @@ class StreamingGenerator:
             lo, hi = fe.samples_needed(start, n)
             return fe.features_for_frames(self.audio.read(lo, hi), start, n, buffer_offset=lo)
 
-        win = audio_fe.windows_for_latents(features, first_frame // VAE_TEMPORAL, n_latent, fe.dim, self.context)
+        # once the audio has ended, frames past it get zero features, as offline (training) windows do
+        total = -(-self.audio.end // SAMPLES_PER_FRAME) if self.audio.ended else None
+        win = audio_fe.windows_for_latents(features, first_frame // VAE_TEMPORAL, n_latent, fe.dim, self.context,
+                                           num_frames=total)
         return win.to(self.avatar.device, self.avatar.dtype)[None]
 
     # ------------------------------------------------------------------ the chunk step
@@ -274,6 +284,8 @@ class StreamingGenerator:
         self.index += 1
         self.pos += self.chunk_samples
         self.audio.drop_before(self.pos)
+        if not self.audio.ended:
+            self.audio.skip_to(self.pos)
         speaking = not audio_fe.is_silence(chunk_audio)
         timings = {"audio_ms": 1e3 * (t1 - t0), "dit_ms": 1e3 * (t2 - t1), "vae_ms": 1e3 * (t3 - t2)}
         return Chunk(self.index - 1, frames, chunk_audio, speaking, timings)

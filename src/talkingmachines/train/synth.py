@@ -38,7 +38,6 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +193,8 @@ class FaceParams:
         mouth_inner = _jitter((60, 15, 22), rng, 10) if rng.random() < 0.8 else _jitter((25, 15, 15), rng, 5)
         if _lum(skin) < 0.3:  # very dark skin: lighter inner mouth so the opening still reads
             mouth_inner = _jitter((120, 30, 45), rng, 10)
+        if sum(abs(a - b) for a, b in zip(hair, skin)) < 110:  # hair must not melt into the face
+            hair = _scale(hair, 0.45) if _lum(hair) > 0.35 else _mix(hair, (235, 225, 200), 0.6)
         brow = _scale(hair, 0.8) if rng.random() < 0.8 else _jitter((40, 30, 25), rng, 8)
         if abs(_lum(brow) - _lum(skin)) < 0.12:
             brow = _scale(skin, 0.45)
@@ -493,6 +494,12 @@ class FaceRenderer:
             # soft shadow under the chin on the neck is done in the background pass; here a
             # slight darkening of the lower face
             shade *= 1.0 - 0.08 * np.clip((yy - cy) / fh, 0, 1)
+            # a soft highlight on the lit side of the forehead and cheek
+            fm = Image.new("L", (S, S), 0)
+            ImageDraw.Draw(fm).polygon(self._face_polygon(0.97), fill=255)
+            hx, hy = cx + 0.35 * fw * lx, cy - 0.25 * fh + 0.2 * fh * ly
+            spot = np.exp(-(((xx - hx) / (0.45 * fw)) ** 2 + ((yy - hy) / (0.6 * fh)) ** 2))
+            shade += 0.12 * spot * (np.asarray(fm, dtype=np.float32) / 255.0)
             arr[..., :3] *= shade[..., None]
             if p.noise > 0:
                 nz = self._rng.normal(0, p.noise, size=(S, S, 1)).astype(np.float32)
@@ -620,7 +627,7 @@ class FaceRenderer:
         c, s = math.cos(th), math.sin(th)
         # output -> input mapping (PIL AFFINE), within the crop box's own coordinates
         coeffs = (c, s, -c * (px + tx) - s * (py + ty) + px, -s, c, s * (px + tx) - c * (py + ty) + py)
-        head = head.transform(head.size, Image.AFFINE, coeffs, resample=Image.BILINEAR)
+        head = head.transform(head.size, Image.AFFINE, coeffs, resample=Image.NEAREST)
         frame = self.bg.copy()
         frame.paste(head, (x0, y0), head)
         if self.ss > 1:
@@ -823,6 +830,22 @@ def _trim(x: np.ndarray, pad: int = int(0.04 * SAMPLE_RATE), thresh: float = 0.0
     return x[max(0, idx[0] - pad): idx[-1] + pad]
 
 
+def _cut_quiet(x: np.ndarray, max_len: int) -> np.ndarray:
+    """Shorten `x` to at most `max_len` samples, cutting at the quietest 20 ms in the last
+    40% of the allowed length, with a short fade-out."""
+    if len(x) <= max_len:
+        return x
+    w = 320
+    lo = int(0.6 * max_len) // w
+    hi = max_len // w
+    e = (x[: hi * w].reshape(hi, w) ** 2).mean(1)
+    k = lo + int(np.argmin(e[lo:hi])) if hi > lo else hi
+    y = x[: max(k, 1) * w + w // 2].copy()
+    f = min(len(y), 160)
+    y[-f:] *= np.linspace(1, 0, f, dtype=np.float32)
+    return y
+
+
 def _frame_rms(x: np.ndarray, T: int) -> np.ndarray:
     return np.sqrt((x[: T * SAMPLES_PER_FRAME].reshape(T, SAMPLES_PER_FRAME).astype(np.float64) ** 2).mean(1))
 
@@ -855,8 +878,8 @@ def mouth_drive(audio: np.ndarray, speaking: np.ndarray | None = None) -> tuple[
     freqs = np.fft.rfftfreq(SAMPLES_PER_FRAME, 1.0 / SAMPLE_RATE)
     lo = spec[:, (freqs >= 150) & (freqs < 1000)].sum(1)
     hi = spec[:, (freqs >= 1000) & (freqs < 4000)].sum(1)
-    ratio = lo / (lo + hi + 1e-9)
-    rd = np.clip((ratio - 0.55) / 0.4, 0, 1)
+    lr = np.log10((lo + 1e-9) / (hi + 1e-9))
+    rd = np.clip((lr - 0.3) / 1.2, 0, 1)
     sm = np.copy(rd)
     for t in range(1, T):
         sm[t] = sm[t - 1] + 0.6 * (rd[t] - sm[t - 1])
@@ -960,6 +983,8 @@ def make_clip(seed: int, seconds: float = 6.0, size: int = 128, speech: str = "a
             break
         if speaking_turn:
             x, text = _utterance(rng, source, voice, rate, pitch, f0)
+            if 0 < listen_frac < 1:  # leave room for listening: cut long utterances in a quiet spot
+                x = _cut_quiet(x, int(max(0.6 * SAMPLE_RATE, (1 - listen_frac) * N * rng.uniform(0.45, 0.8))))
             n = min(len(x), N - pos)
             speech_track[pos: pos + n] = x[:n]
             turn[pos: pos + n] = True
@@ -1108,7 +1133,7 @@ def synth_dataset(n: int, out_dir: str | Path, seed: int = 0, size: int = 128,
         npz = out / f"{name}.npz"
         if npz.exists() and (not video or (out / f"{name}.mp4").exists()):
             m = _read_meta(npz)
-            if m is not None and m.get("size") == size:
+            if m is not None and m.get("size") == size and m.get("seed") == _clip_seed(seed, i):
                 metas[i] = m
                 continue
         todo.append((i, str(out), seed, size, tuple(seconds) if isinstance(seconds, (tuple, list)) else seconds,
@@ -1183,7 +1208,9 @@ def write_wav(path: str | Path, audio: np.ndarray, sr: int = SAMPLE_RATE) -> Non
         w.writeframes(pcm.tobytes())
 
 
-PORTRAIT_SEED = 11  # see make_assets / assets/README.md
+PORTRAIT_SEED = 13  # see make_assets / assets/README.md
+SPEECH_TEXT = ("Hello! I am a talking machine. I listen, then I answer.",
+               "My lips move with the speech I hear.")
 
 
 def make_assets(out_dir: str | Path, portrait_seed: int = PORTRAIT_SEED) -> None:
@@ -1192,8 +1219,8 @@ def make_assets(out_dir: str | Path, portrait_seed: int = PORTRAIT_SEED) -> None
     out.mkdir(parents=True, exist_ok=True)
     p = FaceParams.sample(portrait_seed, style="photo", human=True)
     Image.fromarray(FaceRenderer(p, 512).render(FaceState())).save(out / "portrait.png")
-    a = espeak_tts("Hello! I am a talking machine. I listen, and then I answer you.", "en-us", 160, 45)
-    b = espeak_tts("Real time avatars move their lips with the speech they hear.", "en-us", 160, 45)
+    a = espeak_tts(SPEECH_TEXT[0], "en-us", 165, 45)
+    b = espeak_tts(SPEECH_TEXT[1], "en-us", 165, 45)
     a, b = _trim(a), _trim(b)
     pad = np.zeros(int(0.25 * SAMPLE_RATE), np.float32)
     gap = np.zeros(int(1.0 * SAMPLE_RATE), np.float32)

@@ -1,0 +1,113 @@
+"""The CLI as a user runs it: real processes, real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from talkingmachines.media import probe, write_mp4
+
+EXE = [sys.executable, "-m", "talkingmachines.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600)
+
+
+def write_wav(path, audio, sr=16000, channels=1):
+    import av
+
+    with av.open(str(path), "w", format="wav") as c:
+        st = c.add_stream("pcm_s16le", rate=sr, layout="mono" if channels == 1 else "stereo")
+        data = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+        if channels == 2:
+            data = np.stack([data, data], 1)
+        fr = av.AudioFrame.from_ndarray(data.reshape(1, -1), format="s16", layout=st.layout.name)
+        fr.sample_rate = sr
+        for p in st.encode(fr):
+            c.mux(p)
+        for p in st.encode(None):
+            c.mux(p)
+
+
+def speechy(seconds, sr=16000):
+    t = np.arange(int(seconds * sr)) / sr
+    env = (np.sin(2 * np.pi * 3 * t) > -0.3).astype(np.float32)
+    return (0.3 * env * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 5 * t))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    write_wav(d / "speech.wav", speechy(1.3))
+    write_wav(d / "silence.wav", np.zeros(16000, np.float32))
+    (d / "noise.wav").write_bytes(os.urandom(5000))
+    (d / "empty.wav").write_bytes(b"")
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 160, 3), dtype=np.uint8)).save(d / "face.png")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(d / "small.png")
+    (d / "notimage.png").write_text("hello")
+    return d
+
+
+def test_generate_writes_video_of_audio_length(files, tmp_path):
+    out = tmp_path / "out.mp4"
+    r = run("generate", "--image", str(files / "face.png"), "--audio", str(files / "speech.wav"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    info = probe(out)
+    assert info["has_audio"]
+    assert abs(info["video_duration"] - 1.3) <= 0.04 + 1e-6
+    assert abs(info["audio_duration"] - 1.3) <= 0.05
+    assert info["frames"] == 33  # ceil(1.3 s * 25)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--audio", "{d}/missing.wav"], "missing.wav"),
+        (["--audio", "{d}/noise.wav"], "noise.wav"),
+        (["--audio", "{d}/empty.wav"], "empty.wav"),
+        (["--audio", "{d}/silence.wav"], "silent"),
+        (["--audio", "{d}/speech.wav", "--image", "{d}/notimage.png"], "notimage.png"),
+        (["--audio", "{d}/speech.wav", "--image", "{d}/small.png"], "too small"),
+        (["--audio", "{d}/speech.wav", "--image", "{d}/nothere.png"], "nothere.png"),
+    ],
+)
+def test_bad_input_one_line_exit_2_no_output(files, tmp_path, args, words):
+    out = tmp_path / "bad.mp4"
+    r = run("generate", *[a.format(d=files) for a in args], "-o", str(out))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert words in lines[0]
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_info_counts_parameters_on_meta_device():
+    r = run("info", "--preset", "wan-i2v-14b-audio", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    total = info["total"]
+    assert 20.0e9 < total < 21.0e9  # Wan2.1-I2V-14B (16.4B with its image branch) + 4.2B audio
+    assert 4.1e9 < info["audio_total"] < 4.3e9
+    assert 18.0e9 < info["t2v_trunk_plus_audio"] < 18.7e9  # the paper's "18B": 14B trunk + audio
+
+
+def test_bench_json(tmp_path):
+    r = run("bench", "--json", "--chunks", "24", "--plot", str(tmp_path / "lat.png"))
+    assert r.returncode == 0, r.stderr
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert len(line) == 1
+    res = json.loads(line[0])
+    for k in ("rtf", "first_frame_s", "chunk_ms_early", "chunk_ms_late", "kv_cache_speedup", "rss_growth"):
+        assert isinstance(res[k], (int, float)) and res[k] == res[k], k
+    assert res["rtf"] > 0 and res["kv_cache_speedup"] > 0
+    assert (tmp_path / "lat.png").stat().st_size > 1000

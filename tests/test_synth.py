@@ -1,0 +1,173 @@
+"""Procedural talking-face data: renderer, speech, mouth drive, clips, data set, loader."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from talkingmachines.config import SAMPLES_PER_FRAME, VAE_TEMPORAL
+from talkingmachines.errors import InputError
+from talkingmachines.train import synth
+from talkingmachines.train.synth import (
+    STYLES, FaceParams, FaceRenderer, FaceState, babble_tts, espeak_available, make_clip,
+    mouth_drive, render_face, synth_dataset,
+)
+
+needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
+SPEECH = "espeak" if espeak_available() else "babble"
+
+
+def _frame_rms(audio, T):
+    return np.sqrt((audio[: T * SAMPLES_PER_FRAME].reshape(T, SAMPLES_PER_FRAME).astype(np.float64) ** 2).mean(1))
+
+
+def test_params_deterministic_and_varied():
+    assert FaceParams.sample(3) == FaceParams.sample(3)
+    ps = [FaceParams.sample(s) for s in range(40)]
+    assert {p.style for p in ps} == set(STYLES)
+    assert len({p.skin for p in ps}) > 30 and len({p.hair_style for p in ps}) >= 5
+    assert FaceParams.from_dict(json.loads(json.dumps(ps[0].to_dict()))) == ps[0]
+    with pytest.raises(InputError):
+        FaceParams.sample(0, style="oil painting")
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_render_speed_and_mouth(style):
+    p = FaceParams.sample(5, style=style)
+    r = FaceRenderer(p, 128)
+    closed = r.render(FaceState())
+    assert closed.shape == (128, 128, 3) and closed.dtype == np.uint8
+    opened = r.render(FaceState(mouth_open=1.0))
+    # the open mouth changes a visible patch of the lower face
+    diff = np.abs(opened.astype(int) - closed.astype(int)).sum(-1) > 30
+    assert diff.sum() > 60, diff.sum()
+    ys = np.nonzero(diff.any(1))[0]
+    assert ys.mean() > 64  # below the image centre
+    assert ys.max() - ys.min() >= 6  # an opening of several pixels at 128x128
+    # head motion moves the face
+    moved = r.render(FaceState(dx=0.05))
+    assert np.abs(moved.astype(int) - closed.astype(int)).mean() > 2
+    # blink changes the eyes (upper half)
+    blink = r.render(FaceState(blink=1.0))
+    d = np.abs(blink.astype(int) - closed.astype(int)).sum(-1) > 30
+    assert d.sum() > 10 and np.nonzero(d.any(1))[0].mean() < 70
+    n = 60
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    for _ in range(n):
+        r.render(FaceState(mouth_open=rng.random(), mouth_round=rng.random(), dx=0.01, tilt=2.0))
+    fps = n / (time.perf_counter() - t)
+    print(f"render {style}: {fps:.0f} frames/s at 128x128")
+    assert np.array_equal(render_face(p, FaceState(), 128), closed)
+
+
+def test_mouth_drive_silence_closed():
+    rng = np.random.default_rng(0)
+    x = np.zeros(50 * SAMPLES_PER_FRAME, np.float32)
+    s = babble_tts(rng, seconds=1.0)
+    x[10 * SAMPLES_PER_FRAME: 10 * SAMPLES_PER_FRAME + len(s)] = s * (0.08 / (np.sqrt((s**2).mean()) + 1e-9))
+    mo, mr = mouth_drive(x)
+    assert mo.shape == (50,) and mr.shape == (50,)
+    assert np.all(mo[:10] == 0) and np.all(mr[:10] == 0)
+    assert np.all(mo[45:] == 0)
+    assert mo[10:35].max() > 0.3
+    assert (mr >= 0).all() and (mr <= 1).all()
+
+
+def _check_clip(c, seconds):
+    T = c.num_frames
+    assert (T - 1) % VAE_TEMPORAL == 0 and abs(T - seconds * 25) <= 4
+    assert c.frames.shape == (T, 64, 64, 3) and c.frames.dtype == np.uint8
+    assert c.audio.dtype == np.float32 and len(c.audio) == T * SAMPLES_PER_FRAME
+    assert c.mouth_open.shape == c.mouth_round.shape == c.speaking.shape == (T,)
+    assert c.speaking.any() and (~c.speaking).any()
+    rms = _frame_rms(c.audio, T)
+    corr = np.corrcoef(c.mouth_open, rms)[0, 1]
+    assert corr > 0.8, corr
+    assert np.abs(c.mouth_open[~c.speaking]).max() < 0.05
+    assert c.mouth_open[c.speaking].max() > 0.5
+    # the frames follow the mouth: frames with the mouth open differ from closed ones
+    json.dumps(c.params)
+
+
+def test_clip_babble():
+    c = make_clip(1, 3.0, size=64, speech="babble", listen_frac=0.4)
+    _check_clip(c, 3.0)
+    assert c.params["speech_source"] == "babble"
+
+
+@needs_espeak
+def test_clip_espeak():
+    c = make_clip(2, 3.0, size=64, speech="espeak", listen_frac=0.4)
+    _check_clip(c, 3.0)
+    assert c.params["speech_source"] == "espeak" and c.params["texts"]
+    x = synth.espeak_tts("hello world", "en+f3", 170, 50)
+    assert x.dtype == np.float32 and 0.3 < len(x) / 16000 < 3 and np.abs(x).max() > 0.05
+
+
+def test_missing_espeak_message(monkeypatch):
+    monkeypatch.setattr(synth.shutil, "which", lambda name: None)
+    assert not espeak_available()
+    with pytest.raises(InputError, match="espeak-ng is not installed"):
+        synth.espeak_tts("hello")
+    with pytest.raises(InputError, match="babble"):
+        make_clip(0, 1.0, size=32, speech="espeak")
+    c = make_clip(0, 1.0, size=32, speech="auto")  # falls back to babble
+    assert c.params["speech_source"] == "babble"
+
+
+def test_dataset_resumable_and_loader(tmp_path):
+    av = pytest.importorskip("av")
+    from talkingmachines.train.data import ClipDataset, held_out_split
+
+    out = tmp_path / "ds"
+    idx = synth_dataset(3, out, seed=0, size=64, seconds=(1.2, 1.8), speech=SPEECH, progress=False)
+    index = json.loads(idx.read_text())
+    assert index["n"] == 3 and len(index["clips"]) == 3
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["clip_00000.mp4", "clip_00000.npz", "clip_00001.mp4", "clip_00001.npz",
+                     "clip_00002.mp4", "clip_00002.npz", "index.json"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("clip_*")}
+    t = time.perf_counter()
+    synth_dataset(3, out, seed=0, size=64, seconds=(1.2, 1.8), speech=SPEECH, progress=False)
+    assert time.perf_counter() - t < 2.0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("clip_*")} == mtimes  # skipped
+    # a missing clip is made again, the others are kept
+    (out / "clip_00001.npz").unlink()
+    synth_dataset(3, out, seed=0, size=64, seconds=(1.2, 1.8), speech=SPEECH, progress=False)
+    assert (out / "clip_00001.npz").exists()
+    assert (out / "clip_00000.npz").stat().st_mtime_ns == mtimes["clip_00000.npz"]
+
+    c0 = index["clips"][0]
+    with av.open(str(out / c0["mp4"])) as f:
+        n = sum(1 for _ in f.decode(video=0))
+    assert n == c0["frames"]
+
+    ds = ClipDataset(out, clip_frames=21, seed=1)
+    assert len(ds) == 3
+    a, b = ds[0], ds[0]
+    assert a["video"].shape == (21, 64, 64, 3) and a["audio"].shape == (21 * SAMPLES_PER_FRAME,)
+    assert a["ref"].shape == (64, 64, 3) and a["mouth_open"].shape == (21,) and a["speaking"].dtype == bool
+    assert a["start"] == b["start"] and np.array_equal(a["ref"], b["ref"])
+    full = ds.load(0)
+    s = a["start"]
+    assert np.array_equal(a["video"], full["frames"][s: s + 21])
+    assert np.array_equal(a["audio"], full["audio"][s * SAMPLES_PER_FRAME:(s + 21) * SAMPLES_PER_FRAME])
+    starts = set()
+    for e in range(6):
+        ds.set_epoch(e)
+        starts.add(ds[0]["start"])
+    assert len(starts) > 1
+    train, held = held_out_split(ds, 0.34)
+    assert len(train) == 2 and len(held) == 1
+    assert not set(train.indices) & set(held.indices)
+    with pytest.raises(InputError):
+        ClipDataset(out, clip_frames=20)
+
+
+def test_preview(tmp_path):
+    from PIL import Image
+
+    p = synth.preview(tmp_path / "sheet.png", n=6, seed=0, size=64, cols=3)
+    assert Image.open(p).size == (192, 128)
