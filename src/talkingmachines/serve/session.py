@@ -52,6 +52,7 @@ class CallSession:
         self.chunk_frames = int(getattr(stream, "chunk_video_frames", 12))
         self.chunk_samples = self.chunk_frames * self.sr // self.fps
         self.chunk_s = self.chunk_frames / self.fps
+        self.lookahead = int(getattr(stream, "lookahead_samples", LOOKAHEAD_SAMPLES))
         self.playout = Playout(fps=self.fps, sample_rate=self.sr)
         self.video_track = AvatarVideoTrack(self.playout)
         self.audio_track = AgentAudioTrack(self.playout)
@@ -136,7 +137,7 @@ class CallSession:
         self.current_segment = segment
         self.pending.append((segment, x))
         self.pending_n += x.size
-        if self.pending_n + self.engine_buffered >= self.chunk_samples + LOOKAHEAD_SAMPLES:
+        if self.pending_n + self.engine_buffered >= self.chunk_samples + self.lookahead:
             self.wake.set()
 
     def end_segment(self) -> None:
@@ -254,7 +255,7 @@ class CallSession:
         if p.t0 is None and not p.entries:
             return 0.0  # first chunk: as soon as possible
         have = self.pending_n + self.engine_buffered
-        ready = have >= self.chunk_samples + LOOKAHEAD_SAMPLES or (self.flush and have > 0)
+        ready = have >= self.chunk_samples + self.lookahead or (self.flush and have > 0)
         budget = 1.5 * self.est + 0.06
         allowed = budget + (self.chunk_s if ready else 0.0)
         return max(0.0, p.lead_seconds() - allowed)
