@@ -270,3 +270,34 @@ def test_must_show_aiortc_client_real_engine(wav):
     finally:
         log = stop(proc)
         print(log[-3000:])
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_100_connect_disconnect_cycles_keep_memory_flat(wav):
+    import gc
+
+    async def main():
+        async with Server(avatar=FakeAvatar(compute_s=0.01), agent="mirror", max_sessions=1) as srv:
+            rss = []
+            for i in range(100):
+                r = await aiortc_call(srv.base, wav, 0.6)
+                assert r["video_t"], f"cycle {i}: no video"
+                t = time.monotonic()
+                while srv.state.sessions and time.monotonic() - t < 5:
+                    await asyncio.sleep(0.05)
+                assert not srv.state.sessions, f"cycle {i}: session not freed"
+                if i % 10 == 9:
+                    gc.collect()
+                    rss.append(_rss_mb())
+            return rss
+
+    rss = asyncio.run(main())
+    print("RSS MB every 10 cycles:", [round(x, 1) for x in rss])
+    # flat: after the first 20 cycles (warm-up, allocator pools), growth under 30 MB over 80 cycles
+    assert rss[-1] - rss[1] < 30, rss

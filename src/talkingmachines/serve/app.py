@@ -249,7 +249,7 @@ async def offer(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------------------------------
 def create_app(*, avatar: Any = None, avatar_loader: Callable[[], Any] | None = None, agent: str = "mirror",
                agent_kwargs: dict | None = None, image: str | np.ndarray | None = None, max_sessions: int = 2,
-               token: str | None = None, idle_timeout: float = 4.0) -> web.Application:
+               token: str | None = None, idle_timeout: float = 4.0, warmup: bool = True) -> web.Application:
     """The aiohttp application. Pass a loaded `avatar` (tests) or an `avatar_loader` run at startup."""
     portrait = load_image(image) if isinstance(image, str) else image
     st = ServerState(agent=agent, agent_kwargs=agent_kwargs or {}, max_sessions=max_sessions, token=token,
@@ -267,7 +267,13 @@ def create_app(*, avatar: Any = None, avatar_loader: Callable[[], Any] | None = 
 
     async def _startup(app: web.Application) -> None:
         if st.avatar is None and avatar_loader is not None:
-            st.avatar = await asyncio.get_running_loop().run_in_executor(None, avatar_loader)
+            loop = asyncio.get_running_loop()
+            avatar = await loop.run_in_executor(None, avatar_loader)
+            if warmup:  # first-call costs (kernel selection, allocator) paid before /health says ok
+                t = time.perf_counter()
+                await loop.run_in_executor(None, _warmup, avatar, st.portrait)
+                log.info("warm-up chunk in %.2f s", time.perf_counter() - t)
+            st.avatar = avatar
 
     async def _shutdown(app: web.Application) -> None:
         await asyncio.gather(*(s.close("server shutdown") for s in list(st.sessions.values())),
@@ -276,6 +282,13 @@ def create_app(*, avatar: Any = None, avatar_loader: Callable[[], Any] | None = 
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)
     return app
+
+
+def _warmup(avatar: Any, portrait: np.ndarray | None) -> None:
+    stream = avatar.new_stream(avatar.default_portrait() if portrait is None else portrait)
+    stream.push_audio(np.zeros(16_000, np.float32))
+    for _ in range(2):
+        stream.next_chunk()
 
 
 def default_loader(model: str | None, preset: str, device: str) -> Callable[[], Any]:

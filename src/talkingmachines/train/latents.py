@@ -1,0 +1,265 @@
+"""Training inputs: a latent cache of the clips, deterministic crops, and the DiT input layout.
+
+The DiT never sees pixels during training: each clip of a `ClipDataset` is encoded once
+(`build_latent_cache`) into ``clip_XXXXX.safetensors`` holding
+
+* ``latents``  [C, 1 + k, h, w]  the whole clip (``1 + 4k`` frames), `VideoVAE.encode_video`;
+* ``refs``     [R, C, h, w]      `encode_image` of R reference frames of the same identity
+  (listening frames, mouth closed, when the clip has them): the sinks;
+* ``features`` [1 + 4k, F]       the audio front end's per-video-frame features.
+
+A training crop is ``1 + 12 n`` video frames starting at frame ``4 m`` (so its latents are
+exactly the whole clip's latents ``m .. m + 3n``: TinyVAE encodes each group of 4 frames
+independently; for the causal Wan-VAE it is the usual approximation). Exactly as the
+streaming generator sees it:
+
+* latent frame 0 (the sink) is replaced by a reference latent (``encode_image(ref)``);
+* generated frame ``g`` (0-based after the sink) is clip frame ``4m + g + 1``; its audio
+  features are the front end's features of that frame; the windows are
+  ``audio_windows(features[4m+1 : 4m+1+12n], context)`` (zero outside the crop, as
+  ``audio_windows(frontend.features(crop_audio[640:]))``; the log-mel STFT edges use the
+  real neighbouring samples here) with a zero window prepended for the sink;
+* the DiT input is ``[latent | 4 mask channels (1 on known frames) | reference latent
+  broadcast over frames]`` (`dit_input`), the timestep of the sink is 0.
+
+Crops, references and noise depend only on ``(seed, clip, epoch)`` and ``(seed, step,
+sample)`` (see `common.sample_generator`), so a resumed or distributed run sees the same data
+as a single uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import VAE_TEMPORAL
+from ..errors import InputError
+from ..model import audio as audio_fe
+
+CACHE_VERSION = 1
+N_REFS = 4
+
+
+# ----------------------------------------------------------------------------- DiT inputs
+def dit_input(x: torch.Tensor, ref: torch.Tensor, known: str = "sink") -> torch.Tensor:
+    """Wan I2V input ``[x | mask (4 ch) | ref broadcast]``.
+
+    x [B, C, T, h, w] (frame 0 = the sink, clean reference latent), ref [B, C, 1, h, w].
+    ``known="sink"``: mask 1 on frame 0 only (noisy clips); ``"all"``: mask 1 everywhere
+    (clean context written to the KV cache, as `StreamingGenerator._dit_input(x, True)`)."""
+    B, _, T, h, w = x.shape
+    mask = torch.zeros(B, 4, T, h, w, device=x.device, dtype=x.dtype)
+    if known == "all":
+        mask.fill_(1.0)
+    elif known == "sink":
+        mask[:, :, 0] = 1.0
+    else:
+        raise ValueError(f"known must be 'sink' or 'all', got {known!r}")
+    return torch.cat([x, mask, ref.to(x.dtype).expand(-1, -1, T, -1, -1)], dim=1)
+
+
+def frame_timesteps(s: torch.Tensor, T: int) -> torch.Tensor:
+    """Per-frame network timesteps [B, T]: 0 for the sink, ``1000 s`` for the others.
+    ``s`` is [B] (one level per clip) or [B, T-1] (per frame)."""
+    s = torch.as_tensor(s, dtype=torch.float32)
+    if s.ndim == 1:
+        s = s[:, None].expand(-1, T - 1)
+    return torch.cat([torch.zeros(s.shape[0], 1, device=s.device), 1000.0 * s], dim=1)
+
+
+def chunk_sigmas(s_chunks: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    """[B, n] per-chunk sigmas -> [B, n * chunk_frames] per-frame sigmas."""
+    return s_chunks.repeat_interleave(chunk_frames, dim=1)
+
+
+@dataclass
+class Batch:
+    """A batch of crops, ready for the DiT (all float32 on the training device).
+
+    ``z`` [B, C, 1+3n, h, w] with ``z[:, :, 0] = ref`` (the sink); ``ref`` [B, C, 1, h, w];
+    ``audio`` [B, 1+3n, W, F] (zero window on the sink); ``speaking`` [B, 12 n] bool per
+    generated frame; ``clips``/``starts``: where the crops come from."""
+
+    z: torch.Tensor
+    ref: torch.Tensor
+    audio: torch.Tensor
+    speaking: torch.Tensor
+    clips: list
+    starts: list
+    js: list = field(default_factory=list)  # indices of these samples in the global batch
+
+    def to(self, device) -> "Batch":
+        return Batch(self.z.to(device), self.ref.to(device), self.audio.to(device), self.speaking.to(device),
+                     self.clips, self.starts, self.js)
+
+    def __len__(self) -> int:
+        return self.z.shape[0]
+
+
+# ----------------------------------------------------------------------------- cache
+def _file_id(path: Path) -> str:
+    """A cheap identity of a weights folder/file: names, sizes and the first MiB of each."""
+    h = hashlib.sha1()
+    path = Path(path)
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()
+                   and p.suffix in (".safetensors", ".json", ".bin", ".pth"))
+    for p in files:
+        h.update(p.name.encode())
+        h.update(str(p.stat().st_size).encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pick_refs(speaking: np.ndarray, n: int, rng: np.random.Generator) -> list[int]:
+    cand = np.nonzero(~speaking.astype(bool))[0]
+    if len(cand) == 0:
+        cand = np.arange(len(speaking))
+    k = min(n, len(cand))
+    return sorted(int(i) for i in rng.choice(cand, size=k, replace=False))
+
+
+@torch.no_grad()
+def build_latent_cache(data_dir: str | Path, vae, frontend, cache_dir: str | Path, vae_id: str = "",
+                       min_frames: int = 13, progress: bool = True, rank: int = 0, world: int = 1,
+                       barrier=None) -> Path:
+    """Encode every clip of ``data_dir`` (a `ClipDataset` folder) into ``cache_dir``.
+
+    Resumable (a clip file written is kept) and rebuilt when ``vae_id`` changes. Under
+    torch.distributed each rank encodes its share; rank 0 writes the index after ``barrier``."""
+    from .data import ClipDataset
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    ds = ClipDataset(data_dir)
+    idx_file = cache / "index.json"
+    if idx_file.is_file():
+        idx = json.loads(idx_file.read_text())
+        if idx.get("vae_id") == vae_id and idx.get("version") == CACHE_VERSION and idx.get("n") == len(ds):
+            return idx_file
+    from tqdm.auto import tqdm
+
+    entries = []
+    todo = list(range(len(ds)))
+    mine = todo[rank::world]
+    bar = tqdm(mine, desc="latent cache", unit="clip", disable=not progress or rank != 0)
+    for i in bar:
+        c = ds.clips[ds.indices[i]]
+        f = cache / f"{Path(c['npz']).stem}.safetensors"
+        if f.is_file():
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(f), "pt") as sf:
+                    if sf.metadata().get("vae_id") == vae_id:
+                        continue
+            except Exception:
+                pass
+        z = ds.load(i)
+        frames, audio, speaking = z["frames"], z["audio"], z["speaking"]
+        T = 1 + VAE_TEMPORAL * ((frames.shape[0] - 1) // VAE_TEMPORAL)
+        if T < min_frames:
+            continue
+        lat = vae.encode_video(frames[:T])[0].float().cpu()  # [C, 1+k, h, w]
+        rng = np.random.default_rng([ds.seed, int(ds.indices[i]), 7])
+        ref_idx = _pick_refs(speaking[:T], N_REFS, rng)
+        refs = torch.cat([vae.encode_image(frames[r])[0, :, 0][None].float().cpu() for r in ref_idx])
+        feats = frontend.features(audio[: T * 640]).float().cpu()
+        if feats.shape[0] != T:
+            raise RuntimeError(f"{c['npz']}: audio front end gave {feats.shape[0]} frames for {T} video frames")
+        _atomic_save({"latents": lat, "refs": refs, "features": feats,
+                      "speaking": torch.from_numpy(speaking[:T].astype(np.uint8))}, f,
+                     {"vae_id": vae_id, "ref_frames": json.dumps(ref_idx)})
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        from safetensors import safe_open
+
+        for i in range(len(ds)):
+            c = ds.clips[ds.indices[i]]
+            f = cache / f"{Path(c['npz']).stem}.safetensors"
+            if not f.is_file():
+                continue
+            with safe_open(str(f), "pt") as sf:
+                k = sf.get_slice("latents").get_shape()[1] - 1
+            entries.append({"clip": int(ds.indices[i]), "file": f.name, "latent_frames": 1 + k})
+        _atomic_text(idx_file, json.dumps({"version": CACHE_VERSION, "vae_id": vae_id, "n": len(ds),
+                                           "data": str(Path(data_dir).resolve()), "clips": entries}, indent=1))
+    if barrier is not None:
+        barrier()
+    return idx_file
+
+
+class LatentClips:
+    """Crops of ``1 + 12 n`` frames (``n = chunks``) from a latent cache; deterministic.
+
+    ``get(i, epoch)`` -> dict of tensors for one crop (see `Batch`); ``collate(items)`` ->
+    `Batch`. ``clip_ids`` restricts to some source clips (held-out split)."""
+
+    def __init__(self, cache_dir: str | Path, chunks: int, chunk_frames: int = 3, context: int = 2,
+                 seed: int = 0, clip_ids: list[int] | None = None):
+        self.root = Path(cache_dir)
+        idx = json.loads((self.root / "index.json").read_text())
+        need = 1 + chunks * chunk_frames
+        ents = [e for e in idx["clips"] if e["latent_frames"] >= need]
+        if clip_ids is not None:
+            keep = set(int(c) for c in clip_ids)
+            ents = [e for e in ents if e["clip"] in keep]
+        if not ents:
+            raise InputError(f"{self.root}: no clip has the {need} latent frames a crop of {chunks} chunks needs")
+        self.entries = ents
+        self.chunks, self.chunk_frames, self.context, self.seed = chunks, chunk_frames, context, int(seed)
+        self._mem: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _load(self, i: int) -> dict:
+        if i not in self._mem:
+            from safetensors.torch import load_file
+
+            self._mem[i] = load_file(str(self.root / self.entries[i]["file"]))
+        return self._mem[i]
+
+    def get(self, i: int, epoch: int = 0) -> dict:
+        e = self.entries[i]
+        d = self._load(i)
+        n_lat = self.chunks * self.chunk_frames
+        rng = np.random.default_rng([self.seed, int(e["clip"]), int(epoch), 11])
+        m = int(rng.integers(0, e["latent_frames"] - n_lat))  # crop = latents m .. m + n_lat
+        r = int(rng.integers(d["refs"].shape[0]))
+        ref = d["refs"][r][:, None]  # [C, 1, h, w]
+        z = torch.cat([ref, d["latents"][:, m + 1: m + 1 + n_lat]], dim=1)
+        f0 = VAE_TEMPORAL * m + 1
+        nf = VAE_TEMPORAL * n_lat
+        feats = d["features"][f0: f0 + nf]
+        win = audio_fe.audio_windows(feats, self.context, n_latent=n_lat)  # [n_lat, W, F]
+        audio = torch.cat([torch.zeros_like(win[:1]), win])
+        spk = d["speaking"][f0: f0 + nf].bool()
+        return {"z": z, "ref": ref, "audio": audio, "speaking": spk, "clip": int(e["clip"]), "start": 4 * m}
+
+    @staticmethod
+    def collate(items: list[dict]) -> Batch:
+        return Batch(torch.stack([it["z"] for it in items]), torch.stack([it["ref"] for it in items]),
+                     torch.stack([it["audio"] for it in items]), torch.stack([it["speaking"] for it in items]),
+                     [it["clip"] for it in items], [it["start"] for it in items])

@@ -1,0 +1,360 @@
+"""Stages 2 and 3: the sparse-causal student (ODE-pair initialisation, then asymmetric DMD).
+
+**ode** (CausVid's student initialisation). The frozen bidirectional teacher samples ODE
+trajectories (Euler, ``ode_steps`` shifted steps with the student's sigmas inserted, audio/
+image CFG) for ``ode_pairs`` crops: ``OUT/pairs/pairs_XXXXX.safetensors`` hold the
+trajectory at the student's sigmas ``xs`` [B, K, C, F, h, w] and the teacher's result ``x0``.
+The student (a copy of the teacher) then runs the sparse-causal mask with teacher forcing
+(the teacher's clean result is the context chunk i-1 sees) and regresses ``x0`` from
+``xs[k]``, with the step ``k`` of the 2-step schedule drawn per chunk.
+
+**dmd** (asymmetric Distribution Matching Distillation). Per update:
+
+* the student rolls out the clip chunk by chunk with its fixed schedule
+  (``StreamConfig.student_timesteps``, x0 prediction then re-noising), each chunk seeing the
+  sink and its own previous clean chunk, without gradients; with probability
+  ``real_context_prob`` the first chunk is the real clip's (a continuation, as in a running
+  stream), so training mixes real clips and the student's own rollouts;
+* generator update (1 in ``fake_ratio + 1``): the last denoising step of every chunk is
+  recomputed with gradients in one ``forward_causal(..., x_clean=detached own outputs)``
+  pass; the loss is `dmd.dmd_generator_loss` (re-noise, the frozen teacher with audio CFG
+  as the real score, the fake score as the fake one) plus ``regression_weight`` x the ODE
+  regression on the ode stage's pairs (batched into the same forward);
+* fake-score update (the others): `dmd.fake_score_loss` (flow matching) on fresh rollouts.
+
+The fake score is a bidirectional copy of the teacher. The student and the fake score are
+separate trainable groups with their own AdamW and EMA; checkpoints hold both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..diffusion import dmd as D
+from ..diffusion import flow
+from ..errors import InputError
+from .common import FINAL, GlobalOrder, Handle, TrainConfig, sample_generator
+from .latents import Batch, dit_input, frame_timesteps
+from .teacher import DiTStage, bidirectional_v, guided_v, new_dit, resolve_dit_dir, save_dit_weights, text_for
+
+SALT_PAIRS, SALT_ODE, SALT_DMD, SALT_MODE = 11, 12, 13, 14
+
+
+# ============================================================================ student forwards
+def causal_x0(student: Handle, x, s_frames, ref, audio, context, preset) -> torch.Tensor:
+    """Student x0 for noisy frames ``x`` [B, C, F, h, w] (after the sink) at per-frame sigmas
+    ``s_frames`` [B, F], teacher-forced on clean ``context`` [B, C, F, h, w] (chunk i sees
+    clean chunk i-1). ``audio`` [B, 1 + F, W, D]. One sparse-causal forward."""
+    B, _, F = x.shape[:3]
+    cf = preset.stream.chunk_frames
+    full = torch.cat([ref.to(x.dtype), x], dim=2)
+    clean = torch.cat([ref.to(x.dtype), context.to(x.dtype)], dim=2)
+    v = student.call("forward_causal", dit_input(full, ref), frame_timesteps(s_frames, 1 + F),
+                     text_for(preset, B, x.device), audio=audio, chunk_frames=cf, x_clean=dit_input(clean, ref, "all"))
+    return x - s_frames[:, None, :, None, None].to(x.dtype) * v[:, :, 1:].to(x.dtype)
+
+
+@torch.no_grad()
+def rollout(student: Handle, ref, audio, preset, sigmas, gens, prefix: torch.Tensor | None = None):
+    """Chunk-by-chunk generation with the few-step schedule, exactly as the streaming generator
+    (each chunk: x0 prediction, re-noise, ...; context = the previous clean chunk).
+
+    Returns ``(out, last_in)``: the clean result [B, C, F, h, w] and the input of each chunk's
+    last denoising step. ``prefix`` [B, C, p, h, w]: known first frames (whole chunks) taken
+    as given (a continuation of a real clip)."""
+    B, C = ref.shape[:2]
+    h, w = ref.shape[-2:]
+    cf = preset.stream.chunk_frames
+    F = audio.shape[1] - 1
+    n = F // cf
+    sig = [float(s) for s in sigmas]
+    dev = ref.device
+    out = torch.zeros(B, C, F, h, w, device=dev)
+    last_in = torch.zeros_like(out)
+    first = 0
+    if prefix is not None:
+        out[:, :, : prefix.shape[2]] = prefix
+        last_in[:, :, : prefix.shape[2]] = prefix
+        first = prefix.shape[2] // cf
+    for c in range(first, n):
+        sl = slice(c * cf, (c + 1) * cf)
+        Fc = (c + 1) * cf
+        x = torch.stack([torch.randn((C, cf, h, w), generator=g) for g in gens]).to(dev)
+        for i in range(len(sig) - 1):
+            s, s_next = sig[i], sig[i + 1]
+            xin = torch.zeros(B, C, Fc, h, w, device=dev)
+            xin[:, :, sl] = x
+            sf = torch.zeros(B, Fc, device=dev)
+            sf[:, sl] = s
+            x0 = causal_x0(student, xin, sf, ref, audio[:, : 1 + Fc], out[:, :, :Fc], preset)[:, :, sl]
+            if s_next > 0:
+                last_in[:, :, sl] = (1 - s_next) * x0 + s_next * torch.stack(
+                    [torch.randn((C, cf, h, w), generator=g) for g in gens]).to(dev)
+                x = last_in[:, :, sl]
+            else:
+                out[:, :, sl] = x0
+    return out, last_in
+
+
+# ============================================================================ ODE pairs
+def _merged_sigmas(steps: int, shift: float, student: list[float]) -> tuple[list[float], list[int]]:
+    grid = flow.sigmas(steps, shift, spacing="wan").tolist()
+    merged = sorted({round(float(s), 6) for s in grid + list(student)}, reverse=True)
+    return merged, [merged.index(round(float(s), 6)) for s in student]
+
+
+@torch.no_grad()
+def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Path, env) -> Path:
+    """Teacher ODE solutions for ``cfg.ode_pairs`` crops, ``cfg.ode_batch`` per file (resumable;
+    files are split over ranks)."""
+    from tqdm.auto import tqdm
+
+    from .latents import LatentClips, _atomic_save
+
+    out_dir = Path(out_dir)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    env.barrier()
+    student_sig = flow.student_schedule(preset.stream).tolist()[:-1]
+    merged, rec = _merged_sigmas(cfg.ode_steps, preset.stream.flow_shift, student_sig)
+    n_files = math.ceil(cfg.ode_pairs / cfg.ode_batch)
+    order = GlobalOrder(len(data), cfg.ode_batch, cfg.seed + 7919)
+    mine = [f for f in range(n_files) if f % env.world == env.rank]
+    todo = [f for f in mine if not (out_dir / f"pairs_{f:05d}.safetensors").is_file()]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="ode pairs", unit="file",
+               disable=not (cfg.progress and env.is_main))
+    for f in todo:
+        b = LatentClips.collate([data.get(*x) for x in order.global_batch(f)]).to(env.device)
+        gens = [sample_generator(cfg.seed, f, j, SALT_PAIRS) for j in range(len(b))]
+        x1 = torch.stack([torch.randn(tuple(b.z[0, :, 1:].shape), generator=g) for g in gens]).to(env.device)
+        fn = guided_v(teacher, b.ref, b.audio, preset, cfg.cfg_audio, cfg.cfg_ref)
+        traj = {}
+
+        def keep(i, x, v):
+            if i in rec:
+                traj[i] = x.detach().clone()
+
+        x0 = flow.euler_sample(fn, x1, merged, callback=keep)
+        xs = torch.stack([traj[i] for i in rec], dim=1)
+        _atomic_save({"xs": xs, "x0": x0, "ref": b.ref, "audio": b.audio, "z": b.z[:, :, 1:],
+                      "sigmas": torch.tensor(student_sig)}, out_dir / f"pairs_{f:05d}.safetensors",
+                     {"clips": json.dumps(b.clips), "ode_steps": str(cfg.ode_steps)})
+        bar.update(1)
+    bar.close()
+    env.barrier()
+    if env.is_main:
+        from .common import atomic_write_text
+
+        atomic_write_text(out_dir / "DONE.json", json.dumps({"files": n_files, "pairs": n_files * cfg.ode_batch,
+                                                             "ode_steps": cfg.ode_steps, "sigmas": merged,
+                                                             "cfg_audio": cfg.cfg_audio, "cfg_ref": cfg.cfg_ref}))
+    env.barrier()
+    return out_dir
+
+
+class OdePairs:
+    """All pairs of a pairs folder in memory (small at tiny scale)."""
+
+    def __init__(self, root: Path):
+        from safetensors.torch import load_file
+
+        files = sorted(Path(root).glob("pairs_*.safetensors"))
+        if not files:
+            raise InputError(f"{root}: no ODE pairs (run `train ode` first)")
+        parts = [load_file(str(f)) for f in files]
+        self.t = {k: torch.cat([p[k] for p in parts]) for k in ("xs", "x0", "ref", "audio", "z")}
+        self.sigmas = parts[0]["sigmas"].tolist()
+
+    def __len__(self) -> int:
+        return self.t["x0"].shape[0]
+
+    def take(self, idx: list[int], device) -> dict:
+        i = torch.as_tensor(idx, dtype=torch.long)
+        return {k: v[i].to(device) for k, v in self.t.items()}
+
+
+def regression_inputs(pb: dict, sigmas: list[float], cf: int, gens):
+    """Per chunk, a random step k of the schedule: noisy frames ``xs[k]`` at sigma ``s_k``."""
+    xs = pb["xs"]  # [B, K, C, F, h, w]
+    B, K, C, F = xs.shape[:4]
+    ks = torch.stack([torch.randint(K, (F // cf,), generator=g) for g in gens]).repeat_interleave(cf, 1)  # [B, F]
+    ks = ks.to(xs.device)
+    idx = ks[:, None, None, :, None, None].expand(B, 1, C, F, *xs.shape[-2:])
+    x = xs.gather(1, idx)[:, 0]
+    s = torch.tensor(sigmas, device=xs.device)[ks]
+    return x, s
+
+
+# ============================================================================ ode stage
+class OdeTrainer(DiTStage):
+    stage = "ode"
+
+    def make_data(self) -> None:
+        super().make_data()  # the latent crops (for the pairs)
+
+    def build(self) -> None:
+        cfg = self.cfg
+        if not cfg.teacher:
+            raise InputError("no teacher (--teacher RUN_DIR or a DiT folder)")
+        teacher = new_dit(self.preset, cfg.teacher, cfg.seed)
+        student = new_dit(self.preset, cfg.init_from or cfg.teacher, cfg.seed)
+        th = self.add_frozen("teacher", teacher)
+        self.pairs_dir = self.out / "pairs"
+        make_ode_pairs(th, self.data, self.preset, cfg, self.pairs_dir, self.env)
+        self.pairs = OdePairs(self.pairs_dir)
+        self.order = GlobalOrder(len(self.pairs), cfg.batch_size, cfg.seed)
+        self.add_group("student", student, cfg.lr)
+
+    def batch(self, step: int):
+        glob = self.order.global_batch(step)
+        js = list(self.local_indices())
+        pb = self.pairs.take([glob[j][0] for j in js], self.device)
+        pb["js"] = js
+        return pb
+
+    def loss(self, pb: dict, step: int):
+        cf = self.preset.stream.chunk_frames
+        gens = [sample_generator(self.cfg.seed, step, j, SALT_ODE) for j in pb["js"]]
+        x, s = regression_inputs(pb, self.pairs.sigmas, cf, gens)
+        x0 = causal_x0(self.groups["student"].handle, x, s, pb["ref"], pb["audio"], pb["x0"], self.preset)
+        per = (x0.float() - pb["x0"].float()).pow(2).flatten(1).mean(1)
+        return "student", per.mean(), {}
+
+    def export(self, final: Path) -> None:
+        sd = self.full_weights("student", ema=self.cfg.export_ema)
+        if self.env.is_main:
+            save_dit_weights(self.preset, sd, final / "dit")
+            self.preset.save(final / "preset.json")
+            if (self.out / "loss.png").is_file():
+                shutil.copy(self.out / "loss.png", final / "loss.png")
+
+
+# ============================================================================ dmd stage
+class DmdTrainer(DiTStage):
+    stage = "dmd"
+
+    def build(self) -> None:
+        cfg = self.cfg
+        if not cfg.teacher:
+            raise InputError("no teacher (--teacher RUN_DIR or a DiT folder)")
+        if not cfg.init_from:
+            raise InputError("no student to start from (--init-from ODE_RUN_DIR)")
+        teacher = new_dit(self.preset, cfg.teacher, cfg.seed)
+        fake = new_dit(self.preset, cfg.teacher, cfg.seed)
+        student = new_dit(self.preset, cfg.init_from, cfg.seed)
+        self.teacher = self.add_frozen("teacher", teacher)
+        self.add_group("fake", fake, cfg.fake_lr or cfg.lr, ema=False)
+        self.add_group("student", student, cfg.lr)
+        self.sigmas = flow.student_schedule(self.preset.stream).tolist()
+        self.sampler = D.make_sigma_sampler(cfg.dmd_s_min, cfg.dmd_s_max)
+        self.pairs = None
+        if cfg.regression_weight > 0:
+            pdir = Path(cfg.init_from) / "pairs"
+            if not pdir.is_dir():
+                raise InputError(f"regression_weight > 0 needs the ode run's pairs in {pdir} "
+                                 "(or set regression_weight to 0)")
+            self.pairs = OdePairs(pdir)
+            if self.pairs.t["x0"].shape[2] != cfg.clip_chunks * self.preset.stream.chunk_frames:
+                raise InputError("the ODE pairs were made with another clip_chunks than this dmd run")
+            self.pair_order = GlobalOrder(len(self.pairs), cfg.batch_size, cfg.seed + 1)
+
+    def expected_updates(self, g) -> int:
+        k = self.cfg.fake_ratio
+        n_gen = self.cfg.steps // (k + 1)
+        return n_gen if g.name == "student" else self.cfg.steps - n_gen
+
+    def is_generator_step(self, step: int) -> bool:
+        k = self.cfg.fake_ratio
+        return step % (k + 1) == k
+
+    def _rollout(self, b: Batch, step: int):
+        cfg = self.cfg
+        cf = self.preset.stream.chunk_frames
+        gens = [sample_generator(cfg.seed, step, j, SALT_DMD) for j in b.js]
+        mode = torch.rand(1, generator=sample_generator(cfg.seed, step, 0, SALT_MODE)).item()
+        prefix = b.z[:, :, 1: 1 + cf] if (mode < cfg.real_context_prob and cfg.clip_chunks > 1) else None
+        out, last_in = rollout(self.groups["student"].handle, b.ref, b.audio, self.preset, self.sigmas, gens, prefix)
+        return out, last_in, prefix
+
+    def _real_x0(self, b: Batch):
+        fn = guided_v(self.teacher, b.ref, b.audio, self.preset, self.cfg.cfg_audio, self.cfg.cfg_ref)
+        return flow.x0_fn_from_v(fn)
+
+    def _fake_v(self, b: Batch):
+        fake = self.groups["fake"].handle
+        return lambda x, t: bidirectional_v(fake, x, t, b.ref, b.audio, self.preset)
+
+    def loss(self, b: Batch, step: int):
+        cfg = self.cfg
+        out, last_in, prefix = self._rollout(b, step)
+        g = sample_generator(cfg.seed, step, self.env.rank, SALT_DMD + 100)  # per rank (dmd.py draws batch-wide)
+        if not self.is_generator_step(step):
+            loss, diag = D.fake_score_loss(self._fake_v(b), out, self.sampler, g)
+            return "fake", loss, {"fake_loss": diag["fake_loss"]}
+        # generator: recompute every chunk's last step with gradients, in one causal pass
+        cf = self.preset.stream.chunk_frames
+        B, C, F = out.shape[:3]
+        s_last = self.sigmas[-2]
+        s_frames = torch.full((B, F), s_last, device=out.device)
+        context = out.detach()
+        x, ref, audio = last_in, b.ref, b.audio
+        n_reg = 0
+        if self.pairs is not None:
+            glob = self.pair_order.global_batch(step)
+            pb = self.pairs.take([glob[j][0] for j in b.js], out.device)
+            rg = [sample_generator(cfg.seed, step, j, SALT_ODE) for j in b.js]
+            xr, sr = regression_inputs(pb, self.pairs.sigmas, cf, rg)
+            x = torch.cat([x, xr])
+            s_frames = torch.cat([s_frames, sr])
+            ref = torch.cat([ref, pb["ref"]])
+            audio = torch.cat([audio, pb["audio"]])
+            context = torch.cat([context, pb["x0"]])
+            n_reg = len(xr)
+        x0_all = causal_x0(self.groups["student"].handle, x, s_frames, ref, audio, context, self.preset)
+        x0_gen = x0_all[:B]
+        if prefix is not None:  # the real first chunk is given, not generated
+            x0_gen = torch.cat([prefix, x0_gen[:, :, prefix.shape[2]:]], dim=2)
+        dmd_loss, diag = D.dmd_generator_loss(x0_gen, self._real_x0(b), flow.x0_fn_from_v(self._fake_v(b)),
+                                              self.sampler, g)
+        losses = {"dmd": dmd_loss}
+        if n_reg:
+            losses["regression"] = D.regression_loss(x0_all[B:], pb["x0"])
+        total, parts = D.combine_losses(losses, {"dmd": cfg.dmd_weight, "regression": cfg.regression_weight}
+                                        if n_reg else {"dmd": cfg.dmd_weight})
+        logs = {"dmd_loss": parts["dmd"], "gen_real_gap": diag["gen_real_gap"], "real_fake_gap": diag["real_fake_gap"]}
+        if n_reg:
+            logs["regression_loss"] = float(losses["regression"].detach())
+        return "student", total, logs
+
+    def export(self, final: Path) -> None:
+        sd = self.full_weights("student", ema=self.cfg.export_ema)
+        if self.env.is_main:
+            save_dit_weights(self.preset, sd, final / "dit")
+            self.preset.save(final / "preset.json")
+            if (self.out / "loss.png").is_file():
+                shutil.copy(self.out / "loss.png", final / "loss.png")
+
+
+def train_ode(cfg: TrainConfig) -> Path:
+    t = OdeTrainer(cfg)
+    try:
+        return t.run()
+    finally:
+        t.cleanup()
+
+
+def train_dmd(cfg: TrainConfig) -> Path:
+    t = DmdTrainer(cfg)
+    try:
+        return t.run()
+    finally:
+        t.cleanup()
+
+
+__all__ = ["OdeTrainer", "DmdTrainer", "train_ode", "train_dmd", "rollout", "causal_x0", "make_ode_pairs",
+           "OdePairs", "FINAL"]

@@ -1,0 +1,231 @@
+"""Stage 1: the bidirectional teacher (flow matching over whole clips, CFG dropout).
+
+Per sample (all randomness from `common.sample_generator(seed, step, j)`): a level
+``s`` (uniform or logit-normal, then Wan's shift ``preset.stream.flow_shift``), noise ``e``,
+``x_s = (1 - s) z + s e`` on frames >= 1 while the sink (frame 0) stays the clean reference
+latent at timestep 0; the audio is dropped (zero windows) with ``p_drop_audio`` and the
+reference (sink frame, reference channels) with ``p_drop_ref``, so the sampler can use
+classifier-free guidance on both. Loss: ``mse(v(x_s), e - z)`` on frames >= 1.
+
+`DiTStage` (shared by the student stages) owns the data side: VAE, audio front end, latent
+cache, held-out split, deterministic global batches. `teacher_fns` turns a DiT into the
+velocity / guided velocity functions on the frames after the sink that the samplers use.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..diffusion import flow
+from ..errors import InputError
+from ..model.dit import AudioDiT
+from .common import FINAL, Handle, Trainer, TrainConfig, GlobalOrder, atomic_write_text, sample_generator
+from .latents import Batch, LatentClips, build_latent_cache, dit_input, frame_timesteps
+
+SALT_TEACHER = 1
+
+
+# ============================================================================ model files
+def resolve_dit_dir(path: str | Path) -> Path:
+    """A stage run folder (``RUN/final/dit``), a model folder (``MODEL/dit``) or a DiT folder."""
+    p = Path(path)
+    for cand in (p / FINAL / "dit", p / "dit", p):
+        if (cand / "config.json").is_file():
+            return cand
+    if p.exists():
+        return p  # a Wan checkpoint (file or folder): weights.load_wan_into sorts it out
+    raise InputError(f"{path}: no such model folder")
+
+
+def new_dit(preset, init_from: str | Path | None = None, seed: int = 0) -> AudioDiT:
+    """The preset's DiT, randomly initialised from ``seed``; with ``init_from`` its weights are
+    loaded from our DiT folder or a Wan2.1 checkpoint (`weights.load_wan_into`: audio layers
+    missing from a Wan checkpoint keep their zero-output initialisation)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AudioDiT(preset.dit)
+    if init_from:
+        from ..model import weights
+
+        src = resolve_dit_dir(init_from)
+        try:
+            weights.load_wan_into(model, src, strict_base=True)
+        except InputError:
+            raise
+        except FileNotFoundError as e:
+            raise InputError(f"{init_from}: {e}") from None
+    return model.float()
+
+
+def save_dit_weights(preset, sd: dict, directory: Path) -> Path:
+    """Write full weights ``sd`` as a loadable DiT folder (`weights.save_dit`)."""
+    from ..model.weights import save_dit
+
+    with torch.device("meta"):
+        m = AudioDiT(preset.dit)
+    m.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    return save_dit(m, directory)
+
+
+# ============================================================================ model functions
+def text_for(preset, batch: int, device) -> torch.Tensor:
+    """The prompt embedding: zeros (tiny has no text encoder; real presets' umT5 embeddings
+    of an empty prompt are precomputed by the preprocessing, not here)."""
+    return torch.zeros(batch, preset.text_len, preset.dit.text_dim, device=device)
+
+
+def bidirectional_v(model: Handle, x: torch.Tensor, t: torch.Tensor, ref: torch.Tensor, audio: torch.Tensor | None,
+                    preset, drop_ref: torch.Tensor | None = None) -> torch.Tensor:
+    """Velocity on frames >= 1 of the teacher (or fake score) for ``x`` [B, C, F, h, w] (the
+    frames after the sink) at network timesteps ``t`` ([B] or [B, F]). ``ref`` [B, C, 1, h, w]
+    (zero for "no reference"), ``audio`` [B, 1 + F, W, D] or zeros for "no audio"."""
+    B, _, F = x.shape[:3]
+    if drop_ref is not None:
+        ref = ref * (~drop_ref).to(ref.dtype).view(B, 1, 1, 1, 1)
+    full = torch.cat([ref.to(x.dtype), x], dim=2)
+    t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+    if t.ndim == 1:
+        t = t[:, None].expand(B, F)
+    tt = torch.cat([torch.zeros(B, 1, device=x.device), t], dim=1)
+    v = model(dit_input(full, ref), tt, text_for(preset, B, x.device), audio=audio)
+    return v[:, :, 1:].float()
+
+
+def teacher_fns(model: Handle, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: float = 1.0):
+    """Velocity model(s) ``f(x, t)`` on frames >= 1 for `flow.euler_sample`, as a mapping of
+    CFG branches (least to most conditioned) and their scales: ``uncond`` (no reference, no
+    audio), ``image`` (reference, no audio), ``full``. Branches with scale 1 are skipped."""
+    zero_audio = torch.zeros_like(audio)
+    no_ref = torch.zeros_like(ref)
+
+    def full(x, t):
+        return bidirectional_v(model, x, t, ref, audio, preset)
+
+    def image(x, t):
+        return bidirectional_v(model, x, t, ref, zero_audio, preset)
+
+    def uncond(x, t):
+        return bidirectional_v(model, x, t, no_ref, zero_audio, preset)
+
+    branches, scales = {}, {}
+    if cfg_ref != 1.0:
+        branches["uncond"] = uncond
+    if cfg_audio != 1.0 or cfg_ref != 1.0:
+        branches["image"] = image
+        if cfg_ref != 1.0:
+            scales["image"] = cfg_ref
+    branches["full"] = full
+    if cfg_audio != 1.0:
+        scales["full"] = cfg_audio
+    return branches, scales
+
+
+def guided_v(model: Handle, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: float = 1.0):
+    branches, scales = teacher_fns(model, ref, audio, preset, cfg_audio, cfg_ref)
+    return flow.guided_model_fn(branches, scales)
+
+
+# ============================================================================ shared data side
+class DiTStage(Trainer):
+    """A DiT stage: the data is crops from the latent cache of ``cfg.data`` encoded by ``cfg.vae``."""
+
+    def make_data(self) -> None:
+        cfg, p = self.cfg, self.preset
+        if not cfg.data:
+            raise InputError("no data folder (--data)")
+        self.data = self.load_latent_clips(cfg, p)
+        self.order = GlobalOrder(len(self.data), cfg.batch_size, cfg.seed)
+
+    def load_latent_clips(self, cfg: TrainConfig, p) -> LatentClips:
+        from ..model import audio as audio_fe
+        from ..model.vae import load_vae
+        from .data import ClipDataset, held_out_split
+        from .latents import _file_id
+
+        if not cfg.vae:
+            raise InputError("no VAE folder (--vae): train one first (train tiny-recipe does)")
+        vae_dir = Path(cfg.vae)
+        if not vae_dir.exists():
+            raise InputError(f"{vae_dir}: no such VAE folder")
+        vae_id = _file_id(vae_dir)
+        cache = Path(cfg.cache) if cfg.cache else Path(cfg.data) / f"latents-{vae_id}"
+        if not (cache / "index.json").is_file() or json.loads((cache / "index.json").read_text()).get("vae_id") != vae_id:
+            vae = load_vae(p.vae, vae_dir, device=self.device)
+            fe = audio_fe.build_frontend(p)
+            build_latent_cache(cfg.data, vae, fe, cache, vae_id, min_frames=1 + 12 * cfg.clip_chunks,
+                               progress=cfg.progress, rank=self.env.rank, world=self.env.world,
+                               barrier=self.env.barrier if self.env.distributed else None)
+            del vae
+        train, held = held_out_split(ClipDataset(cfg.data), cfg.held_out, cfg.seed)
+        if self.env.is_main:
+            atomic_write_text(self.out / "held_out.json", json.dumps({"clips": held.indices, "data": cfg.data}))
+        self.cache_dir = cache
+        return LatentClips(cache, cfg.clip_chunks, p.stream.chunk_frames, p.stream.audio_context, cfg.seed,
+                           clip_ids=train.indices)
+
+    def batch(self, step: int) -> Batch:
+        glob = self.order.global_batch(step)
+        js = list(self.local_indices())
+        b = LatentClips.collate([self.data.get(*glob[j]) for j in js])
+        b.js = js
+        return b.to(self.device)
+
+
+# ============================================================================ the teacher stage
+class TeacherTrainer(DiTStage):
+    stage = "teacher"
+
+    def build(self) -> None:
+        cfg = self.cfg
+        model = new_dit(self.preset, cfg.init_from, cfg.seed)
+        self.add_group("teacher", model, cfg.lr)
+
+    def loss(self, batch: Batch, step: int):
+        cfg, p = self.cfg, self.preset
+        z = batch.z
+        B, C, T, h, w = z.shape
+        s, noise, drop_a, drop_r = [], [], [], []
+        for j in batch.js:
+            g = sample_generator(cfg.seed, step, j, SALT_TEACHER)
+            s.append(flow.sample_train_timesteps(1, p.stream.flow_shift, generator=g, dist=cfg.t_dist))
+            noise.append(torch.randn((C, T - 1, h, w), generator=g))
+            u = torch.rand(2, generator=g)
+            drop_a.append(u[0] < cfg.p_drop_audio)
+            drop_r.append(u[1] < cfg.p_drop_ref)
+        dev = z.device
+        s = torch.cat(s).to(dev)
+        noise = torch.stack(noise).to(dev)
+        drop_a = torch.stack(drop_a).to(dev)
+        drop_r = torch.stack(drop_r).to(dev)
+        x0 = z[:, :, 1:]
+        x_s = flow.add_noise(x0, noise, s)
+        audio = batch.audio * (~drop_a).float().view(B, 1, 1, 1)
+        v = bidirectional_v(self.groups["teacher"].handle, x_s, 1000.0 * s, batch.ref, audio, p, drop_ref=drop_r)
+        target = flow.velocity_target(x0, noise).float()
+        per = (v - target).pow(2).flatten(1).mean(1)
+        return "teacher", per.mean(), {}
+
+    def export(self, final: Path) -> None:
+        sd = self.full_weights("teacher", ema=self.cfg.export_ema)
+        if self.env.is_main:
+            save_dit_weights(self.preset, sd, final / "dit")
+            self.preset.save(final / "preset.json")
+            if (self.out / "loss.png").is_file():
+                shutil.copy(self.out / "loss.png", final / "loss.png")
+
+
+def train_teacher(cfg: TrainConfig) -> Path:
+    t = TeacherTrainer(cfg)
+    try:
+        return t.run()
+    finally:
+        t.cleanup()
+
+
+# keep frame_timesteps importable from here (the generator's convention)
+__all__ = ["TeacherTrainer", "DiTStage", "train_teacher", "new_dit", "resolve_dit_dir", "save_dit_weights",
+           "bidirectional_v", "teacher_fns", "guided_v", "text_for", "frame_timesteps"]
