@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     # optional command groups, each registering its own sub-commands
-    for name in ("serve.cli", "train.cli", "eval.cli"):
+    for name in ("serve.cli", "train.cli", "eval.cli", "eval.quality_cli"):
         if importlib.util.find_spec(f"talkingmachines.{name}") is not None:
             importlib.import_module(f"talkingmachines.{name}").register(sub)
     return ap

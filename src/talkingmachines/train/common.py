@@ -20,8 +20,8 @@ from ``(seed, epoch)``, each sample's noise/timestep/dropout comes from
 so a resumed run, and a run on any number of processes, computes the same thing.
 
 **Distributed.** Launched by torchrun (``WORLD_SIZE > 1``) the process group is gloo on CPU,
-nccl on CUDA; trainable and frozen DiTs are sharded with FSDP2 (`fully_shard`, per block and
-root; extra entry points such as ``forward_causal`` are registered with
+nccl on CUDA; trainable and frozen DiTs are sharded with FSDP2 (`fully_shard` on the root, see
+`parallelize`; extra entry points such as ``forward_causal`` are registered with
 `register_fsdp_forward_method`) or replicated with DDP (``dist_mode="ddp"``, through a
 dispatcher so any method goes through DDP's hooks). Each rank takes ``batch_size / world``
 consecutive samples of the global batch; gradients are averaged, so the update equals the
@@ -284,7 +284,7 @@ class Handle:
 
 
 def parallelize(model: nn.Module, env: DistEnv, trainable: bool) -> Handle:
-    """Shard (FSDP2: each block, then the root) or replicate (DDP) a DiT for ``env``."""
+    """Shard (FSDP2) or replicate (DDP) a DiT for ``env``."""
     model.to(env.device)
     if not env.distributed:
         return Handle(model)
@@ -292,10 +292,10 @@ def parallelize(model: nn.Module, env: DistEnv, trainable: bool) -> Handle:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         fully_shard = _fully_shard()
-        blocks = getattr(model, "blocks", None)
-        if blocks is not None:
-            for b in blocks:
-                fully_shard(b, mesh=env.mesh)
+        # One FSDP unit for the whole DiT: `AudioDiT.encode_context` reads every block's
+        # cross-attention weights outside the blocks' own forward, which per-block units do
+        # not allow (their parameters are only gathered inside the block's forward). Gradients
+        # and optimiser state are still sharded; parameters are gathered for the whole forward.
         fully_shard(model, mesh=env.mesh)
         for m in FORWARD_METHODS:
             if hasattr(model, m):

@@ -40,7 +40,7 @@ from ..diffusion import flow
 from ..errors import InputError
 from .common import FINAL, GlobalOrder, Handle, TrainConfig, sample_generator
 from .latents import Batch, dit_input, frame_timesteps
-from .teacher import DiTStage, bidirectional_v, guided_v, new_dit, resolve_dit_dir, save_dit_weights, text_for
+from .teacher import DiTStage, bidirectional_v, guided_v, new_dit, save_dit_weights, text_for
 
 SALT_PAIRS, SALT_ODE, SALT_DMD, SALT_MODE = 11, 12, 13, 14
 
@@ -124,11 +124,19 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
     merged, rec = _merged_sigmas(cfg.ode_steps, preset.stream.flow_shift, student_sig)
     n_files = math.ceil(cfg.ode_pairs / cfg.ode_batch)
     order = GlobalOrder(len(data), cfg.ode_batch, cfg.seed + 7919)
-    mine = [f for f in range(n_files) if f % env.world == env.rank]
-    todo = [f for f in mine if not (out_dir / f"pairs_{f:05d}.safetensors").is_file()]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="ode pairs", unit="file",
-               disable=not (cfg.progress and env.is_main))
-    for f in todo:
+    # rounds of `world` files, one per rank; under FSDP every rank must run every forward
+    # (the teacher's shards are gathered collectively), so a rank without a file of its own
+    # in the last round recomputes one without saving it.
+    rounds = math.ceil(n_files / env.world)
+    bar = tqdm(total=rounds, desc="ode pairs", unit="round", disable=not (cfg.progress and env.is_main))
+    for rnd in range(rounds):
+        files = [rnd * env.world + k for k in range(env.world) if rnd * env.world + k < n_files]
+        if all((out_dir / f"pairs_{f:05d}.safetensors").is_file() for f in files):
+            bar.update(1)
+            continue
+        f = rnd * env.world + env.rank
+        save = f < n_files and not (out_dir / f"pairs_{f:05d}.safetensors").is_file()
+        f = f % n_files
         b = LatentClips.collate([data.get(*x) for x in order.global_batch(f)]).to(env.device)
         gens = [sample_generator(cfg.seed, f, j, SALT_PAIRS) for j in range(len(b))]
         x1 = torch.stack([torch.randn(tuple(b.z[0, :, 1:].shape), generator=g) for g in gens]).to(env.device)
@@ -141,9 +149,10 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
 
         x0 = flow.euler_sample(fn, x1, merged, callback=keep)
         xs = torch.stack([traj[i] for i in rec], dim=1)
-        _atomic_save({"xs": xs, "x0": x0, "ref": b.ref, "audio": b.audio, "z": b.z[:, :, 1:],
-                      "sigmas": torch.tensor(student_sig)}, out_dir / f"pairs_{f:05d}.safetensors",
-                     {"clips": json.dumps(b.clips), "ode_steps": str(cfg.ode_steps)})
+        if save:
+            _atomic_save({"xs": xs, "x0": x0, "ref": b.ref, "audio": b.audio, "z": b.z[:, :, 1:],
+                          "sigmas": torch.tensor(student_sig)}, out_dir / f"pairs_{f:05d}.safetensors",
+                         {"clips": json.dumps(b.clips), "ode_steps": str(cfg.ode_steps)})
         bar.update(1)
     bar.close()
     env.barrier()
@@ -207,6 +216,7 @@ class OdeTrainer(DiTStage):
         self.pairs_dir = self.out / "pairs"
         make_ode_pairs(th, self.data, self.preset, cfg, self.pairs_dir, self.env)
         self.pairs = OdePairs(self.pairs_dir)
+        del self.frozen["teacher"], th, teacher  # not needed for the regression itself
         self.order = GlobalOrder(len(self.pairs), cfg.batch_size, cfg.seed)
         self.add_group("student", student, cfg.lr)
 

@@ -1,0 +1,136 @@
+"""`talkingmachines eval VIDEO` and `talkingmachines eval-model`: quality metrics from the
+command line (see `talkingmachines.eval.quality` for what is measured and its limits)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return "n/a" if v != v else f"{v:.{nd}f}"
+    return str(v)
+
+
+def cmd_eval(args) -> int:
+    from . import quality as q
+
+    p = Path(args.video)
+    r = q.evaluate_video(p, audio=args.audio)
+    if not args.keep_signal:
+        r.pop("mouth", None)
+    if args.json:
+        print(q.to_json(r))
+        return 0
+    d = r["drift"]
+    print(f"{p}: {r['frames']} frames ({r['seconds']:.2f} s), mouth ROI y{r['roi'][0]}-{r['roi'][1]} "
+          f"x{r['roi'][2]}-{r['roi'][3]} (centred-portrait guess)")
+    if r.get("lag") is not None or r.get("stillness") is not None:
+        print(f"  lip-sync: best lag {_fmt(r['lag'])} frames (+ = mouth late), confidence {_fmt(r['confidence'])}, "
+              f"corr at lag 0 {_fmt(r['corr_at_0'])}")
+        st = r["stillness"] or {}
+        print(f"  stillness: mouth motion speech/silence = {_fmt(r['stillness_ratio'], 2)} "
+              f"({st.get('speech_frames', 0)} speech, {st.get('silence_frames', 0)} silence frames)")
+    else:
+        print(f"  {r.get('note', 'no audio')}")
+    print(f"  drift: mean-frame PSNR first vs last {d['window_seconds']:g} s = {_fmt(d['psnr_first_last'], 1)} dB, "
+          f"RGB shift {', '.join(f'{v:+.1f}' for v in d['rgb_shift'])}, brightness {d['brightness_shift']:+.1f}"
+          + (f" ({d['note']})" if d["note"] else ""))
+    return 0
+
+
+def _load_teacher(spec: str | None, avatar):
+    if not spec:
+        return None
+    import importlib
+
+    mod, _, fn = spec.partition(":")
+    if not fn:
+        raise InputError(f"--teacher {spec}: expected MODULE:FACTORY")
+    try:
+        factory = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"--teacher {spec}: {e}") from None
+    return factory(avatar)
+
+
+def cmd_eval_model(args) -> int:
+    import json
+
+    import torch
+
+    from ..stream.generator import load_avatar
+    from ..train.data import ClipDataset, held_out_split
+    from . import quality as q
+
+    data = Path(args.data)
+    ds = ClipDataset(data)
+    if args.held_out_json:
+        idx = json.loads(Path(args.held_out_json).read_text())["clips"]
+        held = ds.subset([ds.indices.index(i) for i in idx if i in ds.indices])
+    else:
+        _, held = held_out_split(ds, args.held_out, args.seed)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: CUDA is not available on this machine")
+    avatar = load_avatar(args.model, args.preset, args.device)
+    if avatar.random_weights:
+        print(f"NOTE: no trained weights for preset {avatar.preset.name!r}: evaluating RANDOM weights",
+              file=sys.stderr)
+    teacher = _load_teacher(args.teacher, avatar)
+    r = q.evaluate_model(avatar, held, long_seconds=args.long_seconds, teacher=teacher, n=args.n, seed=args.seed,
+                         progress=not args.json)
+    r["data"] = {"dir": str(data), "held_out_clips": len(held), "evaluated": min(args.n, len(held))}
+    line = q.to_json(r)
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(json.loads(line), indent=1))
+        tmp.replace(out)
+    if args.json:
+        print(line)
+        return 0
+    names = [k for k in ("ground_truth_signal", "ground_truth", "teacher", "student") if k in r["summary"]]
+    print(f"{'':28s}" + "".join(f"{n:>22s}" for n in names))
+    for key, label in (("lag", "best lag (frames)"), ("confidence", "correlation at best lag"),
+                       ("clips_lag_within_2", "clips with |lag| <= 2"),
+                       ("stillness_ratio_median", "stillness speech/silence")):
+        print(f"{label:28s}" + "".join(f"{_fmt(r['summary'][n].get(key)):>22s}" for n in names))
+    ls = r.get("long_stream")
+    if ls:
+        d = ls["drift"]
+        print(f"long stream {ls['seconds']:.0f} s: PSNR first/last {d['window_seconds']:g} s = "
+              f"{_fmt(d['psnr_first_last'], 1)} dB, RGB shift {', '.join(f'{v:+.1f}' for v in d['rgb_shift'])}, "
+              f"lag {_fmt(ls['lag'])}, confidence {_fmt(ls['confidence'])}, stillness {_fmt(ls['stillness_ratio'], 2)}")
+    print("targets: " + ", ".join(f"{k}={v}" for k, v in r["targets"].items()))
+    return 0
+
+
+def register(sub) -> None:
+    e = sub.add_parser("eval", help="lip-sync, listening stillness and drift of a talking-head video")
+    e.add_argument("video", help="an MP4 (or any video PyAV reads) with its speech track")
+    e.add_argument("--audio", default=None, help="use this audio instead of the video's own track")
+    e.add_argument("--json", action="store_true", help="print one JSON line")
+    e.add_argument("--keep-signal", action="store_true", help="include the per-frame mouth signal in the JSON")
+    e.set_defaults(fn=cmd_eval)
+
+    m = sub.add_parser("eval-model", help="student (and teacher) vs ground truth on held-out synthetic clips, "
+                                          "and drift over a long stream")
+    m.add_argument("--model", default=None, help="a talkingmachines model folder (default: the shipped tiny model)")
+    m.add_argument("--preset", default="tiny")
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--data", default="runs/data", help="the synthetic data set (index.json + clip_*.npz)")
+    m.add_argument("--held-out", type=float, default=0.1, help="held-out fraction (as in training)")
+    m.add_argument("--held-out-json", default=None, help="a held_out.json written by a training stage")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--n", type=int, default=8, help="held-out clips to evaluate")
+    m.add_argument("--long-seconds", type=float, default=120.0, help="length of the drift stream (0: skip)")
+    m.add_argument("--teacher", default=None, metavar="MODULE:FACTORY",
+                   help="FACTORY(avatar) -> callable(portrait, audio) -> frames, to add the teacher's figures")
+    m.add_argument("--json", action="store_true", help="print one JSON line")
+    m.add_argument("--out", default=None, help="also write the full report as JSON here")
+    m.set_defaults(fn=cmd_eval_model)

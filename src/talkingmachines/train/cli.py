@@ -1,0 +1,130 @@
+"""`talkingmachines train teacher|ode|dmd|tiny-recipe` and `talkingmachines data synth`.
+
+Registered by the main CLI (`cli.build_parser` imports this module's `register`). Every
+stage takes a config file (``--config configs/teacher.json``; JSON or YAML) and command-line
+overrides; ``torchrun --nproc_per_node N -m talkingmachines.cli train teacher ...`` runs it
+distributed (FSDP2 by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import InputError
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+def _stage_args(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--config", default=None, help=f"JSON/YAML config (default: configs/{stage}.json if present)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, loss.png, final/)")
+    p.add_argument("--data", default=None, help="clip folder (talkingmachines data synth --out DIR)")
+    p.add_argument("--vae", default=None, help="VAE folder (TinyVAE folder, or a Wan VAE / WAN_DIR)")
+    p.add_argument("--preset", default=None, help="model preset (tiny, wan-1.3b-audio, wan-i2v-14b-audio)")
+    p.add_argument("--init-from", default=None,
+                   help="teacher: Wan2.1 checkpoint dir or a DiT folder; dmd: the ode run folder")
+    if stage in ("ode", "dmd"):
+        p.add_argument("--teacher", default=None, help="the teacher run folder (or a DiT folder)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--device", default=None, help="auto, cpu, cuda")
+    p.add_argument("--dist-mode", default=None, choices=["auto", "fsdp", "ddp"])
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT's last checkpoint (required when OUT already has checkpoints)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _stage_config(args, stage: str):
+    from .common import latest_checkpoint, load_config
+
+    path = args.config
+    if path is None and (CONFIGS / f"{stage}.json").is_file():
+        path = CONFIGS / f"{stage}.json"
+    cfg = load_config(path, stage=stage, out=args.out, data=args.data, vae=args.vae, preset=args.preset,
+                      init_from=args.init_from, teacher=getattr(args, "teacher", None), steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, device=args.device, dist_mode=args.dist_mode,
+                      seed=args.seed)
+    if args.no_progress:
+        cfg.progress = False
+    if latest_checkpoint(cfg.out) is not None and not args.resume:
+        raise InputError(f"{cfg.out} already has checkpoints: pass --resume to continue, or choose another --out")
+    return cfg
+
+
+def cmd_stage(args) -> int:
+    cfg = _stage_config(args, args.stage)
+    if args.stage == "teacher":
+        from .teacher import train_teacher as fn
+    elif args.stage == "ode":
+        from .student import train_ode as fn
+    else:
+        from .student import train_dmd as fn
+    import os
+
+    final = fn(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{args.stage}: done -> {final}")
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    from .recipe import run_recipe
+
+    stages = args.stages.split(",") if args.stages else None
+    dest = run_recipe(args.out, args.config, args.budget_minutes, args.data, args.export, stages, args.device)
+    print(f"tiny-recipe: model -> {dest}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .synth import synth_dataset
+
+    if args.n < 1:
+        raise InputError("--n must be >= 1")
+    idx = synth_dataset(args.n, args.out, seed=args.seed, size=args.size, seconds=(args.min_seconds, args.max_seconds),
+                        workers=args.workers, speech=args.speech, video=not args.no_video)
+    print(idx)
+    return 0
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="train the teacher, the student (ode, dmd) or the whole tiny model")
+    ts = t.add_subparsers(dest="stage", required=True)
+    for stage, help_ in (("teacher", "bidirectional teacher: flow matching, audio/reference dropout for CFG"),
+                         ("ode", "student init: regress the teacher's ODE trajectories (sparse-causal)"),
+                         ("dmd", "asymmetric DMD: causal student vs bidirectional teacher and fake score")):
+        p = ts.add_parser(stage, help=help_)
+        _stage_args(p, stage)
+        p.set_defaults(fn=cmd_stage)
+    r = ts.add_parser("tiny-recipe", help="synth data -> VAE -> teacher -> ode -> dmd -> export (resumable)")
+    r.add_argument("--out", required=True, help="run folder")
+    r.add_argument("--config", default=None, help="recipe config (default: configs/tiny-recipe.json)")
+    r.add_argument("--budget-minutes", type=float, default=None, help="scale all steps to fit this wall time")
+    r.add_argument("--data", default=None, help="use this clip folder (default: OUT/data, synthesised)")
+    r.add_argument("--export", default=None, help="where to write the model folder (default: OUT/model)")
+    r.add_argument("--stages", default=None, help="comma list, e.g. synth,vae (default: all)")
+    r.add_argument("--device", default=None)
+    r.set_defaults(fn=cmd_recipe)
+
+    from importlib.util import find_spec
+
+    if find_spec("talkingmachines.train.synth") is not None:
+        from . import synth
+
+        if hasattr(synth, "synth_dataset"):
+            d = sub.add_parser("data", help="data sets")
+            ds = d.add_subparsers(dest="data_cmd", required=True)
+            s = ds.add_parser("synth", help="procedural talking-face clips (video + audio)")
+            s.add_argument("--n", type=int, default=100, help="number of clips")
+            s.add_argument("--out", required=True)
+            s.add_argument("--seed", type=int, default=0)
+            s.add_argument("--size", type=int, default=128)
+            s.add_argument("--min-seconds", type=float, default=4.0)
+            s.add_argument("--max-seconds", type=float, default=8.0)
+            s.add_argument("--workers", type=int, default=1)
+            s.add_argument("--speech", choices=["auto", "espeak", "babble"], default="auto")
+            s.add_argument("--no-video", action="store_true", help="npz only (no mp4)")
+            s.set_defaults(fn=cmd_synth)

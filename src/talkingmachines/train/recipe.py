@@ -1,0 +1,397 @@
+"""`talkingmachines train tiny-recipe`: the whole `tiny` model from nothing, on one machine.
+
+    synth data -> TinyVAE -> teacher -> ode (pairs + regression) -> dmd -> export
+
+Each stage writes into ``OUT/<stage>``, resumes from its last checkpoint, and is skipped once
+it has finished (``OUT/<stage>/final/DONE.json``; the VAE: ``OUT/vae/DONE.json``). So the
+recipe can be killed at any moment and started again with the same command.
+
+**Budget.** ``--budget-minutes M`` (or ``budget_minutes`` in the config) sets every stage's
+step count so the whole recipe fits in M minutes: after the data exists, a short calibration
+times one step of each kind at the real shapes on this machine (``OUT/plan.json`` keeps the
+timings and the chosen steps, so a resumed recipe keeps its plan), and each stage gets its
+``share`` of the time left. Without a budget the configs' ``steps`` are used.
+
+**Export** (``OUT/model`` by default, ``--export DIR``): ``preset.json``, ``dit/`` (the
+student, `weights.save_dit`), ``vae/`` (`TinyVAE.save_pretrained`), ``teacher/`` (for the
+side-by-side evaluation), the loss curves, and ``card.md`` (data, steps, wall times; the
+metrics table is filled by the evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .common import TrainConfig, atomic_write_text, final_done, read_config_file
+
+STAGES = ("synth", "vae", "teacher", "ode", "dmd", "export")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "tiny-recipe.json"
+
+DEFAULTS = {
+    "preset": "tiny",
+    "seed": 0,
+    "device": "auto",
+    "held_out": 0.1,
+    "budget_minutes": None,
+    "synth": {"n": 300, "seconds": [4.0, 8.0], "workers": 2, "speech": "auto", "video": True},
+    "vae": {"steps": 3000, "batch_size": 8, "clip_frames": 9, "lr": 1e-3, "share": 0.15,
+            "min_steps": 200, "max_steps": 30000},
+    "common": {"clip_chunks": 2, "batch_size": 8, "ckpt_every": 200, "log_every": 10},
+    "teacher": {"steps": 3000, "lr": 3e-4, "share": 0.42, "min_steps": 100, "max_steps": 100000},
+    "ode": {"steps": 1000, "lr": 1e-4, "ode_steps": 16, "ode_pairs": 128, "ode_batch": 8, "share": 0.18,
+            "pairs_share": 0.5, "min_steps": 50, "max_steps": 50000},
+    "dmd": {"steps": 1200, "lr": 5e-5, "fake_lr": 1e-4, "fake_ratio": 5, "regression_weight": 0.25,
+            "share": 0.25, "min_steps": 12, "max_steps": 50000},
+}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(path: str | Path | None = None, **overrides) -> dict:
+    cfg = dict(DEFAULTS)
+    if path is not None:
+        cfg = _merge(cfg, read_config_file(path))
+    elif DEFAULT_CONFIG.is_file():
+        cfg = _merge(cfg, read_config_file(DEFAULT_CONFIG))
+    return _merge(cfg, {k: v for k, v in overrides.items() if v is not None})
+
+
+def stage_config(r: dict, stage: str, out: Path, steps: int | None = None) -> TrainConfig:
+    keys = {"share", "min_steps", "max_steps", "pairs_share"}
+    d = {**r.get("common", {}), **{k: v for k, v in r[stage].items() if k not in keys}}
+    d.update(stage=stage, preset=r["preset"], seed=r["seed"], device=r["device"], held_out=r["held_out"],
+             data=str(r["data"]), vae=str(out / "vae"), out=str(out / stage))
+    if r.get("preset_overrides"):
+        d["preset_overrides"] = r["preset_overrides"]
+    if stage in ("ode", "dmd"):
+        d["teacher"] = str(out / "teacher")
+    if stage == "dmd":
+        d["init_from"] = str(out / "ode")
+    if steps is not None:
+        d["steps"] = int(steps)
+    return TrainConfig.from_dict(d)
+
+
+# ============================================================================ calibration
+def _time(fn, reps: int = 2) -> float:
+    fn()  # warm up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def calibrate(r: dict, out: Path) -> dict:
+    """Seconds per step of each kind, at the recipe's real shapes, on this machine."""
+    from ..model.dit import AudioDiT
+    from ..model.vae import TinyVAE
+    from .latents import dit_input
+
+    tc = stage_config(r, "teacher", out)
+    p = tc.make_preset()
+    dev = torch.device("cuda" if (tc.device == "auto" and torch.cuda.is_available()) else
+                       ("cpu" if tc.device == "auto" else tc.device))
+    d = p.dit
+    B = tc.batch_size
+    F = tc.clip_chunks * p.stream.chunk_frames
+    h, w = p.latent_hw
+    torch.manual_seed(0)
+    m = AudioDiT(d).to(dev)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+    x = torch.randn(B, d.out_channels, 1 + F, h, w, device=dev)
+    ref = x[:, :, :1]
+    xin = dit_input(x, ref)
+    t = torch.rand(B, 1 + F, device=dev) * 1000
+    text = torch.zeros(B, p.text_len, d.text_dim, device=dev)
+    au = torch.randn(B, 1 + F, d.audio_window, d.audio_dim, device=dev)
+
+    def bi_fb():
+        opt.zero_grad()
+        m(xin, t, text, audio=au).float().pow(2).mean().backward()
+        opt.step()
+
+    def ca_fb():
+        opt.zero_grad()
+        m.forward_causal(xin, t, text, audio=au, chunk_frames=p.stream.chunk_frames, x_clean=xin).float().pow(2).mean().backward()
+        opt.step()
+
+    def bi_f():
+        with torch.no_grad():
+            m(xin, t, text, audio=au)
+
+    def ca_f():
+        with torch.no_grad():
+            m.forward_causal(xin, t, text, audio=au, chunk_frames=p.stream.chunk_frames, x_clean=xin)
+
+    res = {"bi_fb": _time(bi_fb), "ca_fb": _time(ca_fb), "bi_f": _time(bi_f), "ca_f": _time(ca_f)}
+    vr = r["vae"]
+    vae = TinyVAE().to(dev)
+    vopt = torch.optim.AdamW(vae.parameters(), lr=1e-5)
+    vx = torch.rand(vr["batch_size"], 3, vr["clip_frames"], p.height, p.width, device=dev) * 2 - 1
+
+    def vae_step():
+        vopt.zero_grad()
+        mean, logvar = vae.encode_moments(vx)
+        vae.decode_raw(mean).sub(vx).abs().mean().backward()
+        vopt.step()
+
+    res["vae"] = _time(vae_step)
+    try:  # the VAE trainer reads whole clips from the npz files: count that too
+        from .data import ClipDataset
+
+        ds = ClipDataset(r["data"], clip_frames=vr["clip_frames"], seed=r["seed"])
+        res["vae"] += _time(lambda: [ds[i % len(ds)] for i in range(vr["batch_size"])], reps=1)
+    except Exception:
+        pass
+    oc, dc = r["ode"], r["dmd"]
+    n_branches = 1 + (oc.get("cfg_audio", tc.cfg_audio) != 1.0) + (oc.get("cfg_ref", tc.cfg_ref) != 1.0)
+    pair_b = oc.get("ode_batch", 8) / B
+    res["pair_file"] = (oc.get("ode_steps", 16) + 1) * n_branches * res["bi_f"] * pair_b
+    n = tc.clip_chunks
+    steps2 = p.stream.student_steps
+    roll = n * steps2 * res["ca_f"] * 0.75  # growing prefixes: on average ~3/4 of the whole clip
+    real_branches = 1 + (dc.get("cfg_audio", tc.cfg_audio) != 1.0) + (dc.get("cfg_ref", tc.cfg_ref) != 1.0)
+    fake = roll + res["bi_fb"]
+    gen = roll + 2 * res["ca_fb"] + (real_branches + 1) * res["bi_f"]
+    k = dc.get("fake_ratio", 5)
+    res["dmd"] = (k * fake + gen) / (k + 1)
+    res["teacher"] = res["bi_fb"] * 1.1
+    res["ode"] = res["ca_fb"] * 1.1
+    res["device"] = str(dev)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
+
+
+def make_plan(r: dict, out: Path, budget_s: float, spent_s: float) -> dict:
+    cal = calibrate(r, out)
+    left = max(60.0, budget_s - spent_s - 60.0)  # keep a minute for exports and caches
+    plan = {"calibration": cal, "budget_s": budget_s, "left_at_plan_s": left}
+
+    def steps(stage, cost, share):
+        c = r[stage]
+        n = int(share * left / max(cost, 1e-6))
+        return int(min(max(n, c.get("min_steps", 1)), c.get("max_steps", 10**9)))
+
+    plan["vae_steps"] = steps("vae", cal["vae"], r["vae"]["share"])
+    plan["teacher_steps"] = steps("teacher", cal["teacher"], r["teacher"]["share"])
+    o = r["ode"]
+    pair_time = o["share"] * o.get("pairs_share", 0.5) * left
+    files = max(1, int(pair_time / max(cal["pair_file"], 1e-6)))
+    files = min(files, max(1, o.get("ode_pairs", 128) // o.get("ode_batch", 8)))
+    plan["ode_pairs"] = files * o.get("ode_batch", 8)
+    plan["ode_steps_train"] = steps("ode", cal["ode"], o["share"] * (1 - o.get("pairs_share", 0.5)))
+    k = r["dmd"].get("fake_ratio", 5) + 1
+    plan["dmd_steps"] = max(k, steps("dmd", cal["dmd"], r["dmd"]["share"]) // k * k)
+    return plan
+
+
+# ============================================================================ stages
+def _log(msg: str) -> None:
+    print(f"[tiny-recipe] {msg}", flush=True)
+
+
+def run_synth(r: dict) -> None:
+    from .synth import synth_dataset
+
+    data = Path(r["data"])
+    s = r["synth"]
+    idx = data / "index.json"
+    if idx.is_file() and json.loads(idx.read_text()).get("n", 0) >= s["n"]:
+        return
+    from ..config import get_preset
+
+    size = get_preset(r["preset"]).height if not r.get("preset_overrides", {}).get("height") else \
+        r["preset_overrides"]["height"]
+    synth_dataset(s["n"], data, seed=r["seed"], size=size, seconds=tuple(s["seconds"]), workers=s.get("workers", 1),
+                  speech=s.get("speech", "auto"), video=s.get("video", True))
+
+
+def run_vae(r: dict, out: Path, steps: int) -> None:
+    from .data import ClipDataset, held_out_split
+    from .vae_train import train_tiny_vae
+
+    vdir = out / "vae"
+    if (vdir / "DONE.json").is_file():
+        return
+    v = r["vae"]
+    _, held = held_out_split(ClipDataset(r["data"]), r["held_out"], r["seed"])  # the split every stage uses
+    ds = ClipDataset(r["data"], clip_frames=v["clip_frames"], seed=r["seed"])
+    train = ds.subset([i for i, c in enumerate(ds.indices) if c not in set(held.indices)])
+
+    class Videos:  # the VAE trainer wants [T, H, W, 3] clips
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, i):
+            return train[i]["video"]
+
+    t0 = time.time()
+    dev = "cuda" if (r["device"] == "auto" and torch.cuda.is_available()) else ("cpu" if r["device"] == "auto" else r["device"])
+    res = train_tiny_vae(Videos(), vdir, steps=steps, batch_size=v["batch_size"], lr=v["lr"], seed=r["seed"],
+                         device=dev, ckpt_every=max(50, steps // 10))
+    last = res.losses[-1][1] if res.losses else None
+    atomic_write_text(vdir / "DONE.json", json.dumps({"steps": steps, "wall_seconds": time.time() - t0,
+                                                      "last_loss": last}))
+
+
+def export_model(r: dict, out: Path, dest: Path, timings: dict) -> Path:
+    """The shipped folder: preset.json, dit/ (student), teacher/, vae/, loss curves, card.md."""
+    from ..config import Preset
+    from ..model.vae import TinyVAE
+
+    dest.mkdir(parents=True, exist_ok=True)
+    preset = Preset.load(out / "dmd" / "final" / "preset.json")
+    tmp = dest.parent / f".{dest.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    preset.save(tmp / "preset.json")
+    shutil.copytree(out / "dmd" / "final" / "dit", tmp / "dit")
+    if r.get("export_teacher", True):
+        shutil.copytree(out / "teacher" / "final" / "dit", tmp / "teacher")
+    TinyVAE.from_pretrained(out / "vae").save_pretrained(tmp / "vae")
+    curves = {"vae": out / "vae" / "loss.png", "teacher": out / "teacher" / "loss.png",
+              "ode": out / "ode" / "loss.png", "dmd": out / "dmd" / "loss.png"}
+    for k, f in curves.items():
+        if f.is_file():
+            shutil.copy(f, tmp / f"loss_{k}.png")
+    (tmp / "card.md").write_text(model_card(r, out, preset, timings, tmp))
+    for f in tmp.iterdir():  # replace the destination's entries one by one
+        target = dest / f.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        f.replace(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _done(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def model_card(r: dict, out: Path, preset, timings: dict, folder: Path | None = None) -> str:
+    data = _done(Path(r["data"]) / "index.json")
+    n_clips = data.get("n", len(data.get("clips", [])))
+    secs = sum(c.get("seconds", 0) for c in data.get("clips", []))
+    st = {s: _done(out / s / "final" / "DONE.json") for s in ("teacher", "ode", "dmd")}
+    vae = _done(out / "vae" / "DONE.json")
+    mb = sum(f.stat().st_size for f in (folder or out / "model").rglob("*.safetensors")) / 1e6
+    from ..model.dit import count_parameters
+
+    rows = [f"| VAE (TinyVAE) | {vae.get('steps', '?')} | {vae.get('wall_seconds', 0) / 60:.1f} | last loss {vae.get('last_loss', float('nan')):.4f} |"]
+    for s, label in (("teacher", "teacher (bidirectional, flow matching)"), ("ode", "student init (ODE pairs)"),
+                     ("dmd", "student (asymmetric DMD)")):
+        d = st[s]
+        last = d.get("last") or {}
+        rows.append(f"| {label} | {d.get('steps', '?')} | {d.get('wall_seconds', 0) / 60:.1f} | "
+                    f"loss {last.get('loss', float('nan')):.4f} |")
+    total = sum(timings.values()) / 60
+    return f"""# talkingmachines `tiny` model card
+
+A {count_parameters(preset.dit) / 1e6:.2f} M-parameter audio-driven DiT (Wan2.1 layout, {preset.dit.num_layers} blocks,
+width {preset.dit.dim}) with a TinyVAE ({preset.width}x{preset.height}, 8x spatial, 4x temporal) and a log-mel audio
+front end, trained from scratch with `talkingmachines train tiny-recipe` (TalkingMachines recipe: bidirectional
+teacher -> ODE-pair student initialisation -> asymmetric DMD, sparse-causal student, {preset.stream.student_steps}
+steps per chunk of {preset.stream.chunk_frames} latent frames).
+
+## Data
+{n_clips} procedural talking-face clips ({secs / 60:.1f} min at 25 fps, 16 kHz) from `talkingmachines data synth`
+(seed {r['seed']}): varied faces and drawing styles, mouths driven by the speech, blinks, head motion, listening
+segments in silence. {int(r['held_out'] * 100)} % of the clips are held out of every stage for evaluation
+(`OUT/<stage>/held_out.json`).
+
+## Training (this run)
+| stage | steps | wall (min) | final |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+Whole recipe: {total:.1f} min wall on {r.get('_device', 'this machine')} (budget {r.get('budget_minutes') or 'none'} min).
+Per-stage wall seconds: {json.dumps({k: round(v) for k, v in timings.items()})}.
+Weights in this folder (student DiT, teacher DiT, VAE): {mb:.1f} MB (safetensors, fp32).
+
+## Metrics (held-out synthetic clips; filled by `talkingmachines eval`)
+<!-- metrics:begin -->
+| metric | teacher | student | ground truth |
+|---|---|---|---|
+| lip-sync best lag (frames) | TBD | TBD | TBD |
+| mouth-energy correlation | TBD | TBD | TBD |
+| mouth motion speech / silence | TBD | TBD | TBD |
+| 2-min stream drift, last 10 s vs first (PSNR dB) | TBD | TBD | - |
+<!-- metrics:end -->
+
+## Limits
+Trained only on procedural cartoon-to-shaded faces at {preset.width}x{preset.height}: a real photo is outside the
+training distribution (see the evaluation notes for what it gives).
+
+## Reproduce
+`talkingmachines train tiny-recipe --out runs/tiny --budget-minutes 110` (resumable: run it again after an interruption).
+"""
+
+
+def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes: float | None = None,
+               data: str | None = None, export: str | Path | None = None, stages: list[str] | None = None,
+               device: str | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    r = load_recipe(config, budget_minutes=budget_minutes, device=device)
+    r["data"] = str(Path(data) if data else (Path(r["data"]) if r.get("data") else out / "data"))
+    stages = list(stages or STAGES)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise InputError(f"unknown recipe stages: {bad}; choose from {', '.join(STAGES)}")
+    tfile = out / "timings.json"
+    timings: dict = _done(tfile)
+
+    def timed(name, fn):
+        t0 = time.time()
+        fn()
+        timings[name] = timings.get(name, 0.0) + time.time() - t0
+        atomic_write_text(tfile, json.dumps(timings, indent=1))
+        _log(f"{name}: {timings[name]:.0f} s")
+
+    if "synth" in stages:
+        timed("synth", lambda: run_synth(r))
+    pfile = out / "plan.json"
+    plan = _done(pfile)
+    if r.get("budget_minutes") and not plan:
+        _log("calibrating step times for the budget ...")
+        t0 = time.time()
+        plan = make_plan(r, out, 60.0 * float(r["budget_minutes"]), sum(timings.values()))
+        timings["calibration"] = time.time() - t0
+        atomic_write_text(pfile, json.dumps(plan, indent=1))
+        _log(f"plan: {json.dumps({k: v for k, v in plan.items() if k != 'calibration'})}")
+    r["_device"] = plan.get("calibration", {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if plan:
+        r["vae"]["steps"] = plan["vae_steps"]
+        r["teacher"]["steps"] = plan["teacher_steps"]
+        r["ode"]["steps"] = plan["ode_steps_train"]
+        r["ode"]["ode_pairs"] = plan["ode_pairs"]
+        r["dmd"]["steps"] = plan["dmd_steps"]
+
+    from .student import train_dmd, train_ode
+    from .teacher import train_teacher
+
+    if "vae" in stages:
+        timed("vae", lambda: run_vae(r, out, int(r["vae"]["steps"])))
+    for name, fn in (("teacher", train_teacher), ("ode", train_ode), ("dmd", train_dmd)):
+        if name in stages and not final_done(out / name):
+            timed(name, lambda fn=fn, name=name: fn(stage_config(r, name, out)))
+    dest = Path(export) if export else out / "model"
+    if "export" in stages:
+        timed("export", lambda: export_model(r, out, dest, {k: v for k, v in timings.items()}))
+    return dest

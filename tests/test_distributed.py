@@ -1,0 +1,71 @@
+"""torch.distributed on CPU (gloo, 2 processes): one training step gives the same loss and the
+same (averaged, gathered) gradients as one process on the same global batch, for FSDP2
+(`fully_shard`) and DDP."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from train_fixtures import make_clips, make_vae, micro_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_step(cfg, stage: str) -> tuple[float, dict]:
+    from talkingmachines.train.student import OdeTrainer
+    from talkingmachines.train.teacher import TeacherTrainer
+
+    tr = (TeacherTrainer if stage == "teacher" else OdeTrainer)(cfg)
+    tr.capture_grads = True
+    tr.setup()
+    logs = tr.train_step(0)
+    grads = next(iter(tr.captured.values()))
+    tr.cleanup()
+    return logs["loss"], grads
+
+
+def _worker(rank: int, world: int, port: int, tmp: str, mode: str, stage: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    tmp = Path(tmp)
+    extra = {"teacher": str(tmp / "teacher")} if stage == "ode" else {}
+    cfg = micro_config(tmp, stage, f"{stage}_{mode}_{world}", dist_mode=mode, device="cpu", **extra)
+    loss, grads = _one_step(cfg, stage)
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads}, tmp / f"result_{stage}_{mode}.pt")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    from talkingmachines.train.teacher import train_teacher
+
+    tmp = tmp_path_factory.mktemp("dist")
+    make_clips(tmp / "data")
+    make_vae(tmp / "vae")
+    train_teacher(micro_config(tmp, "teacher", "teacher", steps=1))
+    return tmp
+
+
+@pytest.mark.parametrize("stage,mode", [("teacher", "fsdp"), ("teacher", "ddp"), ("ode", "fsdp")])
+def test_two_processes_equal_one(work, stage, mode):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        assert k not in os.environ
+    extra = {"teacher": str(work / "teacher")} if stage == "ode" else {}
+    loss1, g1 = _one_step(micro_config(work, stage, f"{stage}_single", device="cpu", **extra), stage)
+    mp.spawn(_worker, args=(2, _free_port(), str(work), mode, stage), nprocs=2, join=True)
+    r = torch.load(work / f"result_{stage}_{mode}.pt")
+    assert abs(r["loss"] - loss1) < 1e-5, (r["loss"], loss1)
+    assert set(r["grads"]) == set(g1)
+    for k, g in g1.items():
+        torch.testing.assert_close(r["grads"][k], g, rtol=1e-4, atol=1e-5, msg=k)

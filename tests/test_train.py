@@ -1,0 +1,165 @@
+"""Training stages on a micro model (dim 32, 2 layers, 32x32 video, 2 chunks): losses finite and
+falling on a fixed batch, exact resume after a simulated kill, safetensors checkpoints, the
+DMD rollout equal to the streaming (KV-cached) generator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train_fixtures import make_clips, make_vae, micro_config
+
+from talkingmachines.train.common import latest_checkpoint
+from talkingmachines.train.student import DmdTrainer, OdeTrainer, rollout, train_ode
+from talkingmachines.train.teacher import TeacherTrainer, train_teacher
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    make_clips(tmp / "data")
+    make_vae(tmp / "vae")
+    train_teacher(micro_config(tmp, "teacher", "teacher", steps=2))
+    train_ode(micro_config(tmp, "ode", "ode", steps=2, teacher=str(tmp / "teacher")))
+    return tmp
+
+
+def _fixed_batch_losses(trainer, n: int, step: int = 0) -> list[float]:
+    trainer.setup()
+    return [trainer.train_step(step)["loss"] for _ in range(n)]
+
+
+def test_teacher_loss_falls_on_fixed_batch(work):
+    losses = _fixed_batch_losses(TeacherTrainer(micro_config(work, "teacher", "t_fixed", lr=3e-3)), 8)
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_ode_loss_falls_on_fixed_batch(work):
+    from talkingmachines.train.teacher import new_dit, save_dit_weights
+
+    # a student far from the teacher (a copy of it starts at ~0 loss)
+    p = micro_config(work, "ode", "x").make_preset()
+    save_dit_weights(p, new_dit(p, seed=5).state_dict(), work / "random_dit")
+    cfg = micro_config(work, "ode", "o_fixed", lr=3e-3, teacher=str(work / "teacher"), init_from=str(work / "random_dit"))
+    losses = _fixed_batch_losses(OdeTrainer(cfg), 8)
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_dmd_fake_loss_falls_and_generator_moves(work):
+    cfg = micro_config(work, "dmd", "d_fixed", lr=1e-3, fake_lr=3e-3, teacher=str(work / "teacher"),
+                       init_from=str(work / "ode"), fake_ratio=1)
+    tr = DmdTrainer(cfg)
+    tr.setup()
+    fake = [tr.train_step(0)["loss"] for _ in range(6)]  # step 0: a fake-score update
+    assert all(map(torch.isfinite, map(torch.tensor, fake)))
+    assert fake[-1] < fake[0], fake
+    before = {k: v.clone() for k, v in tr.groups["student"].module.state_dict().items()}
+    logs = tr.train_step(1)  # step 1: the generator update (DMD + regression)
+    assert logs["group"] == "student"
+    for k in ("loss", "dmd_loss", "regression_loss", "grad_norm"):
+        assert torch.isfinite(torch.tensor(logs[k])), (k, logs)
+    assert logs["grad_norm"] > 0
+    after = tr.groups["student"].module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def _params(ckpt: Path, group: str) -> dict:
+    return load_file(str(ckpt / f"model.{group}.safetensors"))
+
+
+@pytest.mark.parametrize("stage", ["teacher", "dmd"])
+def test_resume_after_kill_equals_uninterrupted(work, stage):
+    extra = {} if stage == "teacher" else dict(teacher=str(work / "teacher"), init_from=str(work / "ode"))
+    cls = TeacherTrainer if stage == "teacher" else DmdTrainer
+    group = "teacher" if stage == "teacher" else "student"
+    a = cls(micro_config(work, stage, f"{stage}_a", steps=4, ckpt_every=2, **extra))
+    a.run()
+    b = cls(micro_config(work, stage, f"{stage}_b", steps=4, ckpt_every=2, **extra))
+    b.stop_after = 3  # "killed" after step 3: the last checkpoint is step 2
+    b.run()
+    ck = latest_checkpoint(work / f"{stage}_b")
+    st = json.loads((ck / "state.json").read_text())
+    assert st["step"] == 2 and st["data_position"]["samples_seen"] == 4
+    c = cls(micro_config(work, stage, f"{stage}_b", steps=4, ckpt_every=2, **extra))
+    c.setup()
+    assert c.resume() and c.step == 2
+    c.run()
+    pa = _params(latest_checkpoint(work / f"{stage}_a"), group)
+    pc = _params(latest_checkpoint(work / f"{stage}_b"), group)
+    assert json.loads((latest_checkpoint(work / f"{stage}_b") / "state.json").read_text())["step"] == 4
+    for k in pa:
+        torch.testing.assert_close(pa[k], pc[k], rtol=0, atol=0, msg=k)
+    # losses of the resumed steps are those of the uninterrupted run
+    ha = [h["loss"] for h in json.loads((latest_checkpoint(work / f"{stage}_a") / "state.json").read_text())["history"]]
+    hc = [h["loss"] for h in json.loads((latest_checkpoint(work / f"{stage}_b") / "state.json").read_text())["history"]]
+    assert ha == hc
+
+
+def test_checkpoints_are_safetensors(work):
+    ck = latest_checkpoint(work / "teacher")
+    names = sorted(p.name for p in ck.iterdir())
+    assert {"model.teacher.safetensors", "ema.teacher.safetensors", "optim.teacher.safetensors", "state.json"} <= set(names)
+    assert all(n.endswith((".safetensors", ".json")) for n in names), names
+    for n in names:
+        if n.endswith(".safetensors"):
+            assert load_file(str(ck / n))
+    assert (work / "teacher" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (work / "teacher" / "final" / "dit" / "config.json").is_file()
+    assert (ck.parent / "latest").read_text().strip() == ck.name
+
+
+@torch.no_grad()
+def test_rollout_matches_streaming_kv_cache(work):
+    """The DMD rollout (whole-clip sparse-causal forwards) equals the streaming generator's path
+    (sink prefill, chunk against the KV cache, clean pass writing the cache)."""
+    from talkingmachines.diffusion import flow
+    from talkingmachines.train.common import Handle, sample_generator
+    from talkingmachines.train.latents import dit_input
+    from talkingmachines.train.teacher import new_dit
+
+    cfg = micro_config(work, "dmd", "unused")
+    p = cfg.make_preset()
+    dit = new_dit(p, work / "ode").eval()
+    C, h, w, cf, n = 8, 4, 4, 3, 2
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, C, 1, h, w, generator=g)
+    audio = torch.randn(1, 1 + n * cf, 8, 80, generator=g)
+    audio[:, 0] = 0
+    sig = flow.student_schedule(p.stream).tolist()
+    out, _ = rollout(Handle(dit), ref, audio, p, sig, [sample_generator(0, 0, 0)])
+    # the streaming path, as StreamingGenerator.next_chunk does it
+    gen = sample_generator(0, 0, 0)
+    text = torch.zeros(1, p.text_len, p.dit.text_dim)
+    ctx = dit.encode_context(text, None)
+    cache = dit.new_cache()
+    dit.prefill_sink(cache, dit_input(ref, ref, "all"), ctx, audio[:, :1])
+    chunks = []
+    for c in range(1, n + 1):
+        au = audio[:, 1 + (c - 1) * cf: 1 + c * cf]
+        x = torch.randn((C, cf, h, w), generator=gen)[None]
+        for i in range(len(sig) - 1):
+            v = dit.forward_chunk(cache, dit_input(torch.cat([ref, x], 2), ref)[:, :, 1:], torch.tensor([sig[i] * 1000]),
+                                  ctx, au, chunk=c)
+            x0 = x - sig[i] * v
+            x = (1 - sig[i + 1]) * x0 + sig[i + 1] * torch.randn((C, cf, h, w), generator=gen)[None] if sig[i + 1] > 0 else x0
+        dit.forward_chunk(cache, dit_input(x, ref, "all"), torch.zeros(1), ctx, au, chunk=c, write=True)
+        chunks.append(x)
+    torch.testing.assert_close(out, torch.cat(chunks, 2), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_errors_are_input_errors(tmp_path, capsys):
+    from talkingmachines.cli import main
+
+    assert main(["train", "teacher", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "no data folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stepz": 3}))
+    assert main(["train", "teacher", "--out", str(tmp_path / "y"), "--config", str(bad)]) == 2
+    assert "unknown config keys" in capsys.readouterr().err
