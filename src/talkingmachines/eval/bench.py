@@ -7,6 +7,22 @@
 - kv_cache_speedup: per-chunk time when the context (sink + previous chunk) is recomputed at
   every denoising step instead of cached, divided by the cached time; same process, same chunks
 - rss_growth: resident memory after the long stream vs after chunk 10
+- disagg_speedup: wall time of M chunks made sequentially (DiT then decode, each chunk) over the
+  wall time of the same M chunks (same seed, same audio) with the DiT and the VAE decoder as
+  pipelined stages (`stream.disagg.PipelinedStream`: two threads, bounded queue; on CUDA a second
+  stream, or `--decode-device cuda:1`). On CPU both runs use half the bench's threads per
+  operation (`disagg_threads_per_stage`), so the two stages of the pipelined run together use
+  what the process has; disagg_efficiency: pipelined throughput over the throughput of the
+  slower stage alone (its summed per-chunk time in the sequential run), 1.0 being the ideal
+- baseline_speedup: seconds of wall time per second of video of diffusers'
+  `WanImageToVideoPipeline` at the same model size and resolution with its usual settings
+  (50 steps, CFG 5, UniPC flow_shift 3; see `baseline_settings` in the output), over ours
+  (1 / rtf); measured in the same process. Text/CLIP encoders are not timed (precomputed
+  embeddings), which favours the baseline. `--skip-baseline` leaves it out.
+  baseline_dit_speedup: the same for the score networks alone (the baseline's transformer
+  forward time vs our DiT stage time per chunk): no VAE in either.
+- `--compile`: the DiT blocks go through `torch.compile` (self-attention with its KV cache stays
+  eager: it graph-breaks there), mode "max-autotune-no-cudagraphs" on CUDA, default on CPU.
 """
 
 from __future__ import annotations
@@ -78,6 +94,9 @@ def run_bench(args) -> int:
 
     torch.manual_seed(args.seed)
     avatar = _load(args)
+    compiled = False
+    if getattr(args, "compile", False):
+        compiled = compile_dit(avatar.dit, avatar.device, warm=avatar)
     n = max(args.chunks, 20)
     stream_seconds = (n + 2) * avatar.preset.stream.chunk_seconds
     audio = speech_like(stream_seconds)
@@ -91,12 +110,13 @@ def run_bench(args) -> int:
     first_frame_s = time.perf_counter() - t0
     s.push_audio(audio[s.chunk_samples + s.lookahead_samples:])
 
-    times, rss = [], {}
+    times, rss, dit_ms = [], {}, []
     for i in tqdm(range(1, n), desc="long stream", unit="chunk", disable=args.json):
         t = time.perf_counter()
-        s.next_chunk()
+        c = s.next_chunk()
         _sync(avatar.device)
         times.append(time.perf_counter() - t)
+        dit_ms.append(c.timings.get("dit_ms", 0.0))
         if i == 10:
             rss[10] = rss_bytes()
     rss["end"] = rss_bytes()
@@ -134,8 +154,20 @@ def run_bench(args) -> int:
         "kv_cache_speedup": round(statistics.median(recompute) / statistics.median(cached), 3),
         "rss_growth": round(rss["end"] / rss[10] - 1.0, 4),
         "kv_cache_mb": round(s.cache.nbytes() / 2**20, 3),
+        "dit_ms_median": round(statistics.median(dit_ms[2:]), 2),
         "torch_threads": torch.get_num_threads(),
+        "compiled": compiled,
     }
+    res.update(disagg_bench(avatar, args, min(n, 40)))
+    if not getattr(args, "skip_baseline", False):
+        ours_s_per_video_s = 1.0 / res["rtf"]
+        b = baseline_bench(avatar.preset, avatar.device, avatar.dtype, getattr(args, "baseline_frames", 17),
+                           getattr(args, "baseline_steps", 50))
+        res["baseline_s_per_video_s"] = round(b["s_per_video_s"], 3)
+        res["baseline_speedup"] = round(b["s_per_video_s"] / ours_s_per_video_s, 2)
+        ours_dit = res["dit_ms_median"] / 1e3 / chunk_s
+        res["baseline_dit_speedup"] = round(b["dit_s_per_video_s"] / ours_dit, 2)
+        res["baseline_settings"] = b["settings"]
     if args.plot:
         _plot(times, chunk_s, args.plot)
     if args.json:
@@ -162,3 +194,215 @@ def _plot(times, chunk_s, path):
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- disaggregation
+def _timed_stream(avatar, args, audio, m: int, threads: int | None = None):
+    """m chunks made sequentially: wall time and per-chunk stage times."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        s = avatar.new_stream(seed=args.seed, steps=args.steps)
+        s.push_audio(audio)
+        s.end_audio()
+        s.next_chunk()  # warm-up (allocations, first-call costs), as in the pipelined run
+        _sync(avatar.device)
+        t = time.perf_counter()
+        dit, vae = [], []
+        for _ in range(m):
+            c = s.next_chunk()
+            dit.append(c.timings["audio_ms"] + c.timings["dit_ms"])
+            vae.append(c.timings["vae_ms"])
+        _sync(avatar.device)
+        return time.perf_counter() - t, dit, vae
+    finally:
+        torch.set_num_threads(old)
+
+
+def disagg_bench(avatar, args, m: int = 40) -> dict:
+    """Sequential vs pipelined DiT / VAE stages on the same m chunks (same seed and audio)."""
+    from ..stream.disagg import PipelinedStream
+
+    audio = speech_like((m + 4) * avatar.preset.stream.chunk_seconds)
+    cpu = avatar.device.type == "cpu"
+    stage_threads = max(1, torch.get_num_threads() // 2) if cpu else None
+    # sequential reference and the stages alone: the same kernels with the same thread count
+    # per operation as in the pipelined run, so the difference is the overlap alone
+    seq_wall, dit_ms, vae_ms = _timed_stream(avatar, args, audio, m, stage_threads)
+
+    old = torch.get_num_threads()
+    s = avatar.new_stream(seed=args.seed, steps=args.steps)
+    p = PipelinedStream(s, decode_device=getattr(args, "decode_device", None), depth=2, threads=stage_threads)
+    p.push_audio(audio)
+    p.end_audio()
+    it = p.chunks(m + 1)
+    next(it)  # warm-up chunk, as in the sequential runs
+    t = time.perf_counter()
+    k = sum(1 for _ in it)
+    _sync(avatar.device)
+    pipe_wall = time.perf_counter() - t
+    torch.set_num_threads(old)  # the stage threads set their own count; restore the process's
+    slower = max(sum(dit_ms), sum(vae_ms)) / 1e3
+    return {
+        "disagg_chunks": k,
+        "disagg_speedup": round(seq_wall / pipe_wall, 3),
+        "disagg_efficiency": round(slower / pipe_wall, 3),
+        "disagg_stage_ms": {"dit": round(statistics.median(dit_ms), 2), "vae": round(statistics.median(vae_ms), 2),
+                            "dit_in_pipeline": round(statistics.median(p.stage_ms["dit"]), 2),
+                            "vae_in_pipeline": round(statistics.median(p.stage_ms["decode"]), 2),
+                            "pipelined_chunk": round(1e3 * pipe_wall / k, 2),
+                            "sequential_chunk": round(1e3 * seq_wall / m, 2)},
+        "disagg_threads_per_stage": stage_threads,
+        "decode_device": str(p.decode_device),
+    }
+
+
+# ----------------------------------------------------------------------------- the diffusers peer
+class _StandInImageEncoder(torch.nn.Module):
+    """Stands in for CLIP ViT-H (no download possible): returns fixed [1, 257, 1280] hidden states."""
+
+    def __init__(self, tokens: int, dim: int):
+        super().__init__()
+        self.register_buffer("emb", torch.zeros(1, tokens, dim))
+
+    def forward(self, pixel_values=None, output_hidden_states=True, **_):
+        from types import SimpleNamespace
+
+        e = self.emb.expand(pixel_values.shape[0] if pixel_values is not None else 1, -1, -1)
+        return SimpleNamespace(hidden_states=[e, e])
+
+
+def _stand_in_processor(images=None, return_tensors="pt"):
+    from transformers import BatchFeature
+
+    n = len(images) if isinstance(images, list) else 1
+    return BatchFeature({"pixel_values": torch.zeros(n, 3, 224, 224)})
+
+
+def baseline_pipeline(preset, device, dtype):
+    """diffusers' `WanImageToVideoPipeline` around a random `WanTransformer3DModel` with `preset`'s
+    geometry (without our audio layers) and a random `AutoencoderKLWan` (the real Wan-VAE
+    geometry for real presets; a small one with the tiny preset's 8 latent channels for `tiny`)."""
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline,
+                           WanTransformer3DModel)
+
+    d = preset.dit
+    torch.manual_seed(0)
+    tr = WanTransformer3DModel(
+        patch_size=tuple(d.patch_size), num_attention_heads=d.num_attention_heads,
+        attention_head_dim=d.attention_head_dim, in_channels=d.in_channels, out_channels=d.out_channels,
+        text_dim=d.text_dim, freq_dim=d.freq_dim, ffn_dim=d.ffn_dim, num_layers=d.num_layers,
+        cross_attn_norm=d.cross_attn_norm, eps=d.eps, image_dim=d.image_dim,
+        added_kv_proj_dim=d.dim if d.image_dim else None, rope_max_seq_len=d.rope_max_seq_len,
+    ).to(device, dtype).eval()
+    if preset.vae == "tiny":
+        z = d.out_channels
+        vae = AutoencoderKLWan(base_dim=16, z_dim=z, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                               latents_mean=[0.0] * z, latents_std=[1.0] * z)
+        vae_desc = f"random AutoencoderKLWan(base_dim=16, z_dim={z}, num_res_blocks=1)"
+    else:
+        vae = AutoencoderKLWan()
+        vae_desc = "random AutoencoderKLWan() (Wan2.1 VAE geometry)"
+    vae = vae.to(device, torch.float32).eval()
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                                    flow_shift=3.0)
+    kw = {}
+    if d.image_dim:
+        kw = {"image_encoder": _StandInImageEncoder(preset.image_len, d.image_dim).to(device, dtype),
+              "image_processor": _stand_in_processor}
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=sched, transformer=tr, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, vae_desc
+
+
+@torch.inference_mode()
+def baseline_bench(preset, device, dtype, frames: int = 17, steps: int = 50, guidance: float = 5.0) -> dict:
+    """Time one clip of `frames` video frames; returns wall seconds per second of video."""
+    from PIL import Image
+
+    pipe, vae_desc = baseline_pipeline(preset, device, dtype)
+    d = preset.dit
+    emb = torch.zeros(1, preset.text_len, d.text_dim, device=device, dtype=dtype)  # as our avatar's text
+    image = Image.new("RGB", (preset.width, preset.height), (128, 100, 90))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def run(n_frames, n_steps):
+        _sync(device)
+        t = time.perf_counter()
+        pipe(image=image, prompt_embeds=emb, negative_prompt_embeds=emb, height=preset.height, width=preset.width,
+             num_frames=n_frames, num_inference_steps=n_steps, guidance_scale=guidance, generator=gen,
+             output_type="np")
+        _sync(device)
+        return time.perf_counter() - t
+
+    spent = [0.0]
+    forward = pipe.transformer.forward
+
+    def timed_forward(*a, **k):  # the score network's share of the baseline's time
+        _sync(device)
+        t = time.perf_counter()
+        out = forward(*a, **k)
+        _sync(device)
+        spent[0] += time.perf_counter() - t
+        return out
+
+    pipe.transformer.forward = timed_forward
+    run(5, 2)  # warm-up (first-call allocations, kernel selection)
+    spent[0] = 0.0
+    wall = run(frames, steps)
+    video_s = frames / 25.0
+    settings = (f"WanImageToVideoPipeline, {frames} frames ({video_s:.2f} s) at {preset.width}x{preset.height}, "
+                f"{steps} steps, guidance_scale={guidance} (CFG: 2 transformer passes per step), "
+                f"UniPCMultistepScheduler(flow_prediction, flow_shift=3.0), random WanTransformer3DModel "
+                f"({d.num_layers} layers, {d.num_attention_heads}x{d.attention_head_dim}, ffn {d.ffn_dim}, "
+                f"{str(dtype).replace('torch.', '')}), {vae_desc}, text/image embeddings precomputed (not timed)")
+    return {"wall_s": wall, "video_s": video_s, "s_per_video_s": wall / video_s,
+            "dit_s_per_video_s": spent[0] / video_s, "settings": settings}
+
+
+# ----------------------------------------------------------------------------- torch.compile
+class _EagerAttention:
+    """Self-attention strategies keep Python state (the KV cache): they run eagerly, the rest of
+    each block is compiled (graph break at this call; guards only on this object's identity)."""
+
+    def __init__(self):
+        self.strategy = None
+
+    @torch.compiler.disable
+    def __call__(self, layer, q, k, v):
+        return self.strategy(layer, q, k, v)
+
+
+def compile_dit(dit, device, mode: str | None = None, warm=None) -> bool:
+    """Compile each DiT block's fixed-shape chunk step; returns False (and stays eager) where
+    compilation is unavailable. With `warm` (an Avatar), a 3-chunk throwaway stream compiles every
+    shape variant (sink prefill, first chunk, later chunks, the KV write) before timing starts."""
+    import logging
+
+    mode = mode or ("max-autotune-no-cudagraphs" if torch.device(device).type == "cuda" else None)
+    eager = [b.forward for b in dit.blocks]
+    try:
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 16)
+        for block in dit.blocks:
+            attn = _EagerAttention()
+            compiled = torch.compile(block.forward, mode=mode, dynamic=False)
+
+            def forward(x, mod, frames, ctx_kv, img_kv, audio, self_attn, layer, _c=compiled, _a=attn):
+                _a.strategy = self_attn
+                return _c(x, mod, frames, ctx_kv, img_kv, audio, _a, layer)
+
+            block.forward = forward
+        if warm is not None:
+            st = warm.new_stream(seed=0)
+            st.push_audio(speech_like(2.0))
+            for _ in range(3):
+                st.next_chunk()
+        return True
+    except Exception as e:  # noqa: BLE001 - the eager path is always valid
+        for b, f in zip(dit.blocks, eager):
+            b.forward = f
+        logging.getLogger(__name__).warning("torch.compile unavailable (%s): running eagerly", e)
+        return False

@@ -4,12 +4,12 @@ Everything here is plain numpy (torch only to run a model in `evaluate_model`); 
 downloaded. The metrics are deliberately simple and their limits are stated:
 
 **Mouth opening from pixels** (`mouth_signal`). Per frame, a mouth region of interest (ROI)
-is compared with the mouth's *rest appearance* (the per-pixel median of the frames whose
-ROI is closest to the clip's overall median, i.e. the clip's most common, closed-mouth
-look). The score of a frame is the mean over the ROI of ``min(1, |RGB - rest| / 64)``: an
-opening mouth uncovers dark inner mouth, teeth and tongue where lips and skin were, so the
-score rises with the opening. Small head motion is compensated by an integer translation
-(the ROI is matched to the rest look over shifts up to +-5 % of the frame: a shift can
+is compared with the mouth's *rest appearance*: the per-pixel median of the (aligned) ROI
+crops of the 30 % of frames closest to the current estimate, iterated from the clip's
+median, i.e. the clip's most common, least-open look. The score of a frame is the mean
+over the ROI of ``min(1, |RGB - rest| / 64)``: an opening mouth uncovers dark inner mouth,
+teeth and tongue where lips and skin were, so the score rises with the opening. Small head
+motion is compensated (the ROI is matched to the rest look over shifts up to +-5 % of the frame: a shift can
 move a closed mouth back into place but cannot close an open one). The ROI comes
 from the renderer's geometry for our synthetic faces (`mouth_roi_from_face`), otherwise
 (`auto_mouth_roi`) from a centred-portrait prior (the lower-middle face) refined by where
@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -277,12 +277,22 @@ def speech_frames(audio, n_frames: int | None = None, threshold_db: float | None
     """(speech bool [T], silence bool [T], threshold dBFS). A frame is speech when its RMS is
     above the threshold; silence when every frame within +-`guard` is below it (so the
     mouth's closing after the last syllable is not counted as listening). Default
-    threshold: the loud frames' level (95th percentile) - 25 dB, clamped to [-50, -30] dBFS."""
+    threshold: the larger of (the loud frames' level (95th percentile) - 25 dB, clamped to
+    [-50, -30] dBFS) and (the noise floor (5th percentile) + 6 dB, at most the loud level
+    - 12 dB), so steady room noise and hum stay below it; a quiet, level track (5th to 95th
+    percentile within 12 dB, 95th below -35 dBFS) is all silence."""
     a = np.asarray(audio, np.float64).reshape(-1)
     n = n_frames if n_frames is not None else -(-a.size // SAMPLES_PER_FRAME)
     db = 20 * np.log10(np.maximum(_frame_rms(a, n), 1e-10))
     if threshold_db is None:
-        threshold_db = float(np.clip(np.percentile(db, 95) - 25.0, -50.0, -30.0)) if n else -45.0
+        if n:
+            p5, p95 = np.percentile(db, [5, 95])
+            if p95 - p5 < 12.0 and p95 < -35.0:  # nothing but noise
+                threshold_db = float(p95 + 1.0)
+            else:
+                threshold_db = float(max(np.clip(p95 - 25.0, -50.0, -30.0), min(p5 + 6.0, p95 - 12.0)))
+        else:
+            threshold_db = -45.0
     speech = db > threshold_db
     near = np.convolve(speech.astype(np.float64), np.ones(2 * guard + 1), mode="same") > 0
     return speech, ~near, float(threshold_db)
@@ -710,7 +720,7 @@ def _long_stream(avatar, items, seconds, seed, steps, progress, window) -> dict:
         acc.add(f)
         crops.append(f[:, box[0]:box[1], box[2]:box[3]].copy())
         chunk_ms.append(sum(ch.timings.values()))
-        bar.update(len(f))
+        bar.update(max(0, min(len(f), T - bar.n)))
 
     t0 = _now()
     generate_video(avatar, portrait, audio, seed=seed, steps=steps, on_chunk=on_chunk)

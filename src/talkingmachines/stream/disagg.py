@@ -138,62 +138,55 @@ class LatentTransfer:
     """Moves a chunk's latents from the DiT device to the decode device, off the compute streams.
 
     - same device (CPU, or one GPU with the decoder on a second stream): no copy; on CUDA the
-      decode stream waits on the DiT's event and the tensor is marked as used by that stream.
-    - GPU -> GPU: a peer copy on a copy stream of the target device (`non_blocking=True`),
-      or, when the GPUs cannot access each other, through a pinned host buffer.
+      decode stream waits on the DiT's event (see `PipelinedStream._decode`).
+    - GPU -> GPU: a peer copy issued on copy streams of both devices (so it queues behind
+      neither the DiT's next kernels nor the decode), after the DiT's event, `non_blocking=True`;
+      when the GPUs cannot access each other, through pinned host memory (D2H on the source's
+      copy stream, H2D on the target's, ordered by an event).
     - GPU <-> CPU: through pinned host memory, `non_blocking=True`.
-    Returns the tensor on the decode device and an event the decode stream must wait on."""
+    Returns the tensor on the decode device and an event the decode stream must wait on (None
+    when the tensor is ready for any stream / the host)."""
 
-    def __init__(self, src: torch.device, dst: torch.device):
+    def __init__(self, src, dst):
         self.src, self.dst = torch.device(src), torch.device(dst)
-        self.copy_stream = torch.cuda.Stream(self.dst) if self.dst.type == "cuda" else None
-        self.peer = (
-            self.src.type == "cuda" and self.dst.type == "cuda" and self.src != self.dst
-            and torch.cuda.can_device_access_peer(self.dst.index or 0, self.src.index or 0)
-        )
-        self._pinned: torch.Tensor | None = None
-
-    def _host(self, like: torch.Tensor) -> torch.Tensor:
-        if self._pinned is None or self._pinned.shape != like.shape or self._pinned.dtype != like.dtype:
-            self._pinned = torch.empty(like.shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())
-        return self._pinned
+        cuda_src, cuda_dst = self.src.type == "cuda", self.dst.type == "cuda"
+        self.same = self.src == self.dst
+        self.src_stream = torch.cuda.Stream(self.src) if cuda_src and not self.same else None
+        self.dst_stream = torch.cuda.Stream(self.dst) if cuda_dst and not self.same else None
+        self.peer = (cuda_src and cuda_dst and not self.same
+                     and torch.cuda.can_device_access_peer(self.dst.index or 0, self.src.index or 0))
 
     def __call__(self, x: torch.Tensor, event=None):
         if x.device == self.dst:
-            if x.is_cuda:
-                ev = event
-                return x, ev
-            return x, None
-        if self.src.type == "cuda" and event is not None and self.dst.type == "cpu":
-            # GPU -> CPU: the DiT device's copy is ordered after the DiT event, then the host waits
-            s = torch.cuda.Stream(self.src)
-            s.wait_event(event)
-            with torch.cuda.stream(s):
-                host = self._host(x)
-                host.copy_(x, non_blocking=True)
-                x.record_stream(s)
-            s.synchronize()
-            return host.clone(), None
-        assert self.copy_stream is not None
-        with torch.cuda.stream(self.copy_stream):
+            return x, (event if x.is_cuda else None)
+        if x.is_cuda:  # the source side: after the DiT's kernels, on our own stream
+            s = self.src_stream
             if event is not None:
-                self.copy_stream.wait_event(event)
-            if x.is_cuda and not self.peer:
-                host = self._host(x)  # staged through pinned memory
-                host.copy_(x, non_blocking=True)
-                src = host
-            elif not x.is_cuda:
-                src = x.pin_memory() if torch.cuda.is_available() else x
-            else:
-                src = x
-            y = src.to(self.dst, non_blocking=True)
-            if x.is_cuda:
-                x.record_stream(self.copy_stream)
-            done = torch.cuda.Event()
-            done.record(self.copy_stream)
-        if x.is_cuda and not self.peer:
-            # the pinned buffer is reused for the next chunk: wait before handing it back
-            done.synchronize()
+                s.wait_event(event)
+            with torch.cuda.stream(s):
+                x.record_stream(s)  # x may be freed by the DiT side while the copy is queued
+                if self.dst.type == "cpu" or not self.peer:
+                    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                    host.copy_(x, non_blocking=True)
+                    staged = torch.cuda.Event()
+                    staged.record(s)
+                    if self.dst.type == "cpu":
+                        staged.synchronize()
+                        return host, None
+                    d = self.dst_stream
+                    d.wait_event(staged)
+                    with torch.cuda.stream(d):
+                        y = host.to(self.dst, non_blocking=True)  # pinned: the host allocator keeps it alive
+                else:
+                    with torch.cuda.stream(self.dst_stream):  # peer copy, on the source's copy stream
+                        y = x.to(self.dst, non_blocking=True)
+                        self.dst_stream.wait_stream(s)
+        else:  # CPU -> GPU
+            host = x.pin_memory() if torch.cuda.is_available() else x
+            with torch.cuda.stream(self.dst_stream):
+                y = host.to(self.dst, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(self.dst_stream)
         return y, done
 
 
@@ -511,8 +504,14 @@ def run_two_process(n_chunks: int, audio: np.ndarray | None, frames_dir: str | N
     result_q = ctx.Queue()
     port = _free_port()
     kw = dict(kwargs, n_chunks=n_chunks, audio=audio, frames_dir=frames_dir)
-    mp.start_processes(_spawn_entry, args=(2, port, kw, result_q), nprocs=2, join=True, start_method="spawn")
-    res = [result_q.get(), result_q.get()]
+    pc = mp.start_processes(_spawn_entry, args=(2, port, kw, result_q), nprocs=2, join=False, start_method="spawn")
+    res = []
+    while len(res) < 2:  # read before joining: a child only exits once its result was taken
+        try:
+            res.append(result_q.get(timeout=1.0))
+        except queue.Empty:
+            pc.join(timeout=0)  # raises if a rank died
+    pc.join()
     return sorted(res, key=lambda r: r["rank"])
 
 

@@ -1,0 +1,38 @@
+"""`talkingmachines plan`: stage placement and memory per GPU (registered by the main CLI)."""
+
+from __future__ import annotations
+
+
+def cmd_plan(args) -> int:
+    from .plan import run_plan
+
+    return run_plan(args)
+
+
+def _extend_bench(subparsers) -> None:
+    """Issue 4's options on the main CLI's `bench` command."""
+    b = subparsers.choices.get("bench")
+    if b is None:
+        return
+    b.add_argument("--skip-baseline", action="store_true",
+                   help="do not time diffusers' WanImageToVideoPipeline (baseline_speedup)")
+    b.add_argument("--baseline-frames", type=int, default=17,
+                   help="video frames of the baseline clip (1 + 4k; default 17, Wan's own default is 81)")
+    b.add_argument("--baseline-steps", type=int, default=50, help="baseline denoising steps (default 50)")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT blocks (max-autotune-no-cudagraphs on CUDA)")
+    b.add_argument("--decode-device", default=None,
+                   help="device of the VAE decoder in the disaggregated run (default: the DiT's; cuda:1 ...)")
+
+
+def register(subparsers) -> None:
+    _extend_bench(subparsers)
+    p = subparsers.add_parser("plan", help="placement of DiT / VAE / audio encoder on N GPUs and memory per GPU")
+    p.add_argument("--preset", default="wan-i2v-14b-audio")
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"], help="DiT dtype")
+    p.add_argument("--vae-dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
+                   help="VAE dtype (fp32: as load_avatar loads it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_plan)

@@ -1,0 +1,54 @@
+"""`talkingmachines plan`: placement and memory arithmetic."""
+
+import json
+
+import pytest
+
+from talkingmachines.cli import main
+from talkingmachines.config import get_preset
+from talkingmachines.eval import plan as P
+from talkingmachines.model.weights import parameter_breakdown
+
+GiB = 2**30
+
+
+def test_arithmetic_matches_the_formulas():
+    r = P.plan("wan-i2v-14b-audio", 3, 80, "bf16")
+    p = get_preset("wan-i2v-14b-audio")
+    d = p.dit
+    assert r["sequence_parallel"] == 2  # 40 heads, 1024 tokens per frame: k in {1, 2}
+    assert r["dit"]["params"] == parameter_breakdown(d)["total"]
+    assert r["dit"]["weights"] == 2 * r["dit"]["params"]
+    hw = (512 // 16) ** 2
+    assert r["dit"]["kv_cache"] == d.num_layers * 2 * (1 + 3) * hw * d.dim * 2 / 2
+    g0, g1, g2 = r["devices"]
+    assert g0["stages"][0].startswith("DiT") and g1["stages"][0].startswith("DiT")
+    assert g2["stages"][0].startswith("VAE") and any("audio" in s for s in g2["stages"])
+    assert g0["bytes"]["dit_weights"] == g1["bytes"]["dit_weights"]  # replicated under sequence parallelism
+    assert g0["total"] == pytest.approx(sum(g0["bytes"].values()))
+    assert r["fits"] and all(dev["fits"] for dev in r["devices"])
+    # the Wan VAE's causal cache and parameters come from the real module on the meta device
+    assert 120e6 < r["vae"]["params"] < 135e6
+    assert r["vae"]["causal_cache"] > 0
+
+
+def test_does_not_fit_is_said():
+    r = P.plan("wan-i2v-14b-audio", 1, 40, "bf16")
+    assert not r["fits"] and r["notes"]
+    r = P.plan("wan-i2v-14b-audio", 4, 24, "bf16")  # weights alone exceed a 24 GiB GPU
+    assert not r["fits"] and any("weights alone" in n for n in r["notes"])
+    r2 = P.plan("wan-i2v-14b-audio", 1, 80, "bf16")
+    assert r2["fits"]
+    # more DiT ranks shrink the per-rank KV cache
+    assert P.plan("wan-i2v-14b-audio", 3, 80)["devices"][0]["bytes"]["kv_cache"] == pytest.approx(
+        r2["devices"][0]["bytes"]["kv_cache"] / 2)
+
+
+def test_cli_human_and_json(capsys):
+    assert main(["plan", "--preset", "wan-1.3b-audio", "--gpus", "2", "--gpu-mem", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU 0: DiT" in out and "GPU 1: VAE" in out and "fits" in out
+    assert main(["plan", "--preset", "tiny", "--gpus", "1", "--gpu-mem", "8", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fits"] and r["devices"][0]["stages"][:2] == ["DiT", "VAE (portrait encode + streaming decode)"]
+    assert main(["plan", "--preset", "nope", "--gpus", "1"]) == 2
