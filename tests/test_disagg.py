@@ -77,3 +77,16 @@ def test_two_processes_gloo_equal_sequential(reference, tmp_path):
         assert np.array_equal(frames[i], c.frames)
         assert np.array_equal(au[i], c.audio)
     assert len(res[0]["stage_ms"]) == N and len(res[1]["stage_ms"]) == N
+
+
+def test_bench_disagg_and_baseline_smoke(reference):
+    from types import SimpleNamespace
+
+    from talkingmachines.eval.bench import baseline_bench, disagg_bench
+
+    avatar, _, _ = reference
+    r = disagg_bench(avatar, SimpleNamespace(seed=0, steps=None, decode_device=None), m=3)
+    assert r["disagg_chunks"] == 3 and r["disagg_speedup"] > 0 and r["disagg_efficiency"] > 0
+    b = baseline_bench(avatar.preset, avatar.device, avatar.dtype, frames=5, steps=2)
+    assert b["s_per_video_s"] > b["dit_s_per_video_s"] > 0
+    assert "WanImageToVideoPipeline" in b["settings"] and "2 steps" in b["settings"]

@@ -395,6 +395,7 @@ def disagg_worker(rank: int, n_chunks: int, audio: np.ndarray | None, *, model=N
         torch.cuda.set_device(dev)
     peer = 1 - rank
     timings: list[float] = []
+    done_at: list[float] = []  # when each chunk left this rank (sent / decoded)
     t_start = time.perf_counter()
     with torch.inference_mode():
         if rank == 0:
@@ -418,6 +419,7 @@ def disagg_worker(rank: int, n_chunks: int, audio: np.ndarray | None, *, model=N
                 t = time.perf_counter()
                 lc = stage.next_latents()
                 timings.append(1e3 * (time.perf_counter() - t))
+                done_at.append(time.perf_counter())
                 header = torch.tensor([1, lc.index, int(lc.speaking)], dtype=torch.int64, device=dev)
                 msg = [header, torch.as_tensor(lc.audio, dtype=torch.float32).to(dev), lc.latents.contiguous()]
                 pending.append([dist.isend(m, peer) for m in msg] + msg)  # keep tensors alive
@@ -459,9 +461,11 @@ def disagg_worker(rank: int, n_chunks: int, audio: np.ndarray | None, *, model=N
                 t = time.perf_counter()
                 frames = dec.decode(lat)
                 timings.append(1e3 * (time.perf_counter() - t))
+                done_at.append(time.perf_counter())
                 if on_chunk is not None:
                     on_chunk(Chunk(index, frames, au.cpu().numpy(), bool(speaking), {"vae_ms": timings[-1]}))
-    return {"rank": rank, "stage_ms": timings, "wall_s": time.perf_counter() - t_start}
+    period = 1e3 * (done_at[-1] - done_at[0]) / (len(done_at) - 1) if len(done_at) > 1 else None
+    return {"rank": rank, "stage_ms": timings, "wall_s": time.perf_counter() - t_start, "chunk_period_ms": period}
 
 
 def _free_port() -> int:
@@ -543,7 +547,9 @@ def main(argv=None) -> int:
         dist.destroy_process_group()
     st = res["stage_ms"]
     print(json.dumps({"rank": rank, "stage": "dit" if rank == 0 else "vae", "chunks": len(st),
-                      "median_ms": float(np.median(st)) if st else None, "wall_s": round(res["wall_s"], 3)}))
+                      "median_ms": round(float(np.median(st)), 2) if st else None,
+                      "chunk_period_ms": res["chunk_period_ms"] and round(res["chunk_period_ms"], 2),
+                      "wall_s": round(res["wall_s"], 3)}))
     return 0
 
 

@@ -277,7 +277,7 @@ class StreamingGenerator:
         dit.forward_chunk(self.cache, self._dit_input(x, True), torch.zeros(1, device=a.device), self.ctx, au,
                           chunk=chunk, write=True)
         if a.device.type == "cuda":
-            torch.cuda.synchronize(a.device)
+            torch.cuda.current_stream(a.device).synchronize()  # not device-wide: a decode stream may overlap
         t2 = time.perf_counter()
         frames = self.decoder.decode(x)
         t3 = time.perf_counter()
