@@ -143,7 +143,7 @@ class VideoVAE:
 
     def encode_image(self, image: Any) -> torch.Tensor:
         """uint8 ``[H, W, 3]`` (or float ``[B, 3, H, W]``) -> normalised ``[B, C, 1, h, w]``."""
-        if isinstance(image, np.ndarray):
+            image = torch.tensor(np.asarray(image))  # a copy: read-only arrays (e.g. from PIL) are fine
             image = torch.from_numpy(np.ascontiguousarray(image))
         if image.dtype == torch.uint8:
             if image.ndim != 3 or image.shape[-1] != 3:
