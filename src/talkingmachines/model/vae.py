@@ -143,8 +143,8 @@ class VideoVAE:
 
     def encode_image(self, image: Any) -> torch.Tensor:
         """uint8 ``[H, W, 3]`` (or float ``[B, 3, H, W]``) -> normalised ``[B, C, 1, h, w]``."""
-            image = torch.tensor(np.asarray(image))  # a copy: read-only arrays (e.g. from PIL) are fine
-            image = torch.from_numpy(np.ascontiguousarray(image))
+        if isinstance(image, np.ndarray):
+            image = torch.tensor(image)  # a copy: read-only arrays (e.g. from PIL) are fine
         if image.dtype == torch.uint8:
             if image.ndim != 3 or image.shape[-1] != 3:
                 raise ValueError(f"image must be uint8 [H, W, 3], got {tuple(image.shape)}")
