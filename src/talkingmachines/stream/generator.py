@@ -100,6 +100,7 @@ class Avatar:
     dtype: torch.dtype
     text: torch.Tensor  # [1, Lt, text_dim] prompt embedding (constant per model)
     random_weights: bool = False
+    folder: Path | None = None  # the model folder it was loaded from (None: random weights)
 
     def default_portrait(self) -> np.ndarray:
         from ..media import load_image
@@ -166,7 +167,7 @@ def load_avatar(model: str | Path | None = None, preset: str = "tiny", device: s
         from safetensors.torch import load_file
 
         text = load_file(folder / "text_embeds.safetensors")["text"].to(dev, dtype)
-    return Avatar(p, dit, vae, frontend, dev, dtype, text, random_weights)
+    return Avatar(p, dit, vae, frontend, dev, dtype, text, random_weights, None if random_weights else folder)
 
 
 class StreamingGenerator:
