@@ -1,4 +1,4 @@
-"""`talkingmachines train teacher|ode|dmd|tiny-recipe` and `talkingmachines data synth`.
+"""`talkingmachines train teacher|ode|dmd|tiny-recipe`, `talkingmachines data synth|prep`.
 
 Registered by the main CLI (`cli.build_parser` imports this module's `register`). Every
 stage takes a config file (``--config configs/teacher.json``; JSON or YAML) and command-line
@@ -19,7 +19,8 @@ CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 def _stage_args(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--config", default=None, help=f"JSON/YAML config (default: configs/{stage}.json if present)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, loss.png, final/)")
-    p.add_argument("--data", default=None, help="clip folder (talkingmachines data synth --out DIR)")
+    p.add_argument("--data", default=None, help="clip folder (talkingmachines data synth --out DIR) or a real-video "
+                                                "cache (talkingmachines data prep --out DIR)")
     p.add_argument("--vae", default=None, help="VAE folder (TinyVAE folder, or a Wan VAE / WAN_DIR)")
     p.add_argument("--preset", default=None, help="model preset (tiny, wan-1.3b-audio, wan-i2v-14b-audio)")
     p.add_argument("--init-from", default=None,
@@ -111,12 +112,12 @@ def register(sub) -> None:
 
     from importlib.util import find_spec
 
+    d = sub.add_parser("data", help="data sets")
+    ds = d.add_subparsers(dest="data_cmd", required=True)
     if find_spec("talkingmachines.train.synth") is not None:
         from . import synth
 
         if hasattr(synth, "synth_dataset"):
-            d = sub.add_parser("data", help="data sets")
-            ds = d.add_subparsers(dest="data_cmd", required=True)
             s = ds.add_parser("synth", help="procedural talking-face clips (video + audio)")
             s.add_argument("--n", type=int, default=100, help="number of clips")
             s.add_argument("--out", required=True)
@@ -128,3 +129,7 @@ def register(sub) -> None:
             s.add_argument("--speech", choices=["auto", "espeak", "babble"], default="auto")
             s.add_argument("--no-video", action="store_true", help="npz only (no mp4)")
             s.set_defaults(fn=cmd_synth)
+    if find_spec("talkingmachines.train.preprocess") is not None:
+        from .preprocess import add_prep_parser
+
+        add_prep_parser(ds)

@@ -41,10 +41,66 @@ def resolve_dit_dir(path: str | Path) -> Path:
     raise InputError(f"{path}: no such model folder")
 
 
+def _is_our_dit(path: Path) -> bool:
+    from ..model.weights import FORMAT
+
+    cj = Path(path) / "config.json"
+    if not cj.is_file():
+        return False
+    try:
+        return json.loads(cj.read_text()).get("_format") == FORMAT
+    except ValueError:
+        return False
+
+
+def _check_wan_geometry(preset, src: Path) -> None:
+    """The preset's DiT must have the checkpoint's geometry (audio fields aside)."""
+    from ..model import weights
+
+    try:
+        have = weights.wan_config(src)
+    except InputError:
+        return  # let the loader report what is wrong with the checkpoint
+    fields = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim", "freq_dim",
+              "ffn_dim", "num_layers", "image_dim", "patch_size")
+    bad = [f"{f} {getattr(have, f)} (preset {getattr(preset.dit, f)})" for f in fields
+           if _as_tuple(getattr(have, f)) != _as_tuple(getattr(preset.dit, f))]
+    if bad:
+        raise InputError(f"{src}: the checkpoint is not preset {preset.name!r}'s geometry: " + ", ".join(bad))
+
+
+def _as_tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+
+
+def dit_from_wan(preset, src: str | Path, seed: int = 0) -> AudioDiT:
+    """The preset's DiT with a Wan2.1 checkpoint's weights (`weights.from_wan`: built on the meta
+    device, the checkpoint's tensors become the parameters, the audio layers get their
+    initialisation, drawn from ``seed``, with a zero output projection, so the model computes
+    exactly what the Wan transformer computes). float32."""
+    from ..model import weights
+
+    src = Path(src)
+    _check_wan_geometry(preset, src)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model, _ = weights.from_wan(src, device="cpu", dtype=torch.float32, config=preset.dit)
+        except FileNotFoundError as e:
+            raise InputError(f"{src}: {e}") from None
+    return model.float()
+
+
 def new_dit(preset, init_from: str | Path | None = None, seed: int = 0) -> AudioDiT:
     """The preset's DiT, randomly initialised from ``seed``; with ``init_from`` its weights are
-    loaded from our DiT folder or a Wan2.1 checkpoint (`weights.load_wan_into`: audio layers
-    missing from a Wan checkpoint keep their zero-output initialisation)."""
+    loaded from our DiT folder (`weights.load_wan_into`) or, for a Wan2.1 checkpoint (a
+    diffusers pipeline root such as WAN_DIR, its ``transformer/`` folder, or the original
+    release), with `dit_from_wan` (`weights.from_wan`: audio layers missing from a Wan
+    checkpoint keep their zero-output initialisation)."""
+    if init_from:
+        src = resolve_dit_dir(init_from)
+        if not _is_our_dit(src):
+            return dit_from_wan(preset, src, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AudioDiT(preset.dit)
@@ -73,43 +129,58 @@ def save_dit_weights(preset, sd: dict, directory: Path) -> Path:
 
 # ============================================================================ model functions
 def text_for(preset, batch: int, device) -> torch.Tensor:
-    """The prompt embedding: zeros (tiny has no text encoder; real presets' umT5 embeddings
-    of an empty prompt are precomputed by the preprocessing, not here)."""
+    """The prompt embedding when the data has none: zeros (tiny has no text encoder; with a
+    `data prep` cache the umT5 embeddings of the clips' prompts come with the batch)."""
     return torch.zeros(batch, preset.text_len, preset.dit.text_dim, device=device)
 
 
 def bidirectional_v(model: Handle, x: torch.Tensor, t: torch.Tensor, ref: torch.Tensor, audio: torch.Tensor | None,
-                    preset, drop_ref: torch.Tensor | None = None) -> torch.Tensor:
+                    preset, drop_ref: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                    image: torch.Tensor | None = None) -> torch.Tensor:
     """Velocity on frames >= 1 of the teacher (or fake score) for ``x`` [B, C, F, h, w] (the
     frames after the sink) at network timesteps ``t`` ([B] or [B, F]). ``ref`` [B, C, 1, h, w]
-    (zero for "no reference"), ``audio`` [B, 1 + F, W, D] or zeros for "no audio"."""
+    (zero for "no reference"), ``audio`` [B, 1 + F, W, D] or zeros for "no audio".
+    ``text`` [B, Lt, text_dim] (default `text_for`: zeros) and ``image`` [B, Li, image_dim]
+    (CLIP tokens of the reference; zeroed with it by ``drop_ref``; default: none)."""
     B, _, F = x.shape[:3]
     if drop_ref is not None:
-        ref = ref * (~drop_ref).to(ref.dtype).view(B, 1, 1, 1, 1)
+        keep = (~drop_ref).to(ref.dtype)
+        ref = ref * keep.view(B, 1, 1, 1, 1)
+        if image is not None:
+            image = image * keep.to(image.dtype).view(B, 1, 1)
     full = torch.cat([ref.to(x.dtype), x], dim=2)
     t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
     if t.ndim == 1:
         t = t[:, None].expand(B, F)
     tt = torch.cat([torch.zeros(B, 1, device=x.device), t], dim=1)
-    v = model(dit_input(full, ref), tt, text_for(preset, B, x.device), audio=audio)
+    txt = text_for(preset, B, x.device) if text is None else text
+    if image is None:
+        v = model(dit_input(full, ref), tt, txt, audio=audio)
+    else:
+        v = model(dit_input(full, ref), tt, txt, image=image, audio=audio)
     return v[:, :, 1:].float()
 
 
-def teacher_fns(model: Handle, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: float = 1.0):
+def teacher_fns(model: Handle, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: float = 1.0,
+                text: torch.Tensor | None = None, image: torch.Tensor | None = None):
     """Velocity model(s) ``f(x, t)`` on frames >= 1 for `flow.euler_sample`, as a mapping of
     CFG branches (least to most conditioned) and their scales: ``uncond`` (no reference, no
-    audio), ``image`` (reference, no audio), ``full``. Branches with scale 1 are skipped."""
+    audio), ``image`` (reference, no audio), ``full``. Branches with scale 1 are skipped.
+    ``text``/``image``: prompt and reference CLIP embeddings (real presets; ``uncond`` zeroes
+    the image tokens with the reference)."""
     zero_audio = torch.zeros_like(audio)
     no_ref = torch.zeros_like(ref)
+    img_tokens = image  # (the name `image` is the branch below)
+    no_img = None if img_tokens is None else torch.zeros_like(img_tokens)
 
     def full(x, t):
-        return bidirectional_v(model, x, t, ref, audio, preset)
+        return bidirectional_v(model, x, t, ref, audio, preset, text=text, image=img_tokens)
 
     def image(x, t):
-        return bidirectional_v(model, x, t, ref, zero_audio, preset)
+        return bidirectional_v(model, x, t, ref, zero_audio, preset, text=text, image=img_tokens)
 
     def uncond(x, t):
-        return bidirectional_v(model, x, t, no_ref, zero_audio, preset)
+        return bidirectional_v(model, x, t, no_ref, zero_audio, preset, text=text, image=no_img)
 
     branches, scales = {}, {}
     if cfg_ref != 1.0:
@@ -124,8 +195,9 @@ def teacher_fns(model: Handle, ref, audio, preset, cfg_audio: float = 1.0, cfg_r
     return branches, scales
 
 
-def guided_v(model: Handle, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: float = 1.0):
-    branches, scales = teacher_fns(model, ref, audio, preset, cfg_audio, cfg_ref)
+def guided_v(model: Handle, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: float = 1.0,
+             text: torch.Tensor | None = None, image: torch.Tensor | None = None):
+    branches, scales = teacher_fns(model, ref, audio, preset, cfg_audio, cfg_ref, text=text, image=image)
     return flow.guided_model_fn(branches, scales)
 
 
@@ -137,7 +209,15 @@ class DiTStage(Trainer):
         cfg, p = self.cfg, self.preset
         if not cfg.data:
             raise InputError("no data folder (--data)")
-        self.data = self.load_latent_clips(cfg, p)
+        if (Path(cfg.data) / "prep_index.json").is_file():  # a `data prep` cache (real videos)
+            if self.stage != "teacher":
+                raise InputError(f"train {self.stage} does not read a data prep cache yet (its text and image "
+                                 "embeddings are not passed to the student stages): train teacher only")
+            from .real_data import load_real_clips
+
+            self.data = load_real_clips(self, cfg, p)
+        else:
+            self.data = self.load_latent_clips(cfg, p)
         self.order = GlobalOrder(len(self.data), cfg.batch_size, cfg.seed)
 
     def load_latent_clips(self, cfg: TrainConfig, p) -> LatentClips:
@@ -170,7 +250,7 @@ class DiTStage(Trainer):
     def batch(self, step: int) -> Batch:
         glob = self.order.global_batch(step)
         js = list(self.local_indices())
-        b = LatentClips.collate([self.data.get(*glob[j]) for j in js])
+        b = self.data.collate([self.data.get(*glob[j]) for j in js])
         b.js = js
         return b.to(self.device)
 
@@ -204,7 +284,8 @@ class TeacherTrainer(DiTStage):
         x0 = z[:, :, 1:]
         x_s = flow.add_noise(x0, noise, s)
         audio = batch.audio * (~drop_a).float().view(B, 1, 1, 1)
-        v = bidirectional_v(self.groups["teacher"].handle, x_s, 1000.0 * s, batch.ref, audio, p, drop_ref=drop_r)
+        v = bidirectional_v(self.groups["teacher"].handle, x_s, 1000.0 * s, batch.ref, audio, p, drop_ref=drop_r,
+                            text=getattr(batch, "text", None), image=getattr(batch, "image", None))
         target = flow.velocity_target(x0, noise).float()
         per = (v - target).pow(2).flatten(1).mean(1)
         return "teacher", per.mean(), {}
@@ -227,5 +308,5 @@ def train_teacher(cfg: TrainConfig) -> Path:
 
 
 # keep frame_timesteps importable from here (the generator's convention)
-__all__ = ["TeacherTrainer", "DiTStage", "train_teacher", "new_dit", "resolve_dit_dir", "save_dit_weights",
-           "bidirectional_v", "teacher_fns", "guided_v", "text_for", "frame_timesteps"]
+__all__ = ["TeacherTrainer", "DiTStage", "train_teacher", "new_dit", "dit_from_wan", "resolve_dit_dir",
+           "save_dit_weights", "bidirectional_v", "teacher_fns", "guided_v", "text_for", "frame_timesteps"]
