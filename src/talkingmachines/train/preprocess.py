@@ -46,6 +46,7 @@ import hashlib
 import html
 import json
 import os
+import warnings
 import re
 import sys
 from dataclasses import dataclass
@@ -144,6 +145,9 @@ def detect_faces(frames: list[np.ndarray], max_side: int = 640) -> list[tuple[fl
     try:
         import cv2
     except ImportError:  # pragma: no cover - a dependency; the centre square still works
+        return []
+    if not hasattr(cv2, "CascadeClassifier"):  # OpenCV 5 moved the Haar cascades out of the main package
+        warnings.warn("this OpenCV has no CascadeClassifier (install opencv-python-headless<5): centre crop")
         return []
     cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
     if cascade.empty():  # pragma: no cover
