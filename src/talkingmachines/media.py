@@ -432,6 +432,9 @@ class Mp4Writer:
                     self._container.mux(pkt)
             self._container.close()
             self._closed = True
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get ordinary permissions
             os.replace(self.tmp_path, self.path)
         except BaseException:
             self._discard()
