@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ from ..diffusion import flow
 from ..errors import InputError
 from .common import FINAL, GlobalOrder, Handle, TrainConfig, sample_generator
 from .latents import Batch, dit_input, frame_timesteps
-from .teacher import DiTStage, bidirectional_v, guided_v, new_dit, save_dit_weights, text_for
+from .teacher import DiTStage, bidirectional_v, guided_v, new_dit, text_for
 
 SALT_PAIRS, SALT_ODE, SALT_DMD, SALT_MODE = 11, 12, 13, 14
 
@@ -235,14 +234,6 @@ class OdeTrainer(DiTStage):
         per = (x0.float() - pb["x0"].float()).pow(2).flatten(1).mean(1)
         return "student", per.mean(), {}
 
-    def export(self, final: Path) -> None:
-        sd = self.full_weights("student", ema=self.cfg.export_ema)
-        if self.env.is_main:
-            save_dit_weights(self.preset, sd, final / "dit")
-            self.preset.save(final / "preset.json")
-            if (self.out / "loss.png").is_file():
-                shutil.copy(self.out / "loss.png", final / "loss.png")
-
 
 # ============================================================================ dmd stage
 class DmdTrainer(DiTStage):
@@ -341,29 +332,13 @@ class DmdTrainer(DiTStage):
             logs["regression_loss"] = float(losses["regression"].detach())
         return "student", total, logs
 
-    def export(self, final: Path) -> None:
-        sd = self.full_weights("student", ema=self.cfg.export_ema)
-        if self.env.is_main:
-            save_dit_weights(self.preset, sd, final / "dit")
-            self.preset.save(final / "preset.json")
-            if (self.out / "loss.png").is_file():
-                shutil.copy(self.out / "loss.png", final / "loss.png")
-
 
 def train_ode(cfg: TrainConfig) -> Path:
-    t = OdeTrainer(cfg)
-    try:
-        return t.run()
-    finally:
-        t.cleanup()
+    return OdeTrainer.run_to_end(cfg)
 
 
 def train_dmd(cfg: TrainConfig) -> Path:
-    t = DmdTrainer(cfg)
-    try:
-        return t.run()
-    finally:
-        t.cleanup()
+    return DmdTrainer.run_to_end(cfg)
 
 
 __all__ = ["OdeTrainer", "DmdTrainer", "train_ode", "train_dmd", "rollout", "causal_x0", "make_ode_pairs",

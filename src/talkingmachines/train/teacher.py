@@ -203,7 +203,28 @@ def guided_v(model: Handle, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref:
 
 # ============================================================================ shared data side
 class DiTStage(Trainer):
-    """A DiT stage: the data is crops from the latent cache of ``cfg.data`` encoded by ``cfg.vae``."""
+    """A DiT stage: the data is crops from the latent cache of ``cfg.data`` encoded by ``cfg.vae``.
+
+    `exported` names the parameter group written to ``final/dit`` at the end."""
+
+    exported = "student"
+
+    def export(self, final: Path) -> None:
+        sd = self.full_weights(self.exported, ema=self.cfg.export_ema)
+        if self.env.is_main:
+            save_dit_weights(self.preset, sd, final / "dit")
+            self.preset.save(final / "preset.json")
+            if (self.out / "loss.png").is_file():
+                shutil.copy(self.out / "loss.png", final / "loss.png")
+
+    @classmethod
+    def run_to_end(cls, cfg: TrainConfig) -> Path:
+        """Run the stage to the end (or resume it) and return ``RUN/final``."""
+        t = cls(cfg)
+        try:
+            return t.run()
+        finally:
+            t.cleanup()
 
     def make_data(self) -> None:
         cfg, p = self.cfg, self.preset
@@ -257,6 +278,7 @@ class DiTStage(Trainer):
 
 # ============================================================================ the teacher stage
 class TeacherTrainer(DiTStage):
+    exported = "teacher"
     stage = "teacher"
 
     def build(self) -> None:
@@ -290,21 +312,9 @@ class TeacherTrainer(DiTStage):
         per = (v - target).pow(2).flatten(1).mean(1)
         return "teacher", per.mean(), {}
 
-    def export(self, final: Path) -> None:
-        sd = self.full_weights("teacher", ema=self.cfg.export_ema)
-        if self.env.is_main:
-            save_dit_weights(self.preset, sd, final / "dit")
-            self.preset.save(final / "preset.json")
-            if (self.out / "loss.png").is_file():
-                shutil.copy(self.out / "loss.png", final / "loss.png")
-
 
 def train_teacher(cfg: TrainConfig) -> Path:
-    t = TeacherTrainer(cfg)
-    try:
-        return t.run()
-    finally:
-        t.cleanup()
+    return TeacherTrainer.run_to_end(cfg)
 
 
 # keep frame_timesteps importable from here (the generator's convention)
