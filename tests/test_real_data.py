@@ -304,13 +304,11 @@ def test_train_teacher_on_real_cache(world, prepared, tmp_path):
 
 
 def test_guards(world, prepared, tmp_path):
-    """A Wan checkpoint of another geometry than the preset, and the student stages on a
-    data prep cache (not wired yet), are refused with one-line errors."""
+    """A Wan checkpoint of another geometry than the preset is refused with a one-line error."""
     import dataclasses
 
     from talkingmachines.errors import InputError
     from talkingmachines.train.common import load_config
-    from talkingmachines.train.student import OdeTrainer
     from talkingmachines.train.teacher import new_dit
 
     _, wan, _ = world
@@ -318,6 +316,48 @@ def test_guards(world, prepared, tmp_path):
     p = cfg.make_preset()
     with pytest.raises(InputError, match="num_layers 2 \\(preset 3\\)"):
         new_dit(dataclasses.replace(p, dit=dataclasses.replace(p.dit, num_layers=3)), wan)
-    ode = OdeTrainer(dataclasses.replace(cfg, stage="ode", teacher=str(wan)))
-    with pytest.raises(InputError, match="train ode does not read a data prep cache"):
-        ode.setup()
+
+
+def test_student_stages_on_real_cache(world, prepared, tmp_path):
+    """`train ode` and `train dmd` run on a `data prep` cache, starting from a teacher initialised
+    from the Wan folder: the teacher's ODE pairs are made with the clips' own umT5 and CLIP
+    embeddings (stored with the pairs), and the student computes different results without
+    them, so they really reach it."""
+    from safetensors.torch import load_file
+
+    from talkingmachines.cli import main
+    from talkingmachines.config import Preset
+    from talkingmachines.model.weights import load_dit
+    from talkingmachines.train.common import Handle, latest_checkpoint
+    from talkingmachines.train.real_data import RealClips
+    from talkingmachines.train.student import causal_x0
+
+    _, wan, _ = world
+    teacher = tmp_path / "teacher"
+    assert main(["train", "teacher", "--config", str(_config(tmp_path)), "--preset", "wan-i2v-14b-audio",
+                 "--init-from", str(wan), "--data", str(prepared), "--out", str(teacher), "--no-progress"]) == 0
+    ode, dmd = tmp_path / "ode", tmp_path / "dmd"
+    ode_cfg = _config(tmp_path, stage="ode", ode_pairs=4, ode_batch=2, ode_steps=3, cfg_audio=2.0, lr=1e-4)
+    assert main(["train", "ode", "--config", str(ode_cfg), "--teacher", str(teacher / "final"), "--data",
+                 str(prepared), "--out", str(ode), "--no-progress"]) == 0
+    pairs = load_file(str(sorted((ode / "pairs").glob("pairs_*.safetensors"))[0]))
+    data = RealClips(prepared, 1)
+    texts = {tuple(data._text_of(e["text"]).flatten()[:8].tolist()) for e in data.entries}
+    assert pairs["text"].shape[1:] == data.get(0)["text"].shape and pairs["image"].shape[1:] == data.get(0)["image"].shape
+    assert tuple(pairs["text"][0].flatten()[:8].tolist()) in texts
+    dmd_cfg = _config(tmp_path, stage="dmd", steps=4, fake_ratio=1, regression_weight=0.25, cfg_audio=2.0, lr=1e-4)
+    assert main(["train", "dmd", "--config", str(dmd_cfg), "--teacher", str(teacher / "final"), "--init-from",
+                 str(ode), "--data", str(prepared), "--out", str(dmd), "--no-progress"]) == 0
+    hist = json.loads((latest_checkpoint(dmd) / "state.json").read_text())["history"]
+    assert len(hist) == 4 and all(math.isfinite(h["loss"]) for h in hist)
+    student = load_dit(dmd / "final" / "dit").eval()
+    assert student.config.image_dim == IMG_DIM
+    # the conditioning reaches the student: without the prompt and image tokens it computes otherwise
+    p = Preset.load(dmd / "final" / "preset.json")
+    h = Handle(student)
+    x = pairs["xs"][:, 0]  # the first step of the 2-step schedule, [B, C, F, h, w]
+    s = torch.full((x.shape[0], x.shape[2]), float(pairs["sigmas"][0]))
+    with torch.no_grad():
+        full = causal_x0(h, x, s, pairs["ref"], pairs["audio"], pairs["x0"], p, pairs["text"], pairs["image"])
+        bare = causal_x0(h, x, s, pairs["ref"], pairs["audio"], pairs["x0"], p, torch.zeros_like(pairs["text"]))
+    assert (full - bare).abs().max() > 1e-4

@@ -45,21 +45,25 @@ SALT_PAIRS, SALT_ODE, SALT_DMD, SALT_MODE = 11, 12, 13, 14
 
 
 # ============================================================================ student forwards
-def causal_x0(student: Handle, x, s_frames, ref, audio, context, preset) -> torch.Tensor:
+def causal_x0(student: Handle, x, s_frames, ref, audio, context, preset, text=None, image=None) -> torch.Tensor:
     """Student x0 for noisy frames ``x`` [B, C, F, h, w] (after the sink) at per-frame sigmas
     ``s_frames`` [B, F], teacher-forced on clean ``context`` [B, C, F, h, w] (chunk i sees
-    clean chunk i-1). ``audio`` [B, 1 + F, W, D]. One sparse-causal forward."""
+    clean chunk i-1). ``audio`` [B, 1 + F, W, D]; ``text``/``image``: prompt and reference
+    CLIP embeddings of a `data prep` cache (default: zeros / none). One sparse-causal forward."""
     B, _, F = x.shape[:3]
     cf = preset.stream.chunk_frames
     full = torch.cat([ref.to(x.dtype), x], dim=2)
     clean = torch.cat([ref.to(x.dtype), context.to(x.dtype)], dim=2)
-    v = student.call("forward_causal", dit_input(full, ref), frame_timesteps(s_frames, 1 + F),
-                     text_for(preset, B, x.device), audio=audio, chunk_frames=cf, x_clean=dit_input(clean, ref, "all"))
+    txt = text_for(preset, B, x.device) if text is None else text
+    kw = {} if image is None else {"image": image}
+    v = student.call("forward_causal", dit_input(full, ref), frame_timesteps(s_frames, 1 + F), txt, audio=audio,
+                     chunk_frames=cf, x_clean=dit_input(clean, ref, "all"), **kw)
     return x - s_frames[:, None, :, None, None].to(x.dtype) * v[:, :, 1:].to(x.dtype)
 
 
 @torch.no_grad()
-def rollout(student: Handle, ref, audio, preset, sigmas, gens, prefix: torch.Tensor | None = None):
+def rollout(student: Handle, ref, audio, preset, sigmas, gens, prefix: torch.Tensor | None = None,
+            text=None, image=None):
     """Chunk-by-chunk generation with the few-step schedule, exactly as the streaming generator
     (each chunk: x0 prediction, re-noise, ...; context = the previous clean chunk).
 
@@ -90,7 +94,7 @@ def rollout(student: Handle, ref, audio, preset, sigmas, gens, prefix: torch.Ten
             xin[:, :, sl] = x
             sf = torch.zeros(B, Fc, device=dev)
             sf[:, sl] = s
-            x0 = causal_x0(student, xin, sf, ref, audio[:, : 1 + Fc], out[:, :, :Fc], preset)[:, :, sl]
+            x0 = causal_x0(student, xin, sf, ref, audio[:, : 1 + Fc], out[:, :, :Fc], preset, text, image)[:, :, sl]
             if s_next > 0:
                 last_in[:, :, sl] = (1 - s_next) * x0 + s_next * torch.stack(
                     [torch.randn((C, cf, h, w), generator=g) for g in gens]).to(dev)
@@ -113,7 +117,7 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
     files are split over ranks)."""
     from tqdm.auto import tqdm
 
-    from .latents import LatentClips, _atomic_save
+    from .latents import _atomic_save
 
     out_dir = Path(out_dir)
     if env.is_main:
@@ -136,10 +140,11 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
         f = rnd * env.world + env.rank
         save = f < n_files and not (out_dir / f"pairs_{f:05d}.safetensors").is_file()
         f = f % n_files
-        b = LatentClips.collate([data.get(*x) for x in order.global_batch(f)]).to(env.device)
+        b = data.collate([data.get(*x) for x in order.global_batch(f)]).to(env.device)
         gens = [sample_generator(cfg.seed, f, j, SALT_PAIRS) for j in range(len(b))]
         x1 = torch.stack([torch.randn(tuple(b.z[0, :, 1:].shape), generator=g) for g in gens]).to(env.device)
-        fn = guided_v(teacher, b.ref, b.audio, preset, cfg.cfg_audio, cfg.cfg_ref)
+        text, image = getattr(b, "text", None), getattr(b, "image", None)
+        fn = guided_v(teacher, b.ref, b.audio, preset, cfg.cfg_audio, cfg.cfg_ref, text=text, image=image)
         traj = {}
 
         def keep(i, x, v):
@@ -149,8 +154,9 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
         x0 = flow.euler_sample(fn, x1, merged, callback=keep)
         xs = torch.stack([traj[i] for i in rec], dim=1)
         if save:
+            cond = {k: v for k, v in (("text", text), ("image", image)) if v is not None}
             _atomic_save({"xs": xs, "x0": x0, "ref": b.ref, "audio": b.audio, "z": b.z[:, :, 1:],
-                          "sigmas": torch.tensor(student_sig)}, out_dir / f"pairs_{f:05d}.safetensors",
+                          "sigmas": torch.tensor(student_sig), **cond}, out_dir / f"pairs_{f:05d}.safetensors",
                          {"clips": json.dumps(b.clips), "ode_steps": str(cfg.ode_steps)})
         bar.update(1)
     bar.close()
@@ -166,7 +172,8 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
 
 
 class OdePairs:
-    """All pairs of a pairs folder in memory (small at tiny scale)."""
+    """All pairs of a pairs folder in memory (small at tiny scale). Pairs made from a `data prep`
+    cache also hold the prompt (``text``) and reference CLIP (``image``) embeddings."""
 
     def __init__(self, root: Path):
         from safetensors.torch import load_file
@@ -175,7 +182,8 @@ class OdePairs:
         if not files:
             raise InputError(f"{root}: no ODE pairs (run `train ode` first)")
         parts = [load_file(str(f)) for f in files]
-        self.t = {k: torch.cat([p[k] for p in parts]) for k in ("xs", "x0", "ref", "audio", "z")}
+        keys = [k for k in ("xs", "x0", "ref", "audio", "z", "text", "image") if all(k in p for p in parts)]
+        self.t = {k: torch.cat([p[k] for p in parts]) for k in keys}
         self.sigmas = parts[0]["sigmas"].tolist()
 
     def __len__(self) -> int:
@@ -196,6 +204,11 @@ def regression_inputs(pb: dict, sigmas: list[float], cf: int, gens):
     x = xs.gather(1, idx)[:, 0]
     s = torch.tensor(sigmas, device=xs.device)[ks]
     return x, s
+
+
+def _cond(b) -> tuple:
+    """(text, image) embeddings of a batch: a `data prep` batch has them, synthetic ones do not."""
+    return getattr(b, "text", None), getattr(b, "image", None)
 
 
 # ============================================================================ ode stage
@@ -230,7 +243,8 @@ class OdeTrainer(DiTStage):
         cf = self.preset.stream.chunk_frames
         gens = [sample_generator(self.cfg.seed, step, j, SALT_ODE) for j in pb["js"]]
         x, s = regression_inputs(pb, self.pairs.sigmas, cf, gens)
-        x0 = causal_x0(self.groups["student"].handle, x, s, pb["ref"], pb["audio"], pb["x0"], self.preset)
+        x0 = causal_x0(self.groups["student"].handle, x, s, pb["ref"], pb["audio"], pb["x0"], self.preset,
+                       pb.get("text"), pb.get("image"))
         per = (x0.float() - pb["x0"].float()).pow(2).flatten(1).mean(1)
         return "student", per.mean(), {}
 
@@ -279,16 +293,20 @@ class DmdTrainer(DiTStage):
         gens = [sample_generator(cfg.seed, step, j, SALT_DMD) for j in b.js]
         mode = torch.rand(1, generator=sample_generator(cfg.seed, step, 0, SALT_MODE)).item()
         prefix = b.z[:, :, 1: 1 + cf] if (mode < cfg.real_context_prob and cfg.clip_chunks > 1) else None
-        out, last_in = rollout(self.groups["student"].handle, b.ref, b.audio, self.preset, self.sigmas, gens, prefix)
+        out, last_in = rollout(self.groups["student"].handle, b.ref, b.audio, self.preset, self.sigmas, gens, prefix,
+                               *_cond(b))
         return out, last_in, prefix
 
     def _real_x0(self, b: Batch):
-        fn = guided_v(self.teacher, b.ref, b.audio, self.preset, self.cfg.cfg_audio, self.cfg.cfg_ref)
+        text, image = _cond(b)
+        fn = guided_v(self.teacher, b.ref, b.audio, self.preset, self.cfg.cfg_audio, self.cfg.cfg_ref,
+                      text=text, image=image)
         return flow.x0_fn_from_v(fn)
 
     def _fake_v(self, b: Batch):
         fake = self.groups["fake"].handle
-        return lambda x, t: bidirectional_v(fake, x, t, b.ref, b.audio, self.preset)
+        text, image = _cond(b)
+        return lambda x, t: bidirectional_v(fake, x, t, b.ref, b.audio, self.preset, text=text, image=image)
 
     def loss(self, b: Batch, step: int):
         cfg = self.cfg
@@ -304,6 +322,7 @@ class DmdTrainer(DiTStage):
         s_frames = torch.full((B, F), s_last, device=out.device)
         context = out.detach()
         x, ref, audio = last_in, b.ref, b.audio
+        text, image = _cond(b)
         n_reg = 0
         if self.pairs is not None:
             glob = self.pair_order.global_batch(step)
@@ -315,8 +334,12 @@ class DmdTrainer(DiTStage):
             ref = torch.cat([ref, pb["ref"]])
             audio = torch.cat([audio, pb["audio"]])
             context = torch.cat([context, pb["x0"]])
+            if text is not None:  # pairs from the same prep cache carry their own embeddings
+                text = torch.cat([text, pb["text"]])
+            if image is not None:
+                image = torch.cat([image, pb["image"]])
             n_reg = len(xr)
-        x0_all = causal_x0(self.groups["student"].handle, x, s_frames, ref, audio, context, self.preset)
+        x0_all = causal_x0(self.groups["student"].handle, x, s_frames, ref, audio, context, self.preset, text, image)
         x0_gen = x0_all[:B]
         if prefix is not None:  # the real first chunk is given, not generated
             x0_gen = torch.cat([prefix, x0_gen[:, :, prefix.shape[2]:]], dim=2)

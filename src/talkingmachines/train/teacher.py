@@ -231,9 +231,6 @@ class DiTStage(Trainer):
         if not cfg.data:
             raise InputError("no data folder (--data)")
         if (Path(cfg.data) / "prep_index.json").is_file():  # a `data prep` cache (real videos)
-            if self.stage != "teacher":
-                raise InputError(f"train {self.stage} does not read a data prep cache yet (its text and image "
-                                 "embeddings are not passed to the student stages): train teacher only")
             from .real_data import load_real_clips
 
             self.data = load_real_clips(self, cfg, p)
