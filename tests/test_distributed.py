@@ -69,3 +69,31 @@ def test_two_processes_equal_one(work, stage, mode):
     assert set(r["grads"]) == set(g1)
     for k, g in g1.items():
         torch.testing.assert_close(r["grads"][k], g, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_torchrun_cli(work, tmp_path):
+    """The documented launch: `torchrun --nproc-per-node 2 -m talkingmachines train teacher ...`
+    joins a gloo group, trains, checkpoints and exports once (rank 0)."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    cfg = dataclasses.asdict(micro_config(work, "teacher", "unused"))
+    for k in ("out", "data", "vae", "stage"):
+        cfg.pop(k)
+    cfg_file = tmp_path / "teacher.json"
+    cfg_file.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(_free_port()), "-m", "talkingmachines", "train", "teacher", "--config", str(cfg_file),
+                        "--data", str(work / "data"), "--vae", str(work / "vae"), "--out", str(out),
+                        "--dist-mode", "fsdp", "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from talkingmachines.model.weights import load_dit
+    from talkingmachines.train.common import latest_checkpoint
+
+    state = json.loads((latest_checkpoint(out) / "state.json").read_text())
+    assert len(state["history"]) == cfg["steps"] and state["world_size"] == 2
+    assert load_dit(out / "final" / "dit").config.num_layers == 2
