@@ -4,6 +4,7 @@ same (averaged, gathered) gradients as one process on the same global batch, for
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 from pathlib import Path
@@ -38,6 +39,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str, stage: str) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(300, exit=True)  # a hung collective fails the test, with a traceback
     tmp = Path(tmp)
     extra = {"teacher": str(tmp / "teacher")} if stage == "ode" else {}
     cfg = micro_config(tmp, stage, f"{stage}_{mode}_{world}", dist_mode=mode, device="cpu", **extra)

@@ -94,6 +94,13 @@ class AudioDiTBlock(nn.Module):
             nn.init.zeros_(self.audio_attn.to_out[0].weight)  # starts as the identity: Wan unchanged
             nn.init.zeros_(self.audio_attn.to_out[0].bias)
 
+    def cross_kv(self, text_tokens, image_tokens=None) -> tuple:
+        """(text K/V, image K/V or None) of this block's cross-attention: computed once per
+        prompt and reference, then cached (a method of the block so that FSDP can gather the
+        block's weights for it as for its forward)."""
+        img = self.attn2.image_kv(image_tokens) if image_tokens is not None else None
+        return self.attn2.context_kv(text_tokens), img
+
     def forward(self, x, mod, frames: int, ctx_kv, img_kv, audio, self_attn, layer: int):
         """x [B, L, D] frame-major with `frames` frames; mod [B, frames, 6, D] (adaLN per frame);
         audio [B, frames, W, D] projected audio tokens or None."""
@@ -192,9 +199,8 @@ class AudioDiT(nn.Module):
         ce = self.condition_embedder
         t = ce.text_embedder(text)
         img = ce.image_embedder(image) if (image is not None and ce.image_embedder is not None) else None
-        text_kv = [b.attn2.context_kv(t) for b in self.blocks]
-        image_kv = [b.attn2.image_kv(img) for b in self.blocks] if img is not None else None
-        return Context(text_kv, image_kv)
+        kvs = [b.cross_kv(t, img) for b in self.blocks]
+        return Context([kv[0] for kv in kvs], [kv[1] for kv in kvs] if img is not None else None)
 
     def embed_audio(self, audio: torch.Tensor | None):
         if audio is None or self.audio_embedder is None:

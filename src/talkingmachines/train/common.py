@@ -20,7 +20,7 @@ from ``(seed, epoch)``, each sample's noise/timestep/dropout comes from
 so a resumed run, and a run on any number of processes, computes the same thing.
 
 **Distributed.** Launched by torchrun (``WORLD_SIZE > 1``) the process group is gloo on CPU,
-nccl on CUDA; trainable and frozen DiTs are sharded with FSDP2 (`fully_shard` on the root, see
+nccl on CUDA; trainable and frozen DiTs are sharded with FSDP2 (`fully_shard` per block and on the root, see
 `parallelize`; extra entry points such as ``forward_causal`` are registered with
 `register_fsdp_forward_method`) or replicated with DDP (``dist_mode="ddp"``, through a
 dispatcher so any method goes through DDP's hooks). Each rank takes ``batch_size / world``
@@ -292,10 +292,13 @@ def parallelize(model: nn.Module, env: DistEnv, trainable: bool) -> Handle:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         fully_shard = _fully_shard()
-        # One FSDP unit for the whole DiT: `AudioDiT.encode_context` reads every block's
-        # cross-attention weights outside the blocks' own forward, which per-block units do
-        # not allow (their parameters are only gathered inside the block's forward). Gradients
-        # and optimiser state are still sharded; parameters are gathered for the whole forward.
+        # One FSDP unit per block (only one block's parameters are gathered at a time), and
+        # one for the rest. The blocks' cross-attention K/V are computed outside their forward
+        # (`AudioDiT.encode_context`), through `cross_kv`, registered to gather like a forward.
+        for blk in getattr(model, "blocks", []):
+            fully_shard(blk, mesh=env.mesh)
+            if hasattr(blk, "cross_kv"):
+                register_fsdp_forward_method(blk, "cross_kv")
         fully_shard(model, mesh=env.mesh)
         for m in FORWARD_METHODS:
             if hasattr(model, m):
@@ -820,6 +823,15 @@ class Trainer:
 
     def cleanup(self) -> None:
         if self.env.distributed and torch.distributed.is_initialized():
+            # DDP's reducer and FSDP's state talk to the process group when they are freed:
+            # free them on every rank (after a barrier) before the group goes, or a rank can hang
+            import gc
+
+            torch.distributed.barrier()
+            self.groups.clear()
+            getattr(self, "frozen", {}).clear()
+            gc.collect()
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
