@@ -119,3 +119,29 @@ def test_evaluate_model_smoke_random_weights():
     line = q.to_json(r)
     assert "\n" not in line and "NaN" not in line and "Infinity" not in line
     json.loads(line)
+
+
+def test_fill_card_replaces_only_the_metrics_section(tmp_path):
+    """`eval-model --card` rewrites the section between the markers from the report, and keeps
+    the rest of the card; a card without the markers is refused."""
+    from talkingmachines.errors import InputError
+    from talkingmachines.eval.quality_cli import CARD_BEGIN, CARD_END, fill_card
+    from talkingmachines.stream.generator import load_avatar
+
+    avatar = load_avatar(None, "tiny")
+    clip = make_clip(46, 1.6, size=128, speech="babble", listen_frac=0.4)
+    r = json.loads(q.to_json(q.evaluate_model(avatar, [clip], long_seconds=0.5, progress=False)))
+    r["data"] = {"dir": "runs/data", "held_out_clips": 1, "evaluated": 1}
+    card = tmp_path / "card.md"
+    card.write_text(f"# card\nbefore\n{CARD_BEGIN}\n| old | TBD |\n{CARD_END}\nafter\n")
+    fill_card(card, r, "talkingmachines eval-model --n 1")
+    text = card.read_text()
+    assert text.startswith("# card\nbefore\n") and text.endswith(f"{CARD_END}\nafter\n") and "TBD" not in text
+    lag = r["summary"]["student"]["lag"]
+    assert f"| lip-sync best lag (frames) | {lag if lag is not None else 'n/a'} |" in text
+    assert "`talkingmachines eval-model --n 1`" in text and "0.5 s stream" not in text.split(CARD_END)[1]
+    bare = tmp_path / "bare.md"
+    bare.write_text("# no markers\n")
+    with pytest.raises(InputError, match="no '<!-- metrics:begin -->'"):
+        fill_card(bare, r, "x")
+    assert bare.read_text() == "# no markers\n"

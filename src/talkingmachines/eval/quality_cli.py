@@ -59,6 +59,64 @@ def _load_teacher(spec: str | None, avatar):
     return factory(avatar)
 
 
+CARD_BEGIN, CARD_END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
+
+
+def metrics_markdown(r: dict, command: str) -> str:
+    """The model card's metrics section from an `eval-model` report."""
+    s = r["summary"]
+    cols = [("teacher", "teacher (16 Euler steps, audio CFG 2.5)"), ("student", "student (2 steps, streaming)"),
+            ("ground_truth", "ground truth (pixels)"), ("ground_truth_signal", "ground truth (renderer)")]
+    cols = [(k, label) for k, label in cols if k in s]
+
+    def row(label, key, fmt):
+        return f"| {label} | " + " | ".join(fmt(s[k].get(key)) for k, _ in cols) + " |"
+
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    lines = [f"Measured with `{command}`",
+             f"on {r['data']['evaluated']} held-out clips of `{r['data']['dir']}` "
+             f"({r['data']['held_out_clips']} held out of every training stage). The mouth signal is measured from "
+             "pixels the same way for every column.", "",
+             "| metric | " + " | ".join(label for _, label in cols) + " |",
+             "|---" * (len(cols) + 1) + "|",
+             row("lip-sync best lag (frames)", "lag", _fmt),
+             row("mouth-energy correlation at that lag", "confidence", lambda v: _fmt(v, 2)),
+             row("clips with best lag within 2 frames", "clips_lag_within_2", pct),
+             row("mouth motion speech / silence (median)", "stillness_ratio_median",
+                 lambda v: "(capped)" if v is not None and v >= 1000 else _fmt(v, 1))]
+    ls = r.get("long_stream")
+    if ls:
+        d = ls["drift"]
+
+        def srow(label, text):
+            i = [k for k, _ in cols].index("student")
+            cells = ["-"] * len(cols)
+            cells[i] = text
+            return f"| {label} | " + " | ".join(cells) + " |"
+
+        lines += [srow(f"{ls['seconds']:g} s stream: best lag, correlation", f"{_fmt(ls['lag'])}, {_fmt(ls['confidence'], 2)}"),
+                  srow(f"{ls['seconds']:g} s stream: mouth motion speech / silence", _fmt(ls["stillness_ratio"], 2)),
+                  srow(f"{ls['seconds']:g} s stream: last {d['window_seconds']:g} s vs first, mean-frame PSNR",
+                       f"{_fmt(d['psnr_first_last'], 1)} dB"),
+                  srow(f"{ls['seconds']:g} s stream: colour shift last vs first (R, G, B; brightness), 0-255",
+                       ", ".join(f"{v:+.1f}" for v in d["rgb_shift"]) + f"; {d['brightness_shift']:+.1f}")]
+    lines += ["", "Targets (`targets` in the report): " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
+                                                                  for k, v in r["targets"].items()) + "."]
+    return "\n".join(lines)
+
+
+def fill_card(card: Path, r: dict, command: str) -> None:
+    """Replace the card's metrics section (between the markers) with `metrics_markdown` (atomic)."""
+    text = card.read_text()
+    if CARD_BEGIN not in text or CARD_END not in text:
+        raise InputError(f"{card}: no '{CARD_BEGIN}' ... '{CARD_END}' section to fill")
+    head, rest = text.split(CARD_BEGIN, 1)
+    _, tail = rest.split(CARD_END, 1)
+    tmp = card.with_name(card.name + ".tmp")
+    tmp.write_text(f"{head}{CARD_BEGIN}\n{metrics_markdown(r, command)}\n{CARD_END}{tail}")
+    tmp.replace(card)
+
+
 def cmd_eval_model(args) -> int:
     import json
 
@@ -69,6 +127,8 @@ def cmd_eval_model(args) -> int:
     from . import quality as q
 
     data = Path(args.data)
+    if args.card and not Path(args.card).is_file():
+        raise InputError(f"--card {args.card}: no such file")
     ds = ClipDataset(data)
     if args.held_out_json:
         idx = json.loads(Path(args.held_out_json).read_text())["clips"]
@@ -91,6 +151,10 @@ def cmd_eval_model(args) -> int:
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(json.loads(line), indent=1))
         tmp.replace(out)
+    if args.card:
+        import shlex
+
+        fill_card(Path(args.card), json.loads(line), "talkingmachines " + shlex.join(sys.argv[1:]))
     if args.json:
         print(line)
         return 0
@@ -133,4 +197,5 @@ def register(sub) -> None:
                    help="FACTORY(avatar) -> callable(portrait, audio) -> frames, to add the teacher's figures")
     m.add_argument("--json", action="store_true", help="print one JSON line")
     m.add_argument("--out", default=None, help="also write the full report as JSON here")
+    m.add_argument("--card", default=None, help="fill the metrics section of this model card (card.md)")
     m.set_defaults(fn=cmd_eval_model)

@@ -324,7 +324,7 @@ Whole recipe: {total:.1f} min wall on {r.get('_device', 'this machine')} (budget
 Per-stage wall seconds: {json.dumps({k: round(v) for k, v in timings.items()})}.
 Weights in this folder (student DiT, teacher DiT, VAE): {mb:.1f} MB (safetensors, fp32).
 
-## Metrics (held-out synthetic clips; filled by `talkingmachines eval`)
+## Metrics (held-out synthetic clips; filled by `talkingmachines eval-model --card`)
 <!-- metrics:begin -->
 | metric | teacher | student | ground truth |
 |---|---|---|---|
