@@ -145,3 +145,18 @@ def test_fill_card_replaces_only_the_metrics_section(tmp_path):
     with pytest.raises(InputError, match="no '<!-- metrics:begin -->'"):
         fill_card(bare, r, "x")
     assert bare.read_text() == "# no markers\n"
+
+
+def test_long_stream_audio_ends_as_it_starts():
+    """The drift stream's last window repeats its first exactly (same speech, so only drift
+    can tell them apart); the rest loops the clips with silences between them."""
+    rng = np.random.default_rng(0)
+    clips = [rng.normal(0, 0.1, int(16000 * s)).astype(np.float32) for s in (2.3, 3.1)]
+    a = q.long_stream_audio(clips, 30.0, seed=1, repeat_first=5.0)
+    assert len(a) == 30 * 16000
+    np.testing.assert_array_equal(a[-5 * 16000:], a[:5 * 16000])
+    np.testing.assert_array_equal(a[:len(clips[0])], clips[0])
+    assert (a[len(clips[0]): len(clips[0]) + 8000] == 0).all()  # a silence of >= 0.5 s follows each clip
+    b = q.long_stream_audio(clips, 30.0, seed=1)
+    np.testing.assert_array_equal(a[: 20 * 16000], b[: 20 * 16000])  # same loop until the repeat
+    assert not np.array_equal(b[-5 * 16000:], b[:5 * 16000])

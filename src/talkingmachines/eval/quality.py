@@ -35,7 +35,8 @@ opening (above the clip's 5th percentile) in each.
 **Drift** (`drift`): PSNR between the mean frame of the first and the last `window` seconds
 of a long video (identical -> capped at 100 dB), the per-channel RGB mean shift and the
 brightness (Rec. 601 luma) shift last minus first, and the same PSNR for every window
-against the first (to see a trend).
+against the first (to see a trend). `evaluate_model`'s long stream ends with the same
+`window` seconds of speech it starts with, so that what is said does not count as drift.
 
 `evaluate_video(video, audio)` and `evaluate_model(avatar, clips, ...)` put these together.
 """
@@ -599,21 +600,28 @@ def _summary(per_clip: list[dict]) -> dict:
 
 
 def long_stream_audio(clips: Sequence[np.ndarray], seconds: float, seed: int = 0,
-                      gap: tuple[float, float] = (0.5, 2.5)) -> np.ndarray:
+                      gap: tuple[float, float] = (0.5, 2.5), repeat_first: float = 0.0) -> np.ndarray:
     """`seconds` of audio: the given clips' audio looped in order, each followed by a random
-    silence of `gap` seconds (so the stream alternates speaking and listening)."""
+    silence of `gap` seconds (so the stream alternates speaking and listening).
+
+    ``repeat_first`` > 0: the last ``repeat_first`` seconds repeat the first ones exactly, so a
+    drift measure that compares the first and last windows compares frames driven by the same
+    speech (an open mouth darkens a frame: different speech alone moves the mean brightness)."""
     rng = np.random.default_rng(seed)
     n = int(round(seconds * SAMPLE_RATE))
+    r = int(round(repeat_first * SAMPLE_RATE)) if 0 < repeat_first * 2 <= seconds else 0
     out = np.zeros(n, np.float32)
     pos, i = 0, 0
     if not len(clips):
         return out
-    while pos < n:
+    while pos < n - r:
         a = np.asarray(clips[i % len(clips)], np.float32)
-        k = min(len(a), n - pos)
+        k = min(len(a), n - r - pos)
         out[pos:pos + k] = a[:k]
         pos += k + int(rng.uniform(*gap) * SAMPLE_RATE)
         i += 1
+    if r:
+        out[n - r:] = out[:r]
     return out
 
 
@@ -704,7 +712,9 @@ def _long_stream(avatar, items, seconds, seed, steps, progress, window) -> dict:
     first = items[0]
     frames0 = np.asarray(first["frames"])
     portrait = frames0[_listening_frame(frames0, first.get("speaking"))]
-    audio = long_stream_audio([np.asarray(c["audio"], np.float32) for c in items], seconds, seed)
+    # the last window's speech repeats the first window's: first vs last differ by drift only
+    audio = long_stream_audio([np.asarray(c["audio"], np.float32) for c in items], seconds, seed,
+                              repeat_first=window)
     H, W = avatar.preset.height, avatar.preset.width
     roi = mouth_roi_from_face(first["face"], H, W) if first.get("face") else _auto_full(frames0)
     m = int(round(0.05 * max(H, W))) + 1

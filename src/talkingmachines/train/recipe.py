@@ -301,6 +301,10 @@ def model_card(r: dict, out: Path, preset, timings: dict, folder: Path | None = 
         rows.append(f"| {label} | {d.get('steps', '?')} | {d.get('wall_seconds', 0) / 60:.1f} | "
                     f"loss {last.get('loss', float('nan')):.4f} |")
     total = sum(timings.values()) / 60
+    cfg = f" --config {r['_config']}" if r.get("_config") else ""
+    reproduce = (f"Exactly this model: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r['data']}`"
+                 if not r.get("budget_minutes") else
+                 f"`talkingmachines train tiny-recipe{cfg} --out {out} --budget-minutes {r['budget_minutes']:g}`")
     return f"""# talkingmachines `tiny` model card
 
 A {count_parameters(preset.dit) / 1e6:.2f} M-parameter audio-driven DiT (Wan2.1 layout, {preset.dit.num_layers} blocks,
@@ -335,11 +339,16 @@ Weights in this folder (student DiT, teacher DiT, VAE): {mb:.1f} MB (safetensors
 <!-- metrics:end -->
 
 ## Limits
-Trained only on procedural cartoon-to-shaded faces at {preset.width}x{preset.height}: a real photo is outside the
-training distribution (see the evaluation notes for what it gives).
+Trained for about an hour on one CPU, only on procedural cartoon-to-shaded faces at {preset.width}x{preset.height}:
+frames are blurry and blocky, with flickering artefacts, and the mouth motion is visible but coarse. A real photo is
+outside the training distribution: it keeps the photo's colours and face layout but turns the face into a blocky,
+flickering texture whose mouth region pulses with the speech, a smeared likeness rather than a talking person. The
+tiny model proves the pipeline; the real presets are for real faces.
 
 ## Reproduce
-`talkingmachines train tiny-recipe --out runs/tiny --budget-minutes 110` (resumable: run it again after an interruption).
+{reproduce}
+(resumable: run it again after an interruption; the data set is synthesised by the recipe's first stage). To fit
+any wall-time budget instead: `talkingmachines train tiny-recipe --out runs/tiny --budget-minutes 110`.
 """
 
 
@@ -349,6 +358,7 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     r = load_recipe(config, budget_minutes=budget_minutes, device=device)
+    r["_config"] = str(config) if config else None
     r["data"] = str(Path(data) if data else (Path(r["data"]) if r.get("data") else out / "data"))
     stages = list(stages or STAGES)
     bad = [s for s in stages if s not in STAGES]
