@@ -97,3 +97,24 @@ def test_audio_buffer_reads_absolute_positions():
     b.drop_before(5)
     assert b.start == 5
     np.testing.assert_array_equal(b.read(4, 12), [0, 5, 6, 7, 8, 9, 0, 0])
+
+
+def test_random_dit_in_place_is_sane():
+    """The in-place random DiT (what CUDA benchmarks build for the big presets) has every
+    parameter filled, finite and of the right scale, and runs a chunk with finite output."""
+    from talkingmachines.config import get_preset
+    from talkingmachines.stream.generator import random_dit
+
+    cfg = get_preset("tiny").dit
+    m = random_dit(cfg, "cpu", torch.bfloat16, in_place=True)
+    ref = random_dit(cfg, "cpu", torch.float32, in_place=False)
+    for (name, w), (_, w0) in zip(m.named_parameters(), ref.named_parameters()):
+        assert w.dtype == torch.bfloat16 and w.shape == w0.shape and torch.isfinite(w.float()).all(), name
+        if w.ndim >= 2 and "pos_embed" not in name:
+            assert 0.3 < w.float().std() * w[0].numel() ** 0.5 < 3 or "scale_shift" in name, name
+    x = torch.randn(1, cfg.in_channels, 4, 16, 16, dtype=torch.bfloat16)
+    au = torch.randn(1, 4, cfg.audio_window, cfg.audio_dim, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = m(x, torch.tensor([[0.0, 500.0, 500.0, 500.0]]), torch.zeros(1, 4, cfg.text_dim, dtype=torch.bfloat16),
+                audio=au)
+    assert out.shape == (1, cfg.out_channels, 4, 16, 16) and torch.isfinite(out.float()).all()
