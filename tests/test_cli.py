@@ -111,3 +111,21 @@ def test_bench_json(tmp_path):
         assert isinstance(res[k], (int, float)) and res[k] == res[k], k
     assert res["rtf"] > 0 and res["kv_cache_speedup"] > 0
     assert (tmp_path / "lat.png").stat().st_size > 1000
+
+
+def test_demo_mouth_moves_with_speech_and_rests_in_silence(tmp_path):
+    """README step 1 as a new user runs it: `talkingmachines demo` in an empty folder writes
+    demo.mp4 with the shipped model, whose mouth follows the bundled speech (best lag within 2
+    frames, correlation with the speech energy >= 0.4) and moves at least twice as much in
+    speech as in the speech's pauses (measured from the pixels by `talkingmachines eval`)."""
+    import json
+
+    r = run("demo", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "demo.mp4").is_file()
+    r = run("eval", "demo.mp4", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["lag"] is not None and abs(m["lag"]) <= 2, m
+    assert m["confidence"] >= 0.4, m
+    assert m["stillness_ratio"] >= 2.0, m
