@@ -194,3 +194,17 @@ def test_tiny_decode_timing(tiny):
               f"median {1e3 * sorted(times)[5]:.1f} ms, min {1e3 * min(times):.1f} ms")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_saved_vae_files_have_ordinary_permissions(tmp_path):
+    """Atomic saves go through mkstemp (mode 0600): the finished files get the umask's usual mode."""
+    import os
+    import stat
+
+    from talkingmachines.model.vae import TinyVAE, TinyVAEConfig
+
+    TinyVAE(TinyVAEConfig(enc_widths=(8, 8, 8), dec_widths=(8, 8, 8))).save_pretrained(tmp_path / "vae")
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "vae").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
