@@ -302,7 +302,7 @@ def model_card(r: dict, out: Path, preset, timings: dict, folder: Path | None = 
                     f"loss {last.get('loss', float('nan')):.4f} |")
     total = sum(timings.values()) / 60
     cfg = f" --config {r['_config']}" if r.get("_config") else ""
-    reproduce = (f"Exactly this model: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r['data']}`"
+    reproduce = (f"This model's settings: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r['data']}`"
                  if not r.get("budget_minutes") else
                  f"`talkingmachines train tiny-recipe{cfg} --out {out} --budget-minutes {r['budget_minutes']:g}`")
     return f"""# talkingmachines `tiny` model card
