@@ -51,38 +51,33 @@ def test_streaming_matches_masked_forward_bf16_on_cuda():
     assert err < 0.05 * scale + 0.02, (err, scale)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_on_its_own_cuda_stream_equals_sequential(dtype):
-    """The VAE decoding on a second CUDA stream (events order it after the DiT) gives exactly the
-    frames of the sequential engine."""
-    avatar = load_avatar(None, "tiny", "cuda", dtype=dtype)
-    n = 4
+def _sequential_and_pipelined(avatar, decode_device=None, n=4):
+    """The same stream's first `n` chunks from the sequential engine and from the pipeline."""
     audio = speech_like((n + 2) * 0.48)
     s = avatar.new_stream(seed=3)
     s.push_audio(audio)
     s.end_audio()
     ref = disagg.sequential_chunks(s, n)
-    p = disagg.PipelinedStream(avatar.new_stream(seed=3), depth=2)
-    assert p.decode_stream is not None
+    p = disagg.PipelinedStream(avatar.new_stream(seed=3), decode_device=decode_device, depth=2)
     p.push_audio(audio)
     p.end_audio()
-    got = list(p.chunks(n))
-    assert [c.index for c in got] == list(range(n))
+    return ref, list(p.chunks(n)), p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_on_its_own_cuda_stream_equals_sequential(dtype):
+    """The VAE decoding on a second CUDA stream (events order it after the DiT) gives exactly the
+    frames of the sequential engine."""
+    ref, got, p = _sequential_and_pipelined(load_avatar(None, "tiny", "cuda", dtype=dtype))
+    assert p.decode_stream is not None
+    assert [c.index for c in got] == list(range(len(ref)))
     for a, b in zip(ref, got):
         assert np.array_equal(a.frames, b.frames)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_decode_on_a_second_gpu_equals_sequential():
-    avatar = load_avatar(None, "tiny", "cuda:0", dtype=torch.float32)
-    n = 4
-    audio = speech_like((n + 2) * 0.48)
-    s = avatar.new_stream(seed=3)
-    s.push_audio(audio)
-    s.end_audio()
-    ref = disagg.sequential_chunks(s, n)
-    p = disagg.PipelinedStream(avatar.new_stream(seed=3), decode_device="cuda:1", depth=2)
-    p.push_audio(audio)
-    p.end_audio()
-    for a, b in zip(ref, p.chunks(n)):
+    ref, got, _ = _sequential_and_pipelined(load_avatar(None, "tiny", "cuda:0", dtype=torch.float32), "cuda:1")
+    assert len(got) == len(ref)
+    for a, b in zip(ref, got):
         assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 1  # another GPU's kernels

@@ -295,6 +295,13 @@ def _as_audio(a) -> np.ndarray:
     return np.clip(np.nan_to_num(a), -1.0, 1.0)
 
 
+def ordinary_permissions(path) -> None:
+    """Give a finished temp file the mode a plain ``open`` would (mkstemp makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 class Mp4Writer:
     """Streaming, atomic MP4 writer (H.264 yuv420p + AAC mono).
 
@@ -432,9 +439,7 @@ class Mp4Writer:
                     self._container.mux(pkt)
             self._container.close()
             self._closed = True
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get ordinary permissions
+            ordinary_permissions(self.tmp_path)
             os.replace(self.tmp_path, self.path)
         except BaseException:
             self._discard()

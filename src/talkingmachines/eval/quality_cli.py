@@ -112,9 +112,9 @@ def fill_card(card: Path, r: dict, command: str) -> None:
         raise InputError(f"{card}: no '{CARD_BEGIN}' ... '{CARD_END}' section to fill")
     head, rest = text.split(CARD_BEGIN, 1)
     _, tail = rest.split(CARD_END, 1)
-    tmp = card.with_name(card.name + ".tmp")
-    tmp.write_text(f"{head}{CARD_BEGIN}\n{metrics_markdown(r, command)}\n{CARD_END}{tail}")
-    tmp.replace(card)
+    from ..train.common import atomic_write_text
+
+    atomic_write_text(card, f"{head}{CARD_BEGIN}\n{metrics_markdown(r, command)}\n{CARD_END}{tail}")
 
 
 def cmd_eval_model(args) -> int:

@@ -618,9 +618,9 @@ def _atomic_write(dest: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: give the file ordinary permissions
+        from ..media import ordinary_permissions
+
+        ordinary_permissions(tmp)
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):

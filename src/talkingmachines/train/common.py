@@ -829,7 +829,7 @@ class Trainer:
 
             torch.distributed.barrier()
             self.groups.clear()
-            getattr(self, "frozen", {}).clear()
+            self.frozen.clear()
             gc.collect()
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()

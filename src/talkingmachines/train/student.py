@@ -104,6 +104,11 @@ def rollout(student: Handle, ref, audio, preset, sigmas, gens, prefix: torch.Ten
     return out, last_in
 
 
+def _cond(b) -> tuple:
+    """(text, image) embeddings of a batch: a `data prep` batch has them, synthetic ones do not."""
+    return getattr(b, "text", None), getattr(b, "image", None)
+
+
 # ============================================================================ ODE pairs
 def _merged_sigmas(steps: int, shift: float, student: list[float]) -> tuple[list[float], list[int]]:
     grid = flow.sigmas(steps, shift, spacing="wan").tolist()
@@ -143,7 +148,7 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
         b = data.collate([data.get(*x) for x in order.global_batch(f)]).to(env.device)
         gens = [sample_generator(cfg.seed, f, j, SALT_PAIRS) for j in range(len(b))]
         x1 = torch.stack([torch.randn(tuple(b.z[0, :, 1:].shape), generator=g) for g in gens]).to(env.device)
-        text, image = getattr(b, "text", None), getattr(b, "image", None)
+        text, image = _cond(b)
         fn = guided_v(teacher, b.ref, b.audio, preset, cfg.cfg_audio, cfg.cfg_ref, text=text, image=image)
         traj = {}
 
@@ -204,11 +209,6 @@ def regression_inputs(pb: dict, sigmas: list[float], cf: int, gens):
     x = xs.gather(1, idx)[:, 0]
     s = torch.tensor(sigmas, device=xs.device)[ks]
     return x, s
-
-
-def _cond(b) -> tuple:
-    """(text, image) embeddings of a batch: a `data prep` batch has them, synthetic ones do not."""
-    return getattr(b, "text", None), getattr(b, "image", None)
 
 
 # ============================================================================ ode stage
