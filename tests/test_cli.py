@@ -4,12 +4,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from talkingmachines.media import probe, write_mp4
+from talkingmachines.media import probe
 
 EXE = [sys.executable, "-m", "talkingmachines.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

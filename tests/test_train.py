@@ -4,10 +4,11 @@ DMD rollout equal to the streaming (KV-cached) generator."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -170,7 +171,6 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
     run again: every stage is skipped (resumable), and the model generates a chunk."""
     import json
 
-    import numpy as np
     from train_fixtures import MICRO_PRESET
 
     from talkingmachines.cli import main
@@ -180,7 +180,7 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
            "synth": {"n": 4, "seconds": [2.0, 2.5], "workers": 1, "speech": "babble", "video": False},
            "vae": {"steps": 3, "batch_size": 2, "clip_frames": 5, "lr": 1e-3},
            "common": {"clip_chunks": 1, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress": False},
-           "teacher": {"steps": 2, "lr": 1e-3}, "ode": {"steps": 2, "ode_steps": 2, "ode_pairs": 2, "ode_batch": 2},
+           "teacher": {"steps": 2, "lr": 1e-3, "mouth_weight": 3.0}, "ode": {"steps": 2, "ode_steps": 2, "ode_pairs": 2, "ode_batch": 2},
            "dmd": {"steps": 2, "fake_ratio": 1}}
     (tmp_path / "recipe.json").write_text(json.dumps(cfg))
     out = tmp_path / "run"
@@ -191,6 +191,10 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
         assert (model / name).exists(), name
     card = (model / "card.md").read_text()
     assert "This model's settings: `talkingmachines train tiny-recipe --config" in card and "{reproduce}" not in card
+    # synthetic clips know their mouth: every cached clip carries its box in latent pixels
+    (cache,) = (out / "data").glob("latents-*")
+    boxes = [e["mouth_box"] for e in json.loads((cache / "index.json").read_text())["clips"]]
+    assert boxes and all(0 <= y0 < y1 <= 4 and 0 <= x0 < x1 <= 4 for y0, y1, x0, x1 in boxes), boxes
     timings = json.loads((out / "timings.json").read_text())
     assert {"synth", "vae", "teacher", "ode", "dmd", "export"} <= set(timings)
     assert main(args) == 0  # all done: every stage is skipped
@@ -202,3 +206,35 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
     s.end_audio()
     chunk = s.next_chunk()
     assert chunk is not None and chunk.frames.shape[1:] == (32, 32, 3)
+
+
+def test_mouth_weighted_mse():
+    from talkingmachines.train.teacher import mouth_weighted_mse
+
+    g = torch.Generator().manual_seed(0)
+    diff = torch.randn(2, 3, 4, 5, 6, generator=g)
+    mouth = torch.zeros(2, 5, 6)
+    mouth[0, 1:3, 2:5] = 1.0
+    plain = diff.pow(2).flatten(1).mean(1)
+    assert torch.allclose(mouth_weighted_mse(diff, None, 3.0), plain)
+    assert torch.allclose(mouth_weighted_mse(diff, mouth, 0.0), plain)
+    got = mouth_weighted_mse(diff, mouth, 3.0)
+    assert torch.allclose(got[1], plain[1])  # no box: the plain mean
+    e = diff[0].pow(2)
+    inside, n_in = e[:, :, 1:3, 2:5].sum(), 3 * 4 * 2 * 3
+    want = (4 * inside + (e.sum() - inside)) / (4 * n_in + (e.numel() - n_in))
+    assert torch.allclose(got[0], want)
+
+
+def test_mouth_box_covers_the_synthetic_mouth():
+    from talkingmachines.eval.quality import mouth_roi_from_face
+    from talkingmachines.train.latents import mouth_box
+    from talkingmachines.train.synth import FaceParams
+
+    for seed in range(20):
+        face = dataclasses.asdict(FaceParams.sample(seed))
+        y0, y1, x0, x1 = mouth_box(face, 128, 128, 8)
+        py0, py1, px0, px1 = mouth_roi_from_face(face, 128, 128)
+        assert 8 * y0 <= py0 and py1 <= 8 * y1 and 8 * x0 <= px0 and px1 <= 8 * x1
+        assert (y1 - y0) * (x1 - x0) <= 0.3 * 16 * 16  # a box around the mouth, not the face
+    assert mouth_box(None, 128, 128, 8) is None

@@ -7,7 +7,6 @@ atomically, so a failed run leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
@@ -57,7 +56,6 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from .config import SAMPLES_PER_FRAME
@@ -157,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     import importlib
+    import importlib.util
 
     # optional command groups, each registering its own sub-commands
     for name in ("serve.cli", "train.cli", "eval.cli", "eval.quality_cli"):

@@ -26,6 +26,7 @@ import numpy as np
 
 from talkingmachines.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from talkingmachines.errors import InputError
+from talkingmachines.fileio import ordinary_permissions  # noqa: F401 (also imported from here)
 
 MAX_AUDIO_SECONDS = 2 * 60 * 60  # 2 h
 MIN_IMAGE_SIDE = 64
@@ -293,13 +294,6 @@ def _as_audio(a) -> np.ndarray:
     if a.ndim != 1:
         raise ValueError(f"audio must be mono [n], got shape {a.shape}")
     return np.clip(np.nan_to_num(a), -1.0, 1.0)
-
-
-def ordinary_permissions(path) -> None:
-    """Give a finished temp file the mode a plain ``open`` would (mkstemp makes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 class Mp4Writer:

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import SAMPLES_PER_FRAME
 
 
 def rss_bytes() -> int:
@@ -191,9 +190,9 @@ def _plot(times, chunk_s, path):
     ax.set_ylabel("ms")
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    from ..fileio import atomic_write
+
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
 
 
 # ----------------------------------------------------------------------------- disaggregation

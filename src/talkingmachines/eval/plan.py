@@ -158,7 +158,6 @@ def plan(preset: str | Preset, gpus: int, gpu_mem_gib: float, dtype: str = "bf16
     cap = gpu_mem_gib * GiB
     vae = vae_memory(p, vb)
     aud = audio_memory(p)
-    vae_total = vae["weights"] + vae["causal_cache"] + vae["activations"]
     aud_total = aud["weights"] + aud["activations"]
     notes = []
     if gpus == 1:
@@ -171,7 +170,6 @@ def plan(preset: str | Preset, gpus: int, gpu_mem_gib: float, dtype: str = "bf16
             notes.append(f"{gpus - 1 - k} GPU(s) idle: the sequence-parallel degree must divide "
                          f"{p.dit.num_attention_heads} heads and the tokens per frame (allowed: {ks})")
     dm = dit_memory(p, k, b)
-    dit_total = dm["weights"] + dm["kv_cache_peak"] + dm["context_cache"] + dm["activations"]
     devices = []
     for g in range(gpus):
         items = {}

@@ -112,7 +112,7 @@ def fill_card(card: Path, r: dict, command: str) -> None:
         raise InputError(f"{card}: no '{CARD_BEGIN}' ... '{CARD_END}' section to fill")
     head, rest = text.split(CARD_BEGIN, 1)
     _, tail = rest.split(CARD_END, 1)
-    from ..train.common import atomic_write_text
+    from ..fileio import atomic_write_text
 
     atomic_write_text(card, f"{head}{CARD_BEGIN}\n{metrics_markdown(r, command)}\n{CARD_END}{tail}")
 
@@ -148,9 +148,9 @@ def cmd_eval_model(args) -> int:
     line = q.to_json(r)
     if args.out:
         out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(json.loads(line), indent=1))
-        tmp.replace(out)
+        from ..fileio import atomic_write_text
+
+        atomic_write_text(out, json.dumps(json.loads(line), indent=1))
     if args.card:
         import shlex
 

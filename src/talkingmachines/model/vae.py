@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..fileio import atomic_write
 
 __all__ = [
     "VideoVAE",
@@ -427,9 +428,9 @@ class TinyVAE(nn.Module, VideoVAE):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        atomic_write(path / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         text = json.dumps(self.config.to_dict(), indent=2)
-        _atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(text))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "TinyVAE":
@@ -609,20 +610,3 @@ def load_vae(kind: str, path: str | os.PathLike, device: torch.device | str = "c
         model = AutoencoderKLWan.from_pretrained(str(path), **kw)
         return WanVAE(model.to(device).eval())
     raise ValueError(f"unknown VAE kind {kind!r}; use 'tiny' or 'wan'")
-
-
-def _atomic_write(dest: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, then os.replace (atomic on POSIX)."""
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        from ..media import ordinary_permissions
-
-        ordinary_permissions(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from ..config import DiTConfig
 from ..errors import InputError
+from ..fileio import atomic_write
 from .dit import AudioDiT
 
 FORMAT = "talkingmachines-dit"
@@ -465,16 +466,6 @@ def _parse_size(s: int | str) -> int:
     return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_dit(model: AudioDiT, directory: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD) -> Path:
     """Write `config.json` + `model.safetensors` (or shards + `model.safetensors.index.json` when the
     weights exceed `max_shard_size`, bytes or "5GB"). Each file is written atomically; shards of an
@@ -499,13 +490,13 @@ def save_dit(model: AudioDiT, directory: str | os.PathLike, max_shard_size: int 
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, keys in zip(names, shards):
         part = {k: sd[k].detach().to("cpu").contiguous() for k in keys}
-        _atomic_write(d / name, lambda p, part=part: save_file(part, str(p), metadata=meta))
+        atomic_write(d / name, lambda p, part=part: save_file(part, str(p), metadata=meta))
         del part
     index = d / "model.safetensors.index.json"
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in sd.values())
         wm = {k: name for name, keys in zip(names, shards) for k in keys}
-        _atomic_write(index, lambda p: p.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm},
+        atomic_write(index, lambda p: p.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm},
                                                                indent=1)))
     elif index.exists():
         index.unlink()
@@ -513,7 +504,7 @@ def save_dit(model: AudioDiT, directory: str | os.PathLike, max_shard_size: int 
         if old.name not in names:
             old.unlink()
     cfg = {"_format": FORMAT, "_version": FORMAT_VERSION, **model.config.to_dict()}
-    _atomic_write(d / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    atomic_write(d / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
     return d
 
 

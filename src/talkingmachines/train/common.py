@@ -55,6 +55,7 @@ import torch.nn as nn
 
 from ..config import Preset, get_preset
 from ..errors import InputError
+from ..fileio import atomic_save_safetensors, atomic_write, atomic_write_text
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -99,6 +100,10 @@ class TrainConfig:
     p_drop_audio: float = 0.1
     p_drop_ref: float = 0.05
     t_dist: str = "uniform"  # uniform | logit_normal, then Wan's shift (preset.stream.flow_shift)
+    # extra loss weight on the mouth box (synthetic clips know it; real ones get none): the mouth
+    # is a few % of the latent pixels, so a plain MSE leaves it under-fitted (mushy lips that
+    # twitch in silence). Per-pixel weights do not change the optimum, only where capacity goes.
+    mouth_weight: float = 0.0
     # --- teacher sampling (ODE pairs, real score) ---
     ode_steps: int = 20
     cfg_audio: float = 2.5
@@ -472,21 +477,6 @@ def optimizer_from_flat(model: nn.Module, opt: torch.optim.Optimizer, tensors: d
     set_optimizer_state_dict(model, opt, {"state": state, "param_groups": groups}, options=_opts(full_state_dict=True))
 
 
-def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     root = Path(out) / CKPT_DIR
     lf = root / LATEST
@@ -545,10 +535,8 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, format="png")
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ============================================================================ the trainer
@@ -675,7 +663,7 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir()
             for fn, (tensors, md) in files.items():
-                save_safetensors(tensors, tmp / fn, md)
+                atomic_save_safetensors(tensors, tmp / fn, md)
             for fn, meta in metas.items():
                 (tmp / fn).write_text(json.dumps(meta))
             (tmp / "state.json").write_text(json.dumps(self.state_json()))

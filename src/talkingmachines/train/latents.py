@@ -8,6 +8,11 @@ The DiT never sees pixels during training: each clip of a `ClipDataset` is encod
   (listening frames, mouth closed, when the clip has them): the sinks;
 * ``features`` [1 + 4k, F]       the audio front end's per-video-frame features.
 
+Synthetic clips know where their mouth is: the index holds each clip's mouth box in latent
+pixels (`mouth_box`, from the renderer's face parameters, widened for head motion) and every
+crop comes with a 0/1 mask of it (``Batch.mouth``), which `TrainConfig.mouth_weight` uses to
+give the mouth a larger share of the teacher's loss. Real clips have no box (all zeros).
+
 A training crop is ``1 + 12 n`` video frames starting at frame ``4 m`` (so its latents are
 exactly the whole clip's latents ``m .. m + 3n``: TinyVAE encodes each group of 4 frames
 independently; for the causal Wan-VAE it is the usual approximation). Exactly as the
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +44,11 @@ import torch
 
 from ..config import VAE_TEMPORAL
 from ..errors import InputError
+from ..fileio import atomic_save_safetensors, atomic_write_text
 from ..model import audio as audio_fe
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: index entries carry the mouth box (the clip files are unchanged)
+MOUTH_MARGIN = 0.06  # of the frame side, around the mouth's largest opening: head motion
 N_REFS = 4
 
 
@@ -84,7 +90,8 @@ class Batch:
 
     ``z`` [B, C, 1+3n, h, w] with ``z[:, :, 0] = ref`` (the sink); ``ref`` [B, C, 1, h, w];
     ``audio`` [B, 1+3n, W, F] (zero window on the sink); ``speaking`` [B, 12 n] bool per
-    generated frame; ``clips``/``starts``: where the crops come from."""
+    generated frame; ``clips``/``starts``: where the crops come from; ``mouth`` [B, h, w]
+    1 on the clip's mouth box (zeros when unknown), or None."""
 
     z: torch.Tensor
     ref: torch.Tensor
@@ -93,10 +100,11 @@ class Batch:
     clips: list
     starts: list
     js: list = field(default_factory=list)  # indices of these samples in the global batch
+    mouth: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         return Batch(self.z.to(device), self.ref.to(device), self.audio.to(device), self.speaking.to(device),
-                     self.clips, self.starts, self.js)
+                     self.clips, self.starts, self.js, None if self.mouth is None else self.mouth.to(device))
 
     def __len__(self) -> int:
         return self.z.shape[0]
@@ -117,18 +125,28 @@ def _file_id(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+def mouth_box(face: dict | None, height: int, width: int, spatial: int) -> list[int] | None:
+    """A synthetic face's mouth box in latent pixels ``[y0, y1, x0, x1]`` (end exclusive): the
+    pixel box of any opening (`eval.quality.mouth_roi_from_face`) widened by `MOUTH_MARGIN`
+    for head motion. None without face parameters (real clips)."""
+    if not face:
+        return None
+    from ..eval.quality import mouth_roi_from_face
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        y0, y1, x0, x1 = mouth_roi_from_face(face, height, width, margin=MOUTH_MARGIN)
+    except (KeyError, TypeError, ValueError):
+        return None
+    h, w = height // spatial, width // spatial
+    return [max(0, y0 // spatial), min(h, -(-y1 // spatial)), max(0, x0 // spatial), min(w, -(-x1 // spatial))]
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _clip_mouth_box(npz: Path, size: int, spatial: int) -> list[int] | None:
+    with np.load(npz) as z:  # an npz member is read only when asked for: just the metadata
+        if "meta" not in z.files:
+            return None
+        meta = json.loads(str(z["meta"]))
+    return mouth_box(meta.get("face"), size, size, spatial)  # synthetic frames are square
 
 
 def _pick_refs(speaking: np.ndarray, n: int, rng: np.random.Generator) -> list[int]:
@@ -187,7 +205,7 @@ def build_latent_cache(data_dir: str | Path, vae, frontend, cache_dir: str | Pat
         feats = frontend.features(audio[: T * 640]).float().cpu()
         if feats.shape[0] != T:
             raise RuntimeError(f"{c['npz']}: audio front end gave {feats.shape[0]} frames for {T} video frames")
-        _atomic_save({"latents": lat, "refs": refs, "features": feats,
+        atomic_save_safetensors({"latents": lat, "refs": refs, "features": feats,
                       "speaking": torch.from_numpy(speaking[:T].astype(np.uint8))}, f,
                      {"vae_id": vae_id, "ref_frames": json.dumps(ref_idx)})
     if barrier is not None:
@@ -201,13 +219,24 @@ def build_latent_cache(data_dir: str | Path, vae, frontend, cache_dir: str | Pat
             if not f.is_file():
                 continue
             with safe_open(str(f), "pt") as sf:
-                k = sf.get_slice("latents").get_shape()[1] - 1
-            entries.append({"clip": int(ds.indices[i]), "file": f.name, "latent_frames": 1 + k})
-        _atomic_text(idx_file, json.dumps({"version": CACHE_VERSION, "vae_id": vae_id, "n": len(ds),
+                shape = sf.get_slice("latents").get_shape()
+            spatial = _spatial_factor(ds, shape)
+            box = _clip_mouth_box(ds.root / c["npz"], ds.size, spatial) if spatial else None
+            entries.append({"clip": int(ds.indices[i]), "file": f.name, "latent_frames": shape[1],
+                            **({"mouth_box": box} if box else {})})
+        atomic_write_text(idx_file, json.dumps({"version": CACHE_VERSION, "vae_id": vae_id, "n": len(ds),
                                            "data": str(Path(data_dir).resolve()), "clips": entries}, indent=1))
     if barrier is not None:
         barrier()
     return idx_file
+
+
+def _spatial_factor(ds, latent_shape) -> int | None:
+    """Pixels per latent pixel, from the data set's frame size and the latents' width."""
+    size = ds.index.get("size")
+    if not size or not latent_shape[-1]:
+        return None
+    return int(size) // int(latent_shape[-1])
 
 
 class LatentClips:
@@ -256,10 +285,16 @@ class LatentClips:
         win = audio_fe.audio_windows(feats, self.context, n_latent=n_lat)  # [n_lat, W, F]
         audio = torch.cat([torch.zeros_like(win[:1]), win])
         spk = d["speaking"][f0: f0 + nf].bool()
-        return {"z": z, "ref": ref, "audio": audio, "speaking": spk, "clip": int(e["clip"]), "start": 4 * m}
+        mouth = torch.zeros(z.shape[-2:])
+        if e.get("mouth_box"):
+            y0, y1, x0, x1 = e["mouth_box"]
+            mouth[y0:y1, x0:x1] = 1.0
+        return {"z": z, "ref": ref, "audio": audio, "speaking": spk, "clip": int(e["clip"]), "start": 4 * m,
+                "mouth": mouth}
 
     @staticmethod
     def collate(items: list[dict]) -> Batch:
         return Batch(torch.stack([it["z"] for it in items]), torch.stack([it["ref"] for it in items]),
                      torch.stack([it["audio"] for it in items]), torch.stack([it["speaking"] for it in items]),
-                     [it["clip"] for it in items], [it["start"] for it in items])
+                     [it["clip"] for it in items], [it["start"] for it in items],
+                     mouth=torch.stack([it["mouth"] for it in items]) if all("mouth" in it for it in items) else None)

@@ -57,6 +57,7 @@ import torch
 
 from ..config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, VAE_TEMPORAL
 from ..errors import InputError
+from ..fileio import atomic_save_safetensors, atomic_write_text
 
 INDEX_NAME = "prep_index.json"
 FORMAT = "talkingmachines-prep"
@@ -109,20 +110,11 @@ def _warn(msg: str) -> None:
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    atomic_save_safetensors(tensors, path, metadata or {}, mkdir=True)
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, mkdir=True)
 
 
 def _meta(path: Path) -> dict | None:

@@ -61,8 +61,8 @@ class RealBatch(Batch):
     def to(self, device) -> "RealBatch":
         return RealBatch(self.z.to(device), self.ref.to(device), self.audio.to(device), self.speaking.to(device),
                          self.clips, self.starts, self.js,
-                         None if self.text is None else self.text.to(device),
-                         None if self.image is None else self.image.to(device))
+                         text=None if self.text is None else self.text.to(device),
+                         image=None if self.image is None else self.image.to(device))
 
 
 def check_preset(idx: dict, preset, where="") -> None:
@@ -159,12 +159,13 @@ class RealClips:
         return RealBatch(torch.stack([it["z"] for it in items]), torch.stack([it["ref"] for it in items]),
                          torch.stack([it["audio"] for it in items]), torch.stack([it["speaking"] for it in items]),
                          [it["clip"] for it in items], [it["start"] for it in items], [],
-                         torch.stack([it["text"] for it in items]), torch.stack([it["image"] for it in items]))
+                         text=torch.stack([it["text"] for it in items]),
+                         image=torch.stack([it["image"] for it in items]))
 
 
 def load_real_clips(stage, cfg, preset) -> RealClips:
     """The training split of a `data prep` cache for a DiT stage (writes ``OUT/held_out.json``)."""
-    from .common import atomic_write_text
+    from ..fileio import atomic_write_text
 
     idx = read_index(cfg.data)
     check_preset(idx, preset, str(cfg.data))

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .common import TrainConfig, atomic_write_text, final_done, read_config_file
+from ..fileio import atomic_write_text
+from .common import TrainConfig, final_done, read_config_file
 
 STAGES = ("synth", "vae", "teacher", "ode", "dmd", "export")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "tiny-recipe.json"

@@ -122,7 +122,7 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
     files are split over ranks)."""
     from tqdm.auto import tqdm
 
-    from .latents import _atomic_save
+    from ..fileio import atomic_save_safetensors
 
     out_dir = Path(out_dir)
     if env.is_main:
@@ -160,14 +160,14 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
         xs = torch.stack([traj[i] for i in rec], dim=1)
         if save:
             cond = {k: v for k, v in (("text", text), ("image", image)) if v is not None}
-            _atomic_save({"xs": xs, "x0": x0, "ref": b.ref, "audio": b.audio, "z": b.z[:, :, 1:],
+            atomic_save_safetensors({"xs": xs, "x0": x0, "ref": b.ref, "audio": b.audio, "z": b.z[:, :, 1:],
                           "sigmas": torch.tensor(student_sig), **cond}, out_dir / f"pairs_{f:05d}.safetensors",
                          {"clips": json.dumps(b.clips), "ode_steps": str(cfg.ode_steps)})
         bar.update(1)
     bar.close()
     env.barrier()
     if env.is_main:
-        from .common import atomic_write_text
+        from ..fileio import atomic_write_text
 
         atomic_write_text(out_dir / "DONE.json", json.dumps({"files": n_files, "pairs": n_files * cfg.ode_batch,
                                                              "ode_steps": cfg.ode_steps, "sigmas": merged,

@@ -1080,10 +1080,9 @@ def _clip_seed(seed: int, i: int) -> int:
 
 
 def _atomic_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
+    from ..fileio import atomic_savez
+
+    atomic_savez(path, **arrays)
 
 
 def _write_clip(args) -> dict:
@@ -1166,9 +1165,9 @@ def synth_dataset(n: int, out_dir: str | Path, seed: int = 0, size: int = 128,
     index = dict(version=1, generator="talkingmachines.train.synth", n=len(clips), size=size, fps=FPS,
                  sample_rate=SAMPLE_RATE, samples_per_frame=SAMPLES_PER_FRAME, seed=seed, clips=clips)
     idx = out / "index.json"
-    tmp = idx.with_name(f"index.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, idx)
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(idx, json.dumps(index, indent=1))
     return idx
 
 

@@ -5,7 +5,8 @@ Per sample (all randomness from `common.sample_generator(seed, step, j)`): a lev
 ``x_s = (1 - s) z + s e`` on frames >= 1 while the sink (frame 0) stays the clean reference
 latent at timestep 0; the audio is dropped (zero windows) with ``p_drop_audio`` and the
 reference (sink frame, reference channels) with ``p_drop_ref``, so the sampler can use
-classifier-free guidance on both. Loss: ``mse(v(x_s), e - z)`` on frames >= 1.
+classifier-free guidance on both. Loss: ``mse(v(x_s), e - z)`` on frames >= 1, with the
+mouth box weighted ``1 + mouth_weight`` when the clips know it (`mouth_weighted_mse`).
 
 `DiTStage` (shared by the student stages) owns the data side: VAE, audio front end, latent
 cache, held-out split, deterministic global batches. `teacher_fns` turns a DiT into the
@@ -23,7 +24,8 @@ import torch
 from ..diffusion import flow
 from ..errors import InputError
 from ..model.dit import AudioDiT
-from .common import FINAL, Handle, Trainer, TrainConfig, GlobalOrder, atomic_write_text, sample_generator
+from ..fileio import atomic_write_text
+from .common import FINAL, Handle, Trainer, TrainConfig, GlobalOrder, sample_generator
 from .latents import Batch, LatentClips, build_latent_cache, dit_input, frame_timesteps
 
 SALT_TEACHER = 1
@@ -306,8 +308,19 @@ class TeacherTrainer(DiTStage):
         v = bidirectional_v(self.groups["teacher"].handle, x_s, 1000.0 * s, batch.ref, audio, p, drop_ref=drop_r,
                             text=getattr(batch, "text", None), image=getattr(batch, "image", None))
         target = flow.velocity_target(x0, noise).float()
-        per = (v - target).pow(2).flatten(1).mean(1)
+        per = mouth_weighted_mse(v - target, getattr(batch, "mouth", None), cfg.mouth_weight)
         return "teacher", per.mean(), {}
+
+
+def mouth_weighted_mse(diff: torch.Tensor, mouth: torch.Tensor | None, mouth_weight: float) -> torch.Tensor:
+    """Per-sample weighted mean of ``diff**2`` ([B, C, F, h, w]): weight ``1 + mouth_weight`` on the
+    mouth mask ([B, h, w], 0/1), 1 elsewhere, normalised by the sum of the weights (so a clip
+    without a mouth box, or a weight of 0, gives the plain mean)."""
+    err = diff.float().pow(2)
+    if mouth_weight <= 0 or mouth is None:
+        return err.flatten(1).mean(1)
+    w = (1.0 + mouth_weight * mouth.float())[:, None, None].expand_as(err)  # [B, 1, 1, h, w] -> err
+    return (err * w).flatten(1).sum(1) / w.flatten(1).sum(1)
 
 
 def train_teacher(cfg: TrainConfig) -> Path:
@@ -315,5 +328,5 @@ def train_teacher(cfg: TrainConfig) -> Path:
 
 
 # keep frame_timesteps importable from here (the generator's convention)
-__all__ = ["TeacherTrainer", "DiTStage", "train_teacher", "new_dit", "dit_from_wan", "resolve_dit_dir",
+__all__ = ["TeacherTrainer", "DiTStage", "train_teacher", "mouth_weighted_mse", "new_dit", "dit_from_wan", "resolve_dit_dir",
            "save_dit_weights", "bidirectional_v", "teacher_fns", "guided_v", "text_for", "frame_timesteps"]

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.vae import TinyVAE, TinyVAEConfig, _atomic_write, video_to_tensor
+from ..fileio import atomic_write
+from ..model.vae import TinyVAE, TinyVAEConfig, video_to_tensor
 
 __all__ = ["train_tiny_vae", "VAETrainResult", "vae_loss", "latest_checkpoint", "load_checkpoint"]
 
@@ -192,7 +193,7 @@ def _save_checkpoint(out_dir: Path, model: TinyVAE, opt: torch.optim.Optimizer, 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write(root / LATEST, lambda p: Path(p).write_text(name))
+    atomic_write(root / LATEST, lambda p: Path(p).write_text(name))
     done = sorted(p for p in root.glob("step_*") if p != final)
     for old in done[: max(0, len(done) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
@@ -273,7 +274,7 @@ def _plot_losses(losses: list, path: Path) -> None:
     ax.set_title("TinyVAE training")
     ax.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 
 
@@ -378,6 +379,6 @@ def train_tiny_vae(
         model.set_latent_stats(mu, std)
         _save_checkpoint(out, model, opt, state_dict(step), keep_checkpoints)
         model.save_pretrained(out)
-        _atomic_write(out / "losses.json", lambda p: Path(p).write_text(json.dumps(history)))
+        atomic_write(out / "losses.json", lambda p: Path(p).write_text(json.dumps(history)))
         _plot_losses(history, out / "loss.png")
     return VAETrainResult(vae=model, losses=run_losses, start_step=start, step=step, out_dir=out)
