@@ -110,10 +110,13 @@ def test_evaluate_model_smoke_random_weights():
     clip = make_clip(46, 1.6, size=128, speech="babble", listen_frac=0.4)  # 12 speech, 23 silent frames
     teacher = lambda portrait, audio: np.repeat(portrait[None], -(-len(audio) // 640), 0)  # noqa: E731
     r = q.evaluate_model(avatar, [clip], long_seconds=0.5, teacher=teacher, progress=False)
-    assert set(r["summary"]) == {"ground_truth_signal", "ground_truth", "student", "teacher"}
+    assert set(r["summary"]) == {"ground_truth_signal", "ground_truth", "vae_roundtrip", "student", "teacher"}
     assert r["summary"]["ground_truth_signal"]["lag"] == 0
     row = r["clips"][0]
-    assert row["student"]["frames"] == clip.num_frames
+    assert row["student"]["frames"] == row["vae_roundtrip"]["frames"] == clip.num_frames
+    # the round trip of a clip whose length is not 1 + 4k still covers every frame
+    odd = q.vae_roundtrip(avatar, clip.frames[:11])
+    assert odd.shape == (11, 128, 128, 3) and odd.dtype == np.uint8
     assert r["long_stream"]["drift"]["seconds"] >= 0.5
     assert set(r["targets"]) >= {"lag_within_2", "confidence_ge_0.5", "stillness_ge_2", "drift_psnr_ge_24"}
     line = q.to_json(r)

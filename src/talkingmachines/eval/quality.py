@@ -545,6 +545,17 @@ def _eval_clips(clips, n: int | None = None):
                        speaking=c.speaking, face=c.params.get("face"))
 
 
+def vae_roundtrip(avatar, frames: np.ndarray) -> np.ndarray:
+    """``frames`` (uint8 [T, H, W, 3] at the model's size) encoded and decoded by its VAE."""
+    import torch
+
+    n = 1 + 4 * ((len(frames) - 1) // 4)  # the VAE takes 1 + 4k frames: the last 0-3 repeat the last decoded
+    with torch.inference_mode():
+        z = avatar.vae.encode_video(torch.as_tensor(np.ascontiguousarray(frames[:n])).to(avatar.device))
+        out = np.asarray(avatar.vae.decode(z))[:n]
+    return np.concatenate([out, np.repeat(out[-1:], len(frames) - n, axis=0)]) if n < len(frames) else out
+
+
 def generate_video(avatar, portrait: np.ndarray, audio: np.ndarray, seed: int = 0, steps: int | None = None,
                    on_chunk: Callable | None = None) -> np.ndarray:
     """The streaming student's video for (portrait, audio): frames uint8 [T, H, W, 3],
@@ -637,7 +648,9 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
     as the portrait; `teacher(portrait, audio) -> frames` does the same for the teacher.
     Metrics (lag, confidence, stillness ratio) are computed with the same pixel mouth measure
     and the same ROI for every system: "ground_truth" (the clip's own frames),
-    "ground_truth_signal" (the renderer's true mouth_open: the ceiling) and "student" /
+    "ground_truth_signal" (the renderer's true mouth_open: the ceiling), "vae_roundtrip"
+    (the clip encoded and decoded by the model's VAE: the ceiling for anything generated
+    through that VAE, which can add motion of its own inside each 4-frame group) and "student" /
     "teacher". long_seconds > 0: one stream of that length over the held-out audio looped
     with silences (portrait: the first clip's) -> drift and its lip-sync / stillness."""
     from tqdm.auto import tqdm
@@ -646,7 +659,7 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
     items = list(_eval_clips(clips, n))
     if not items:
         raise ValueError("evaluate_model: no clips")
-    per = {"ground_truth_signal": [], "ground_truth": [], "student": []}
+    per = {"ground_truth_signal": [], "ground_truth": [], "vae_roundtrip": [], "student": []}
     if teacher is not None:
         per["teacher"] = []
     rows = []
@@ -662,6 +675,8 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
         if c.get("mouth_open") is not None:
             row["ground_truth_signal"] = _system_metrics(np.asarray(c["mouth_open"], np.float64)[:T], audio)
         row["ground_truth"] = _system_metrics(mouth_signal(frames, gt_roi), audio)
+        if frames.shape[1:3] == (P.height, P.width):
+            row["vae_roundtrip"] = _system_metrics(mouth_signal(vae_roundtrip(avatar, frames), gt_roi), audio)
         systems = {"student": lambda p, a: generate_video(avatar, p, a, seed=seed, steps=steps)}
         if teacher is not None:
             systems["teacher"] = teacher

@@ -66,7 +66,8 @@ def metrics_markdown(r: dict, command: str) -> str:
     """The model card's metrics section from an `eval-model` report."""
     s = r["summary"]
     cols = [("teacher", "teacher (16 Euler steps, audio CFG 2.5)"), ("student", "student (2 steps, streaming)"),
-            ("ground_truth", "ground truth (pixels)"), ("ground_truth_signal", "ground truth (renderer)")]
+            ("vae_roundtrip", "ground truth through the VAE"), ("ground_truth", "ground truth (pixels)"),
+            ("ground_truth_signal", "ground truth (renderer)")]
     cols = [(k, label) for k, label in cols if k in s]
 
     def row(label, key, fmt):
@@ -158,7 +159,8 @@ def cmd_eval_model(args) -> int:
     if args.json:
         print(line)
         return 0
-    names = [k for k in ("ground_truth_signal", "ground_truth", "teacher", "student") if k in r["summary"]]
+    names = [k for k in ("ground_truth_signal", "ground_truth", "vae_roundtrip", "teacher", "student")
+             if k in r["summary"]]
     print(f"{'':28s}" + "".join(f"{n:>22s}" for n in names))
     for key, label in (("lag", "best lag (frames)"), ("confidence", "correlation at best lag"),
                        ("clips_lag_within_2", "clips with |lag| <= 2"),
