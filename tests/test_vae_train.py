@@ -123,3 +123,35 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     again = train_tiny_vae(MovingPatterns(**small), tmp_path / "a", **kw)
     assert again.start_step == 8 and again.losses == []
     assert torch.equal(again.vae.decoder.conv_out.weight, res.vae.decoder.conv_out.weight)
+
+
+def test_temporal_term_and_decoder_only_finetune(tmp_path):
+    """The temporal term penalises a reconstruction that wobbles where the clip is still; a
+    decoder-only fine-tune (init_from + freeze_encoder) leaves the encoder and its latent
+    statistics bit for bit, so latents a DiT was trained on do not move, and changes the decoder."""
+    from talkingmachines.model.vae import TinyVAE, TinyVAEConfig
+    from talkingmachines.train.vae_train import train_tiny_vae, vae_loss
+
+    x = torch.zeros(1, 3, 5, 8, 8)
+    wobble = x + 0.1 * torch.tensor([0.0, 1, -1, 1, -1]).view(1, 1, 5, 1, 1)
+    shifted = x + 0.1  # wrong by a constant: no temporal error
+    m = torch.zeros(1, 4, 2, 1, 1)
+    assert vae_loss(wobble, x, m, m, temporal_weight=1.0)[1]["temporal"] > 0.15
+    assert vae_loss(shifted, x, m, m, temporal_weight=1.0)[1]["temporal"] < 1e-7
+
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    torch.manual_seed(0)
+    base = TinyVAE(TinyVAEConfig(enc_widths=(8, 8, 8), dec_widths=(8, 8, 8)))
+    base.set_latent_stats(torch.linspace(-0.2, 0.2, 8), torch.linspace(0.5, 1.5, 8))
+    base.save_pretrained(tmp_path / "base")
+    train_tiny_vae(clips, tmp_path / "ft", steps=3, batch_size=2, lr=1e-2, progress=False, init_from=tmp_path / "base",
+                   freeze_encoder=True, temporal_weight=1.0, ckpt_every=0)
+    a, b = TinyVAE.from_pretrained(tmp_path / "base"), TinyVAE.from_pretrained(tmp_path / "ft")
+    ea, eb = a.encoder.state_dict(), b.encoder.state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert torch.equal(a.latents_mean, b.latents_mean) and torch.equal(a.latents_std, b.latents_std)
+    da, db = a.decoder.state_dict(), b.decoder.state_dict()
+    assert any(not torch.equal(da[k], db[k]) for k in da)
+    with pytest.raises(ValueError, match="init_from"):
+        train_tiny_vae(clips, tmp_path / "bad", steps=1, freeze_encoder=True, progress=False)

@@ -239,7 +239,7 @@ def run_vae(r: dict, out: Path, steps: int) -> None:
     t0 = time.time()
     dev = "cuda" if (r["device"] == "auto" and torch.cuda.is_available()) else ("cpu" if r["device"] == "auto" else r["device"])
     res = train_tiny_vae(Videos(), vdir, steps=steps, batch_size=v["batch_size"], lr=v["lr"], seed=r["seed"],
-                         device=dev, ckpt_every=max(50, steps // 10))
+                         device=dev, ckpt_every=max(50, steps // 10), temporal_weight=v.get("temporal_weight", 0.0))
     last = res.losses[-1][1] if res.losses else None
     atomic_write_text(vdir / "DONE.json", json.dumps({"steps": steps, "wall_seconds": time.time() - t0,
                                                       "last_loss": last}))

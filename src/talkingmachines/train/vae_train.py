@@ -2,7 +2,13 @@
 
 `train_tiny_vae(videos, out_dir, ...)` trains on uint8 clips ``[T, H, W, 3]`` with
 ``T = 1 + 4k``: L1 + a small MSE + an edge (spatial gradient) L1 that keeps mouths and eyes
-sharp + a tiny KL. AdamW, warmup then cosine decay, gradient clipping.
+sharp + a tiny KL, and optionally (``temporal_weight``) an L1 on the frame-to-frame change, so
+the 4 frames decoded from one latent do not wobble where the video is still. AdamW, warmup
+then cosine decay, gradient clipping.
+
+``init_from`` + ``freeze_encoder`` fine-tune only the decoder of a trained VAE: the encoder,
+its latent statistics and so every latent a DiT was trained on stay exactly as they were, so
+the new decoder drops into an existing model folder.
 
 Reproducible and resumable:
 * the batch of step ``s`` depends only on ``(seed, s)`` (random indices into an indexable data
@@ -60,15 +66,23 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vae_loss(rec: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
-             mse_weight: float = 0.25, edge_weight: float = 0.5, kl_weight: float = 1e-4) -> tuple[torch.Tensor, dict]:
+             mse_weight: float = 0.25, edge_weight: float = 0.5, kl_weight: float = 1e-4,
+             temporal_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """rec, x [B, 3, T, H, W]. ``temporal``: L1 between the reconstruction's and the clip's
+    frame-to-frame differences (0 when T = 1)."""
     l1 = (rec - x).abs().mean()
     mse = F.mse_loss(rec, x)
     ry, rx = _edges(rec)
     xy, xx = _edges(x)
     edge = 0.5 * ((ry - xy).abs().mean() + (rx - xx).abs().mean())
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    total = l1 + mse_weight * mse + edge_weight * edge + kl_weight * kl
-    return total, {"l1": l1.item(), "mse": mse.item(), "edge": edge.item(), "kl": kl.item()}
+    if x.shape[2] > 1:
+        temporal = ((rec[:, :, 1:] - rec[:, :, :-1]) - (x[:, :, 1:] - x[:, :, :-1])).abs().mean()
+    else:
+        temporal = rec.new_zeros(())
+    total = l1 + mse_weight * mse + edge_weight * edge + kl_weight * kl + temporal_weight * temporal
+    return total, {"l1": l1.item(), "mse": mse.item(), "edge": edge.item(), "kl": kl.item(),
+                   "temporal": temporal.item()}
 
 
 # ----------------------------------------------------------------------------- data
@@ -297,6 +311,9 @@ def train_tiny_vae(
     mse_weight: float = 0.25,
     edge_weight: float = 0.5,
     kl_weight: float = 1e-4,
+    temporal_weight: float = 0.0,
+    init_from: str | os.PathLike | None = None,
+    freeze_encoder: bool = False,
     grad_clip: float = 1.0,
     flip: bool = True,
     stat_batches: int = 4,
@@ -315,12 +332,20 @@ def train_tiny_vae(
     ckpt = latest_checkpoint(out) if resume else None
     if config is None and ckpt is not None:
         config = TinyVAEConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the initial weights depend on the seed only
-        model = TinyVAE(config or TinyVAEConfig()).to(device)
+    if freeze_encoder and init_from is None:
+        raise ValueError("freeze_encoder needs init_from (a trained VAE folder)")
+    if init_from is not None:
+        model = TinyVAE.from_pretrained(init_from, device=device)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the initial weights depend on the seed only
+            model = TinyVAE(config or TinyVAEConfig()).to(device)
+    if freeze_encoder:
+        model.encoder.requires_grad_(False)
     if warmup is None:
         warmup = min(200, steps // 10)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99),
+                            weight_decay=weight_decay)
 
     start, history = 0, []
     if ckpt is not None:
@@ -350,10 +375,17 @@ def train_tiny_vae(
             x = _to_batch(clips, device, fl)
             for pg in opt.param_groups:
                 pg["lr"] = _lr_at(step, steps, lr, warmup)
-            mean, logvar = model.encode_moments(x)
-            eps = torch.randn(mean.shape, generator=g).to(device=device, dtype=mean.dtype)
-            rec = model.decode_raw(mean + eps * torch.exp(0.5 * logvar))
-            loss, parts = vae_loss(rec, x, mean, logvar, mse_weight, edge_weight, kl_weight)
+            eps = None
+            if freeze_encoder:  # the decoder learns to decode what `encode_video` gives: the mean
+                with torch.no_grad():
+                    model.encoder.eval()
+                    mean, logvar = model.encode_moments(x)
+                rec = model.decode_raw(mean)
+            else:
+                mean, logvar = model.encode_moments(x)
+                eps = torch.randn(mean.shape, generator=g).to(device=device, dtype=mean.dtype)
+                rec = model.decode_raw(mean + eps * torch.exp(0.5 * logvar))
+            loss, parts = vae_loss(rec, x, mean, logvar, mse_weight, edge_weight, kl_weight, temporal_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
@@ -375,8 +407,9 @@ def train_tiny_vae(
 
     model.eval()
     if run_losses or not (out / "model.safetensors").is_file():
-        mu, std = compute_latent_stats(model, batches, stat_batches, seed, device)
-        model.set_latent_stats(mu, std)
+        if not freeze_encoder:  # a frozen encoder keeps its statistics: the latents stay the same
+            mu, std = compute_latent_stats(model, batches, stat_batches, seed, device)
+            model.set_latent_stats(mu, std)
         _save_checkpoint(out, model, opt, state_dict(step), keep_checkpoints)
         model.save_pretrained(out)
         atomic_write(out / "losses.json", lambda p: Path(p).write_text(json.dumps(history)))
