@@ -70,6 +70,21 @@ def test_stillness_ratio_high_for_ground_truth(clips, signals):
     assert q.evaluate_signals(noisy, c.audio)["stillness_ratio"] < 1.5
 
 
+def test_silence_motion_by_phase_finds_a_jump_between_latents():
+    """A mouth signal that is still in silence except for a jump every 4th frame (latent jitter)
+    shows it at that phase only."""
+    T = 200
+    speech = np.zeros(T, bool)
+    speech[:60] = True
+    silence = ~speech
+    silence[60:66] = False
+    m = np.where(speech, np.sin(np.arange(T)), 0.0)
+    m[60:][np.arange(60, T)[:] % 4 == 1] += 0.2  # a jump at frames 4k+1 (and back at 4k+2)
+    st = q.stillness(m, speech, silence)
+    ph = st["motion_silence_by_phase"]
+    assert ph[1] > 0.15 and ph[2] > 0.15 and ph[0] < 1e-9 and ph[3] < 1e-9, ph
+
+
 def test_drift_constant_vs_creeping():
     f = np.full((800, 32, 32, 3), 120, np.uint8)
     d = q.drift(f)
@@ -111,6 +126,7 @@ def test_evaluate_model_smoke_random_weights():
     teacher = lambda portrait, audio: np.repeat(portrait[None], -(-len(audio) // 640), 0)  # noqa: E731
     r = q.evaluate_model(avatar, [clip], long_seconds=0.5, teacher=teacher, progress=False)
     assert set(r["summary"]) == {"ground_truth_signal", "ground_truth", "vae_roundtrip", "student", "teacher"}
+    assert len(r["summary"]["ground_truth"]["silence_motion_by_phase"]) == 4
     assert r["summary"]["ground_truth_signal"]["lag"] == 0
     row = r["clips"][0]
     assert row["student"]["frames"] == row["vae_roundtrip"]["frames"] == clip.num_frames

@@ -44,6 +44,7 @@ against the first (to see a trend). `evaluate_model`'s long stream ends with the
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -337,7 +338,10 @@ def lipsync(mouth: np.ndarray, envelope: np.ndarray, max_lag: int = MAX_LAG) -> 
 def stillness(mouth: np.ndarray, speech: np.ndarray, silence: np.ndarray) -> dict:
     """Mouth motion in speech vs silence. motion = |mouth[t] - mouth[t-1]| (attributed to
     frame t). ratio = mean motion in speech / mean motion in silence (capped at 1000;
-    None when either set is empty). level_* = mean opening above the 5th percentile."""
+    None when either set is empty). level_* = mean opening above the 5th percentile.
+    motion_silence_by_phase[k] = mean motion in silence over frames t with t % 4 == k: a VAE
+    decodes 4 frames per latent, so a spike at one phase is a jump between latents (latent
+    jitter) and high values elsewhere are wobble inside a latent's frames."""
     m = np.asarray(mouth, np.float64)
     n = min(len(m), len(speech), len(silence))
     m, sp, si = m[:n], np.asarray(speech[:n], bool), np.asarray(silence[:n], bool)
@@ -350,7 +354,9 @@ def stillness(mouth: np.ndarray, speech: np.ndarray, silence: np.ndarray) -> dic
         ratio = None
     else:
         ratio = float(min(1000.0, ms / mq)) if mq > 1e-12 else (1000.0 if ms > 0 else None)
-    return {"ratio": ratio, "motion_speech": ms, "motion_silence": mq,
+    by_phase = [float(np.nanmean(mot[k::4][si[k::4]])) if si[k::4].any() and np.isfinite(mot[k::4][si[k::4]]).any()
+                else float("nan") for k in range(4)]
+    return {"ratio": ratio, "motion_speech": ms, "motion_silence": mq, "motion_silence_by_phase": by_phase,
             "level_speech": float((m[sp] - base).mean()) if sp.any() else float("nan"),
             "level_silence": float((m[si] - base).mean()) if si.any() else float("nan"),
             "speech_frames": int(sp.sum()), "silence_frames": int(si.sum())}
@@ -599,6 +605,11 @@ def _summary(per_clip: list[dict]) -> dict:
     conf = [m["confidence"] for m in per_clip if m["confidence"] is not None and not math.isnan(m["confidence"])]
     clags = [m["lag"] for m in per_clip if m["lag"] is not None]
     still = [m["stillness_ratio"] for m in per_clip if m["stillness_ratio"] is not None]
+    phases = np.array([m["stillness"]["motion_silence_by_phase"] for m in per_clip
+                       if (m.get("stillness") or {}).get("motion_silence_by_phase")], np.float64)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a phase without silence in any clip: NaN
+        by_phase = np.nanmean(phases, axis=0).tolist() if len(phases) else None
     return {
         "lag": best, "confidence": valid.get(best, float("nan")) if best is not None else float("nan"),
         "corr_at_0": curve.get(0, float("nan")),
@@ -606,6 +617,7 @@ def _summary(per_clip: list[dict]) -> dict:
         "clips_lag_within_2": float(np.mean([abs(v) <= 2 for v in clags])) if clags else float("nan"),
         "stillness_ratio_median": float(np.median(still)) if still else None,
         "stillness_ratio_clips": len(still),
+        "silence_motion_by_phase": by_phase,
         "clips": len(per_clip),
     }
 
