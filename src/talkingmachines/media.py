@@ -26,7 +26,7 @@ import numpy as np
 
 from talkingmachines.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from talkingmachines.errors import InputError
-from talkingmachines.fileio import ordinary_permissions  # noqa: F401 (also imported from here)
+from talkingmachines.fileio import ordinary_permissions
 
 MAX_AUDIO_SECONDS = 2 * 60 * 60  # 2 h
 MIN_IMAGE_SIDE = 64

@@ -206,8 +206,8 @@ def build_latent_cache(data_dir: str | Path, vae, frontend, cache_dir: str | Pat
         if feats.shape[0] != T:
             raise RuntimeError(f"{c['npz']}: audio front end gave {feats.shape[0]} frames for {T} video frames")
         atomic_save_safetensors({"latents": lat, "refs": refs, "features": feats,
-                      "speaking": torch.from_numpy(speaking[:T].astype(np.uint8))}, f,
-                     {"vae_id": vae_id, "ref_frames": json.dumps(ref_idx)})
+                                 "speaking": torch.from_numpy(speaking[:T].astype(np.uint8))}, f,
+                                {"vae_id": vae_id, "ref_frames": json.dumps(ref_idx)})
     if barrier is not None:
         barrier()
     if rank == 0:
@@ -225,7 +225,7 @@ def build_latent_cache(data_dir: str | Path, vae, frontend, cache_dir: str | Pat
             entries.append({"clip": int(ds.indices[i]), "file": f.name, "latent_frames": shape[1],
                             **({"mouth_box": box} if box else {})})
         atomic_write_text(idx_file, json.dumps({"version": CACHE_VERSION, "vae_id": vae_id, "n": len(ds),
-                                           "data": str(Path(data_dir).resolve()), "clips": entries}, indent=1))
+                                                "data": str(Path(data_dir).resolve()), "clips": entries}, indent=1))
     if barrier is not None:
         barrier()
     return idx_file

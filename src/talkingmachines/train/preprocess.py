@@ -109,14 +109,6 @@ def _warn(msg: str) -> None:
         print(f"warning: {msg}", file=sys.stderr)
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    atomic_save_safetensors(tensors, path, metadata or {}, mkdir=True)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text, mkdir=True)
-
-
 def _meta(path: Path) -> dict | None:
     """A safetensors file's metadata, or None when it is missing or unreadable."""
     if not path.is_file():
@@ -507,9 +499,9 @@ def prep_video(path: Path, rel: str, vid: str, cfg: PrepConfig, key: str, vae, c
         meta = _meta(f)
         if not (meta and meta.get("key") == key and meta.get("start") == str(s) and meta.get("frames") == str(n)):
             lat = vae.encode_video(np.stack(frames))[0].float().cpu()
-            _atomic_save({"latents": lat, "features": feats_all[s:s + n].clone(),
-                          "speaking": torch.from_numpy(spk_all[s:s + n].astype(np.uint8))},
-                         f, {"key": key, "video": rel, "start": s, "frames": n})
+            atomic_save_safetensors({"latents": lat, "features": feats_all[s:s + n].clone(),
+                                     "speaking": torch.from_numpy(spk_all[s:s + n].astype(np.uint8))},
+                                    f, {"key": key, "video": rel, "start": s, "frames": n}, mkdir=True)
             lat_frames = lat.shape[1]
         else:
             lat_frames = 1 + (n - 1) // VAE_TEMPORAL
@@ -559,8 +551,8 @@ def prep_video(path: Path, rel: str, vid: str, cfg: PrepConfig, key: str, vae, c
     if not (meta and meta.get("key") == key and meta.get("frames") == json.dumps(ks)):
         ref_lat = torch.cat([vae.encode_image(img)[0, :, 0][None].float().cpu() for img in chosen])
         emb = clip_enc(chosen)
-        _atomic_save({"latents": ref_lat, "image_embeds": emb}, rf,
-                     {"key": key, "video": rel, "frames": json.dumps(ks)})
+        atomic_save_safetensors({"latents": ref_lat, "image_embeds": emb}, rf,
+                                {"key": key, "video": rel, "frames": json.dumps(ks)}, mkdir=True)
     return {"clips": clips, "refs": f"refs/{rf.name}", "ref_frames": ks, "frames": n, "box": list(box),
             "faces_found": len(faces), "source_size": [H, W]}
 
@@ -620,7 +612,8 @@ def prep_dataset(cfg: PrepConfig) -> Path:
     if missing:
         emb = encode_prompts(wan, sorted(missing), cfg.text_len, device)
         for p, e in emb.items():
-            _atomic_save({"text": e}, out / "text" / f"{tkey[p]}.safetensors", {"key": tkey[p], "prompt": p})
+            atomic_save_safetensors({"text": e}, out / "text" / f"{tkey[p]}.safetensors", {"key": tkey[p], "prompt": p},
+                                    mkdir=True)
 
     for rec in records.values():  # done in an earlier run
         if rec.get("status") == "skipped":
@@ -639,7 +632,7 @@ def prep_dataset(cfg: PrepConfig) -> Path:
                 _warn(f"skipping {rel}: {e}")
                 rec = {"status": "skipped", "reason": str(e)}
             rec.update(source=rel, source_stat=st, key=key, id=vid)
-            _atomic_text(out / "videos" / f"{vid}.json", json.dumps(rec, indent=1))
+            atomic_write_text(out / "videos" / f"{vid}.json", json.dumps(rec, indent=1), mkdir=True)
             records[vid] = rec
         bar.close()
         del vae, clip_enc, fe
@@ -677,7 +670,7 @@ def prep_dataset(cfg: PrepConfig) -> Path:
              "audio_model": str(amodel.resolve()), "videos_dir": str(root.resolve()), "n_videos": len(vlist),
              "videos": vlist, "clips": clips, "skipped": skipped}
     idx = out / INDEX_NAME
-    _atomic_text(idx, json.dumps(index, indent=1))
+    atomic_write_text(idx, json.dumps(index, indent=1), mkdir=True)
     return idx
 
 
