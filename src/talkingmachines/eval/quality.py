@@ -76,6 +76,9 @@ DIST_SCALE = 64.0  # RGB distance (0..441) that counts as "fully changed"
 
 Roi = tuple[int, int, int, int]  # y0, y1, x0, x1 (pixels, half-open)
 
+# the renderer owns its geometry; re-exported here because every metric uses it
+from ..train.synth import mouth_roi_from_face  # noqa: E402
+
 
 # ----------------------------------------------------------------------------- ROI
 
@@ -86,26 +89,6 @@ def _clip_roi(y0, y1, x0, x1, H, W) -> Roi:
     if y1 - y0 < 2 or x1 - x0 < 2:
         raise ValueError(f"empty mouth ROI {(y0, y1, x0, x1)} for a {H}x{W} frame")
     return y0, y1, x0, x1
-
-
-def mouth_roi_from_face(face, height: int, width: int | None = None, margin: float = 0.03) -> Roi:
-    """The ROI that holds a synthetic face's mouth at any opening, from its `FaceParams`
-    (or the `face` dict stored in a clip's metadata), plus `margin` (fraction of the side)
-    for head motion. Assumes the square frames `FaceRenderer` draws."""
-    if not isinstance(face, dict):
-        import dataclasses
-
-        face = dataclasses.asdict(face)
-    width = width or height
-    fw = face["face_w"]
-    fh = fw * face["face_aspect"]
-    mx, my = face["cx"], face["cy"] + fh * face["mouth_y"]
-    hw = fw * face["mouth_w"]
-    lt = max(fw * face["mouth_w"] * face["lip_thick"], 0.008)
-    opening = fh * face["max_open"] * 1.25
-    y0, y1 = my - 0.3 * opening - lt - margin, my + 0.7 * opening + 1.1 * lt + margin
-    x0, x1 = mx - hw - margin, mx + hw + margin
-    return _clip_roi(y0 * height, y1 * height, x0 * width, x1 * width, height, width)
 
 
 def _gray(frames: np.ndarray) -> np.ndarray:

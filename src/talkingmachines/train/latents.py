@@ -127,11 +127,11 @@ def _file_id(path: Path) -> str:
 
 def mouth_box(face: dict | None, height: int, width: int, spatial: int) -> list[int] | None:
     """A synthetic face's mouth box in latent pixels ``[y0, y1, x0, x1]`` (end exclusive): the
-    pixel box of any opening (`eval.quality.mouth_roi_from_face`) widened by `MOUTH_MARGIN`
+    pixel box of any opening (`synth.mouth_roi_from_face`) widened by `MOUTH_MARGIN`
     for head motion. None without face parameters (real clips)."""
     if not face:
         return None
-    from ..eval.quality import mouth_roi_from_face
+    from .synth import mouth_roi_from_face
 
     try:
         y0, y1, x0, x1 = mouth_roi_from_face(face, height, width, margin=MOUTH_MARGIN)

@@ -639,6 +639,28 @@ class FaceRenderer:
         return out
 
 
+def mouth_roi_from_face(face, height: int, width: int | None = None, margin: float = 0.03) -> tuple[int, int, int, int]:
+    """The ROI that holds a synthetic face's mouth at any opening, from its `FaceParams`
+    (or the `face` dict stored in a clip's metadata), plus `margin` (fraction of the side)
+    for head motion. Assumes the square frames `FaceRenderer` draws."""
+    if not isinstance(face, dict):
+        face = dataclasses.asdict(face)
+    width = width or height
+    fw = face["face_w"]
+    fh = fw * face["face_aspect"]
+    mx, my = face["cx"], face["cy"] + fh * face["mouth_y"]
+    hw = fw * face["mouth_w"]
+    lt = max(fw * face["mouth_w"] * face["lip_thick"], 0.008)
+    opening = fh * face["max_open"] * 1.25
+    y0, y1 = my - 0.3 * opening - lt - margin, my + 0.7 * opening + 1.1 * lt + margin
+    x0, x1 = mx - hw - margin, mx + hw + margin
+    y0, x0 = max(0, math.floor(y0 * height)), max(0, math.floor(x0 * width))
+    y1, x1 = min(height, math.ceil(y1 * height)), min(width, math.ceil(x1 * width))
+    if y1 - y0 < 2 or x1 - x0 < 2:
+        raise ValueError(f"empty mouth ROI {(y0, y1, x0, x1)} for a {height}x{width} frame")
+    return y0, y1, x0, x1  # pixels, half-open
+
+
 @functools.lru_cache(maxsize=8)
 def _renderer(params: FaceParams, size: int) -> FaceRenderer:
     return FaceRenderer(params, size)
