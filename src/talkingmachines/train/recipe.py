@@ -325,7 +325,7 @@ segments in silence. {int(r['held_out'] * 100)} % of the clips are held out of e
 |---|---|---|---|
 {chr(10).join(rows)}
 
-Whole recipe: {total:.1f} min wall on {r.get('_device', 'this machine')} (budget {r.get('budget_minutes') or 'none'} min).
+Whole recipe: {total:.1f} min wall on {r.get('_device', 'this machine')} ({'budget ' + format(r['budget_minutes'], 'g') + ' min' if r.get('budget_minutes') else 'no budget'}).
 Per-stage wall seconds: {json.dumps({k: round(v) for k, v in timings.items()})}.
 Weights in this folder (student DiT, teacher DiT, VAE): {mb:.1f} MB (safetensors, fp32).
 
@@ -340,7 +340,7 @@ Weights in this folder (student DiT, teacher DiT, VAE): {mb:.1f} MB (safetensors
 <!-- metrics:end -->
 
 ## Limits
-Trained for about an hour on one CPU, only on procedural cartoon-to-shaded faces at {preset.width}x{preset.height}:
+Trained for {total:.0f} minutes, only on procedural cartoon-to-shaded faces at {preset.width}x{preset.height}:
 frames are blurry and blocky, with flickering artefacts, and the mouth motion is visible but coarse. A real photo is
 outside the training distribution: it keeps the photo's colours and face layout but turns the face into a blocky,
 flickering texture whose mouth region pulses with the speech, a smeared likeness rather than a talking person. The
