@@ -51,6 +51,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+# the renderer owns the synthetic faces' geometry; re-exported here because every metric uses it
+from ..train.synth import clip_box as _clip_roi, mouth_roi_from_face
 
 __all__ = [
     "Roi",
@@ -76,19 +78,8 @@ DIST_SCALE = 64.0  # RGB distance (0..441) that counts as "fully changed"
 
 Roi = tuple[int, int, int, int]  # y0, y1, x0, x1 (pixels, half-open)
 
-# the renderer owns its geometry; re-exported here because every metric uses it
-from ..train.synth import mouth_roi_from_face  # noqa: E402
-
 
 # ----------------------------------------------------------------------------- ROI
-
-
-def _clip_roi(y0, y1, x0, x1, H, W) -> Roi:
-    y0, x0 = max(0, int(math.floor(y0))), max(0, int(math.floor(x0)))
-    y1, x1 = min(H, int(math.ceil(y1))), min(W, int(math.ceil(x1)))
-    if y1 - y0 < 2 or x1 - x0 < 2:
-        raise ValueError(f"empty mouth ROI {(y0, y1, x0, x1)} for a {H}x{W} frame")
-    return y0, y1, x0, x1
 
 
 def _gray(frames: np.ndarray) -> np.ndarray:

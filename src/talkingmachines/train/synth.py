@@ -639,6 +639,16 @@ class FaceRenderer:
         return out
 
 
+def clip_box(y0, y1, x0, x1, H, W) -> tuple[int, int, int, int]:
+    """A box in pixels (y0, y1, x0, x1; half-open) widened to whole pixels and clipped to an
+    H x W frame; ValueError when less than 2 pixels are left on a side."""
+    y0, x0 = max(0, int(math.floor(y0))), max(0, int(math.floor(x0)))
+    y1, x1 = min(H, int(math.ceil(y1))), min(W, int(math.ceil(x1)))
+    if y1 - y0 < 2 or x1 - x0 < 2:
+        raise ValueError(f"empty mouth ROI {(y0, y1, x0, x1)} for a {H}x{W} frame")
+    return y0, y1, x0, x1
+
+
 def mouth_roi_from_face(face, height: int, width: int | None = None, margin: float = 0.03) -> tuple[int, int, int, int]:
     """The ROI that holds a synthetic face's mouth at any opening, from its `FaceParams`
     (or the `face` dict stored in a clip's metadata), plus `margin` (fraction of the side)
@@ -654,11 +664,7 @@ def mouth_roi_from_face(face, height: int, width: int | None = None, margin: flo
     opening = fh * face["max_open"] * 1.25
     y0, y1 = my - 0.3 * opening - lt - margin, my + 0.7 * opening + 1.1 * lt + margin
     x0, x1 = mx - hw - margin, mx + hw + margin
-    y0, x0 = max(0, math.floor(y0 * height)), max(0, math.floor(x0 * width))
-    y1, x1 = min(height, math.ceil(y1 * height)), min(width, math.ceil(x1 * width))
-    if y1 - y0 < 2 or x1 - x0 < 2:
-        raise ValueError(f"empty mouth ROI {(y0, y1, x0, x1)} for a {height}x{width} frame")
-    return y0, y1, x0, x1  # pixels, half-open
+    return clip_box(y0 * height, y1 * height, x0 * width, x1 * width, height, width)
 
 
 @functools.lru_cache(maxsize=8)
