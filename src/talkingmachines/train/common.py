@@ -30,24 +30,30 @@ single-process one on the same global batch.
 **Checkpoints** (``OUT/checkpoints/step_XXXXXXXX/``): per group ``model.NAME.safetensors``,
 ``ema.NAME.safetensors``, ``optim.NAME.safetensors`` (+ ``optim.NAME.json`` for the
 non-tensor part), and ``state.json`` (step, seed, data position, RNG, metric history,
-config). Written into a temp folder on rank 0 then renamed into place (`os.replace`);
-``checkpoints/latest`` names the newest one and is itself replaced atomically. A ``kill -9``
-at any moment leaves the previous checkpoint intact.
+config), and ``manifest.json`` (the sha256 and size of every other file). Written into a temp
+folder on rank 0, synced, then renamed into place (`os.replace`); ``checkpoints/latest`` names
+the newest one and is itself replaced atomically. A ``kill -9`` at any moment leaves the
+previous checkpoint intact. Resume verifies the manifest (`intact_checkpoint`): a damaged
+checkpoint (truncated, flipped bytes, a file missing) is named in a warning and the newest
+intact one is used; with none intact it refuses with one line. The VAE trainer
+(`vae_train`) writes and verifies its checkpoints with the same functions.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -59,6 +65,7 @@ from ..fileio import atomic_save_safetensors, atomic_write, atomic_write_text
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+MANIFEST = "manifest.json"
 FINAL = "final"
 
 
@@ -478,6 +485,8 @@ def optimizer_from_flat(model: nn.Module, opt: torch.optim.Optimizer, tensors: d
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest checkpoint folder (``latest``, else the highest step), intact or not: use
+    `intact_checkpoint` to resume from one."""
     root = Path(out) / CKPT_DIR
     lf = root / LATEST
     if lf.is_file():
@@ -486,6 +495,107 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
             return p
     cands = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
     return cands[-1] if cands else None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checkpoint(root: Path, name: str, write: Callable[[Path], object], keep: int) -> Path:
+    """Build checkpoint ``root/name`` atomically: ``write(tmp_folder)`` fills a temp folder, a
+    manifest of every file's sha256 is added, the files are synced, the folder is renamed into
+    place and ``latest`` points at it; then all but the newest ``keep`` checkpoints go."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp_{name}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write(tmp)
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        with open(f, "rb") as fh:  # on disk before the rename, or a power cut could leave it short
+            os.fsync(fh.fileno())
+        files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    (tmp / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1))
+    path = root / name
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    atomic_write_text(root / LATEST, name)
+    olds = sorted(p for p in root.glob("step_*") if p != path)
+    for old in olds[: max(0, len(olds) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+def checkpoint_problem(ck: Path) -> str | None:
+    """What is wrong with checkpoint folder ``ck`` (naming the file), or None when every file
+    matches its manifest. A checkpoint from before manifests is checked as far as it can be:
+    its JSON parses and its safetensors headers match their sizes."""
+    ck = Path(ck)
+    man = ck / MANIFEST
+    if not man.is_file():
+        if not (ck / "state.json").is_file():
+            return f"{ck / 'state.json'}: missing"
+        return _legacy_problem(ck)
+    try:
+        files = json.loads(man.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return f"{man}: unreadable ({e})"
+    for name, want in files.items():
+        f = ck / name
+        if not f.is_file():
+            return f"{f}: missing"
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            return f"{f}: {size} bytes, the manifest says {want.get('bytes')} (truncated or replaced)"
+        if _sha256(f) != want.get("sha256"):
+            return f"{f}: checksum mismatch (damaged data)"
+    return None
+
+
+def _legacy_problem(ck: Path) -> str | None:
+    from safetensors import safe_open
+
+    for f in sorted(ck.iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), "pt") as h:
+                    h.keys()
+        except Exception as e:
+            return f"{f}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+def intact_checkpoint(out: str | os.PathLike, is_main: bool = True) -> Path | None:
+    """The newest checkpoint in ``out/checkpoints`` that passes `checkpoint_problem`, or None if
+    there is none. Each damaged newer one gets a warning naming the file (on stderr, from the
+    main rank); when checkpoints exist but none is intact this raises a one-line InputError."""
+    root = Path(out) / CKPT_DIR
+    if not root.is_dir():
+        return None
+    cands = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    problems = []
+    for ck in cands:
+        why = checkpoint_problem(ck)
+        if why is None:
+            if problems and is_main:
+                print(f"warning: resuming from {ck.name}: the newer checkpoint is damaged ({problems[-1]})",
+                      file=sys.stderr, flush=True)
+            return ck
+        problems.append(why)
+        if is_main:
+            print(f"warning: checkpoint {ck.name} is damaged: {why}", file=sys.stderr, flush=True)
+    if problems:
+        raise InputError(f"no intact checkpoint in {root} to resume from: {'; '.join(problems)} "
+                         "(move the folder away to start over)")
+    return None
 
 
 def final_done(out: str | os.PathLike) -> bool:
@@ -576,6 +686,8 @@ class Trainer:
         self.stop_after: int | None = None  # tests: stop (as if killed) after this step
         self._t0 = time.time()
         self.wall_before = 0.0  # training seconds of earlier (resumed) runs
+        self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
+        self.resumed_from: Path | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -655,35 +767,23 @@ class Trainer:
                 files[f"ema.{name}.safetensors"] = (g.ema.full_state(), None)
         path = None
         if self.env.is_main:
-            root = self.out / CKPT_DIR
-            root.mkdir(parents=True, exist_ok=True)
-            name = f"step_{self.step:08d}"
-            tmp = root / f".tmp_{name}_{os.getpid()}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-            for fn, (tensors, md) in files.items():
-                atomic_save_safetensors(tensors, tmp / fn, md)
-            for fn, meta in metas.items():
-                (tmp / fn).write_text(json.dumps(meta))
-            (tmp / "state.json").write_text(json.dumps(self.state_json()))
-            path = root / name
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-            atomic_write_text(root / LATEST, name)
-            olds = sorted(p for p in root.glob("step_*") if p != path)
-            for old in olds[: max(0, len(olds) - (self.cfg.keep_checkpoints - 1))]:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in root.glob(".tmp_*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            def write(tmp: Path) -> None:
+                for fn, (tensors, md) in files.items():
+                    atomic_save_safetensors(tensors, tmp / fn, md)
+                for fn, meta in metas.items():
+                    (tmp / fn).write_text(json.dumps(meta))
+                (tmp / "state.json").write_text(json.dumps(self.state_json()))
+
+            path = write_checkpoint(self.out / CKPT_DIR, f"step_{self.step:08d}", write, self.cfg.keep_checkpoints)
+        self.saved_step = self.step
         self.env.barrier()
         return path
 
     def resume(self) -> bool:
-        ck = latest_checkpoint(self.out)
+        ck = intact_checkpoint(self.out, self.env.is_main)
         if ck is None:
             return False
+        self.resumed_from = ck
         from safetensors.torch import load_file
 
         state = json.loads((ck / "state.json").read_text())
@@ -701,6 +801,7 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.wall_before = float(state.get("wall_seconds", 0.0))
         self._t0 = time.time()
+        self.saved_step = self.step
         return True
 
     # ------------------------------------------------------------------ the loop
@@ -760,7 +861,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), desc=self.stage, dynamic_ncols=True,
                    disable=not (cfg.progress and self.env.is_main))
         if resumed and self.env.is_main:
-            bar.write(f"{self.stage}: resumed at step {self.step} from {latest_checkpoint(self.out)}")
+            bar.write(f"{self.stage}: resumed at step {self.step} from {self.resumed_from}")
         try:
             while self.step < cfg.steps:
                 logs = self.train_step(self.step)
@@ -780,8 +881,7 @@ class Trainer:
             bar.close()
             return self.out
         bar.close()
-        if latest_checkpoint(self.out) is None or json.loads(
-                (latest_checkpoint(self.out) / "state.json").read_text())["step"] != self.step:
+        if self.saved_step != self.step:
             self.save()
         self.plot()
         final = self.out / FINAL

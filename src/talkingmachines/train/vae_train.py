@@ -16,8 +16,10 @@ Reproducible and resumable:
   a plain iterable is consumed in order (and fast-forwarded on resume);
 * checkpoints ``out_dir/checkpoints/step_XXXXXXXX/`` hold ``model.safetensors`` +
   ``config.json`` (a loadable TinyVAE folder), ``optimizer.safetensors`` and ``state.json``
-  (step, loss history); each is written to a hidden temp folder and renamed into place, then
-  ``checkpoints/latest`` is replaced atomically. Nothing is pickled.
+  (step, loss history) and ``manifest.json`` (every file's sha256), written and verified by the
+  training stages' own functions (`common.write_checkpoint`, `common.intact_checkpoint`): a
+  hidden temp folder renamed into place, ``checkpoints/latest`` replaced atomically, and a
+  damaged latest checkpoint skipped with a warning for the newest intact one. Nothing is pickled.
 
 When training ends, the per-channel latent mean/std over a few batches are stored in the
 config (so `encode_video` gives ~unit-variance latents), the model is saved to ``out_dir``
@@ -29,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..fileio import atomic_write
+from ..fileio import atomic_save_safetensors, atomic_write
 from ..model.vae import TinyVAE, TinyVAEConfig, video_to_tensor
+from .common import CKPT_DIR, intact_checkpoint, latest_checkpoint, write_checkpoint
 
 __all__ = ["train_tiny_vae", "VAETrainResult", "vae_loss", "latest_checkpoint", "load_checkpoint"]
 
-CKPT_DIR = "checkpoints"
-LATEST = "latest"
 _SEED_MUL = 1_000_003
 
 
@@ -177,41 +177,15 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint folder in ``out_dir/checkpoints`` (or None)."""
-    root = Path(out_dir) / CKPT_DIR
-    latest = root / LATEST
-    if latest.is_file():
-        p = root / latest.read_text().strip()
-        if (p / "state.json").is_file():
-            return p
-    cands = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
-    return cands[-1] if cands else None
-
-
 def _save_checkpoint(out_dir: Path, model: TinyVAE, opt: torch.optim.Optimizer, state: dict, keep: int) -> Path:
-    from safetensors.torch import save_file
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tensors, meta = _flatten_optimizer(opt)
+        atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        (tmp / "state.json").write_text(json.dumps(state))
 
-    root = out_dir / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{state['step']:08d}"
-    tmp = root / f".tmp_{name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tensors, meta = _flatten_optimizer(opt)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    (tmp / "state.json").write_text(json.dumps(state))
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write(root / LATEST, lambda p: Path(p).write_text(name))
-    done = sorted(p for p in root.glob("step_*") if p != final)
-    for old in done[: max(0, len(done) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return write_checkpoint(out_dir / CKPT_DIR, f"step_{state['step']:08d}", write, keep)
 
 
 def load_checkpoint(ckpt: str | os.PathLike, model: TinyVAE | None = None,
@@ -329,7 +303,7 @@ def train_tiny_vae(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    ckpt = latest_checkpoint(out) if resume else None
+    ckpt = intact_checkpoint(out) if resume else None
     if config is None and ckpt is not None:
         config = TinyVAEConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
     if freeze_encoder and init_from is None:
