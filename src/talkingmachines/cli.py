@@ -16,6 +16,11 @@ from pathlib import Path
 from .errors import InputError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+# import name -> pip name of the packages a command may need that a machine may lack (a GPU box
+# with PyTorch only): each command imports what it uses when it runs, so only it fails, in one line
+PIP_NAMES = {"av": "av", "aiortc": "aiortc", "aiohttp": "aiohttp", "diffusers": "diffusers",
+             "livekit": "livekit-agents", "cv2": "opencv-python-headless", "PIL": "pillow",
+             "matplotlib": "matplotlib", "transformers": "transformers", "safetensors": "safetensors"}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -172,6 +177,13 @@ def main(argv=None) -> int:
         return int(args.fn(args) or 0)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in PIP_NAMES:
+            raise
+        print(f"error: `{args.cmd}` needs the Python package {top!r}, which is not installed here "
+              f"(pip install {PIP_NAMES[top]})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -28,7 +28,6 @@ import wave
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-import av
 import numpy as np
 
 log = logging.getLogger("talkingmachines.serve.agents")
@@ -44,7 +43,11 @@ class Resampler:
 
     def __init__(self, rate_in: int, rate_out: int):
         self.rate_in, self.rate_out = rate_in, rate_out
-        self._r = None if rate_in == rate_out else av.AudioResampler(format="s16", layout="mono", rate=rate_out)
+        self._r = None
+        if rate_in != rate_out:
+            import av  # lazily: `serve.cli` reads AGENTS from here on machines without PyAV
+
+            self._r = av.AudioResampler(format="s16", layout="mono", rate=rate_out)
         self._pts = 0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -52,6 +55,8 @@ class Resampler:
         if self._r is None or x.size == 0:
             return x
         pcm = (np.clip(x, -1, 1) * 32767).astype(np.int16).reshape(1, -1)
+        import av
+
         f = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         f.sample_rate = self.rate_in
         f.pts = self._pts
@@ -62,7 +67,7 @@ class Resampler:
         return np.concatenate(out).astype(np.float32) / 32768.0
 
 
-def frame_to_mono16k(frame: av.AudioFrame, resampler: av.AudioResampler) -> np.ndarray:
+def frame_to_mono16k(frame: "av.AudioFrame", resampler: "av.AudioResampler") -> np.ndarray:
     """An aiortc/PyAV audio frame (any rate/layout) -> float32 16 kHz mono."""
     out = [o.to_ndarray().reshape(-1) for o in resampler.resample(frame)]
     if not out:

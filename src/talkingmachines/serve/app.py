@@ -23,7 +23,6 @@ import io
 import ipaddress
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +30,8 @@ from typing import Any, Callable
 import numpy as np
 from aiohttp import web
 
-from .agents import AGENTS, agent_factory
+from .agents import agent_factory
+from .cli import add_serve_args  # noqa: F401  (its home is the light cli module; kept importable here)
 from .metrics import Metrics
 from .session import CallSession
 
@@ -323,28 +323,6 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, agent: str = "mirror",
     shown = f"[{host}]" if ":" in host else host
     print(f"talkingmachines serve: http://{shown}:{port}/  (agent {agent}, max {max_sessions} calls)", flush=True)
     web.run_app(app, host=host, port=port, print=None, access_log=None, **RUNNER_KW)
-
-
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; others need --token)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--agent", default="mirror", choices=[a for a in AGENTS if a != "silent"],
-                   help="voice agent: mirror (speaks your mic), echo (repeats your turns), tts (typed text), "
-                        "realtime (OpenAI-Realtime-compatible server)")
-    p.add_argument("--image", default=None, help="portrait image (default: the model's shipped portrait)")
-    p.add_argument("--max-sessions", type=int, default=2, help="concurrent calls; more get HTTP 503 busy")
-    p.add_argument("--token", default=os.environ.get("TM_TOKEN"), help="required bearer token (env TM_TOKEN)")
-    p.add_argument("--model", default=None, help="model directory (default: the shipped tiny model)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--idle-timeout", type=float, default=4.0, help="seconds without any sign of the client before its call is freed")
-    g = p.add_argument_group("agents")
-    g.add_argument("--voice", default=None, help="espeak-ng voice (tts) or realtime voice name")
-    g.add_argument("--greeting", default=None, help="tts: text spoken when a call starts")
-    g.add_argument("--realtime-url", default=None, help="realtime websocket URL (env TM_REALTIME_URL)")
-    g.add_argument("--realtime-key", default=None, help="realtime API key (env OPENAI_API_KEY)")
-    g.add_argument("--realtime-protocol", default="ga", choices=["ga", "beta"])
-    g.add_argument("--instructions", default=None, help="realtime: system instructions")
 
 
 def serve_main(args: argparse.Namespace) -> int:

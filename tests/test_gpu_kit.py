@@ -1,0 +1,39 @@
+"""The GPU session kit on a machine like the lent GPU box (PyTorch, no PyAV, no aiortc): each
+command imports only what it uses, and the bundled speech needs no PyAV."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def blocker(folder: Path, *names: str) -> Path:
+    """A folder that, first on PYTHONPATH, makes `import NAME` fail as if NAME were not installed."""
+    for n in names:
+        (folder / n).mkdir(parents=True, exist_ok=True)
+        (folder / n / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{n}'\", name='{n}')\n")
+    return folder
+
+
+def run_without(tmp_path, names, *args, code=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(blocker(tmp_path / "blocked", *names)), str(SRC)])}
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "talkingmachines", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_commands_without_pyav_and_aiortc_run_and_serve_fails_in_one_line(tmp_path):
+    r = run_without(tmp_path, ["av", "aiortc"], "info", "--preset", "wan-1.3b-audio", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["total"] > 1e9
+    r = run_without(tmp_path, ["av", "aiortc"], "plan", "--preset", "tiny", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["fits"], r.stderr
+    r = run_without(tmp_path, ["av", "aiortc"], "serve", "--port", "0")
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: `serve` needs the Python package"), r.stderr
+    r = run_without(tmp_path, ["aiortc"], "serve", "--help")  # its options need none of the server
+    assert r.returncode == 0 and "--agent" in r.stdout
