@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from talkingmachines.eval.bench import speech_like
+from talkingmachines.audio_io import speech_like
 from talkingmachines.model.dit import AudioDiT
 from talkingmachines.stream import disagg
 from talkingmachines.stream.generator import load_avatar

@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from talkingmachines.audio_io import SPEECH_WAV, read_wav, speech_like
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -37,3 +42,17 @@ def test_commands_without_pyav_and_aiortc_run_and_serve_fails_in_one_line(tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: `serve` needs the Python package"), r.stderr
     r = run_without(tmp_path, ["aiortc"], "serve", "--help")  # its options need none of the server
     assert r.returncode == 0 and "--agent" in r.stdout
+
+
+def test_bundled_speech_reads_without_pyav(tmp_path):
+    code = ("from talkingmachines.audio_io import speech_like; import sys; a = speech_like(3.0); "
+            "sys.exit(0 if len(a) == 48000 and a.std() > 0.01 else 1)")
+    r = run_without(tmp_path, ["av"], code=code)
+    assert r.returncode == 0, r.stderr
+    a = read_wav(SPEECH_WAV)
+    assert len(speech_like(20.0)) == 320000 and np.array_equal(speech_like(1.0), a[:16000])
+    pytest.importorskip("av")
+    from talkingmachines.media import load_audio
+
+    b = load_audio(SPEECH_WAV)  # the PyAV path gives the same samples
+    assert len(a) == len(b) and np.abs(a - b).max() < 1e-4

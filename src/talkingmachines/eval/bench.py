@@ -31,31 +31,16 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..audio_io import speech_like
 
 
 def rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def speech_like(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
-    """The bundled speech, looped to length (falls back to modulated noise)."""
-    from ..media import load_audio
-
-    src = Path(__file__).resolve().parent.parent / "assets" / "speech.wav"
-    n = int(seconds * sr)
-    if src.exists():
-        a = load_audio(src)
-        return np.resize(a, n).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    env = (np.sin(np.arange(n) / sr * 2 * np.pi * 3) > 0).astype(np.float32)
-    return (0.2 * env * rng.standard_normal(n)).astype(np.float32)
 
 
 def _sync(dev):

@@ -537,7 +537,7 @@ def main(argv=None) -> int:
     devices = tuple(args.devices.split(","))
     rank = int(os.environ["RANK"])
     dist.init_process_group(_backend_for(torch.device(devices[rank])))
-    from ..eval.bench import speech_like
+    from ..audio_io import speech_like
 
     audio = speech_like((args.chunks + 2) * 0.48)
     try:
