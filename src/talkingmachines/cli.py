@@ -7,10 +7,14 @@ atomically, so a failed run leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import InputError
@@ -60,18 +64,67 @@ def _load(args):
     return avatar
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during `generate`: unwinds like Ctrl-C, so the temp file goes too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live there only
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Signalled(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def check_output_path(out: Path) -> None:
+    """Refuse an output we could not write, before any slow work."""
+    if out.suffix.lower() != ".mp4":
+        raise InputError(f"{out}: the output must be an .mp4 file")
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; give a file name ending in .mp4")
+    if out.exists() and not out.is_file():
+        raise InputError(f"{out}: exists and is not a regular file")
+    if not out.parent.exists():
+        raise InputError(f"{out.parent}: output folder does not exist")
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent}: is not a folder")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{out.parent}: output folder is not writable")
+
+
 def cmd_generate(args) -> int:
+    out = Path(args.output)
+    try:
+        with _stop_on_signals():
+            return _generate(args, out)
+    except _Signalled as e:
+        print(f"stopped by {signal.Signals(e.signum).name}: {out} not written", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _generate(args, out: Path) -> int:
     from tqdm import tqdm
 
     from .config import SAMPLES_PER_FRAME
     from .media import Mp4Writer, load_audio, load_image
     from .model.audio import is_silence
 
-    out = Path(args.output)
-    if out.suffix.lower() != ".mp4":
-        raise InputError(f"{out}: the output must be an .mp4 file")
-    if not out.parent.exists():
-        raise InputError(f"{out.parent}: output folder does not exist")
+    check_output_path(out)
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be at least 1 (got {args.steps})")
     # validate every input before the (slow) model load
     audio = load_audio(args.audio)
     if is_silence(audio):
