@@ -143,39 +143,56 @@ def test_student_schedule():
         flow.student_schedule(StreamConfig(student_timesteps=(500.0, 1000.0)))
 
 
-def test_few_step_sample():
+def test_steps_other_than_trained_use_the_derived_rule():
+    """`--steps N` (N != student_steps) is Wan's shifted grid, the rule training derives its
+    schedule by; N == student_steps (or None) is the trained schedule itself."""
+    cfg = StreamConfig(student_steps=2, student_timesteps=(1000.0, 500.0), flow_shift=5.0)
+    torch.testing.assert_close(flow.student_schedule(cfg, 2), torch.tensor([1.0, 0.5, 0.0]))
+    torch.testing.assert_close(flow.student_schedule(cfg, None), torch.tensor([1.0, 0.5, 0.0]))
+    for n in (1, 3, 4):
+        torch.testing.assert_close(flow.student_schedule(cfg, n), flow.sigmas(n, 5.0, spacing="wan"))
+        derived = StreamConfig(student_steps=n, student_timesteps=(), flow_shift=5.0)
+        torch.testing.assert_close(flow.student_schedule(cfg, n), flow.student_schedule(derived))
+    with pytest.raises(ValueError):
+        flow.student_schedule(cfg, 0)
+
+
+def test_denoise_chunk():
     sig = flow.student_schedule(StreamConfig())
     target = torch.tensor([1.5, -0.5])
-    calls = []
+    seen = []
 
-    def model(x, t):  # exact velocity for a point mass at `target`: v = (x - target) / s
-        calls.append(t.clone())
-        s = flow.t_to_sigma(t).reshape(-1, 1)
-        return (x - target) / s
+    def x0_exact(x, s):  # the exact denoiser of a point mass at `target`
+        seen.append(s)
+        return target.expand_as(x)
 
+    g = torch.Generator().manual_seed(2)
     noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
-    out, x0s = flow.few_step_sample(model, noise, sig, torch.Generator().manual_seed(2), return_x0s=True)
-    assert out.shape == (6, 2) and len(x0s) == 2
+    out, last = flow.denoise_chunk(x0_exact, noise, sig, lambda: torch.randn(6, 2, generator=g))
     torch.testing.assert_close(out, target.expand(6, 2))
-    torch.testing.assert_close(torch.stack(calls), torch.tensor([[1000.0] * 6, [500.0] * 6]))
+    assert seen == [1.0, 0.5]
+    # the last step's input is the x0 of the first step re-noised to 0.5 with the next draw
+    e = torch.randn(6, 2, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(last, 0.5 * target + 0.5 * e)
 
-    # determinism with the same generator, fresh noise with another
+    # same noise stream, same result; another stream, another result
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 2))
-    f = lambda x, t: net(torch.cat([x, t[:, None] / 1000], 1))  # noqa: E731
-    a = flow.few_step_sample(f, noise, sig, torch.Generator().manual_seed(3))
-    b = flow.few_step_sample(f, noise, sig, torch.Generator().manual_seed(3))
-    c = flow.few_step_sample(f, noise, sig, torch.Generator().manual_seed(4))
-    assert torch.equal(a, b) and not torch.equal(a, c)
 
-    # exit_step / grad_exit_only: gradient flows through the exit step only
-    first = flow.few_step_sample(f, noise, sig, torch.Generator().manual_seed(3), exit_step=0)
-    torch.testing.assert_close(first, noise - f(noise, torch.full((6,), 1000.0)))
-    out = flow.few_step_sample(f, noise, sig, torch.Generator().manual_seed(3), grad_exit_only=True)
-    assert torch.equal(out, a) and out.requires_grad
-    out.sum().backward()
-    assert all(p.grad is not None for p in net.parameters())
-    with pytest.raises(ValueError):
-        flow.few_step_sample(f, noise, sig, exit_step=2)
+    def x0_net(x, s):
+        return x - s * net(torch.cat([x, torch.full((len(x), 1), s)], 1))
+
+    def run(seed):
+        gg = torch.Generator().manual_seed(seed)
+        return flow.denoise_chunk(x0_net, noise, sig, lambda: torch.randn(6, 2, generator=gg))[0]
+
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # one step: the input is the last step's input; gradients flow when the caller wants them
+    out, last = flow.denoise_chunk(x0_net, noise, [1.0, 0.0], lambda: None)
+    assert torch.equal(last, noise) and out.requires_grad
+    for bad in ([1.0], [1.0, 0.5], [0.5, 1.0, 0.0], [1.0, 1.0, 0.0]):
+        with pytest.raises(ValueError):
+            flow.denoise_chunk(x0_net, noise, bad, lambda: None)
 
 
 def test_sample_train_timesteps():

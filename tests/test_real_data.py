@@ -243,7 +243,7 @@ def test_init_reproduces_wan_transformer(world, prepared, tmp_path):
     from diffusers import WanTransformer3DModel
 
     from talkingmachines.train.common import load_config
-    from talkingmachines.train.latents import dit_input
+    from talkingmachines.pipeline import dit_input
     from talkingmachines.train.real_data import RealBatch
     from talkingmachines.train.teacher import TeacherTrainer
 
@@ -330,7 +330,7 @@ def test_student_stages_on_real_cache(world, prepared, tmp_path):
     from talkingmachines.model.weights import load_dit
     from talkingmachines.train.common import Handle, latest_checkpoint
     from talkingmachines.train.real_data import RealClips
-    from talkingmachines.train.student import causal_x0
+    from talkingmachines.pipeline import causal_x0
 
     _, wan, _ = world
     teacher = tmp_path / "teacher"

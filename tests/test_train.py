@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from train_fixtures import make_clips, make_vae, micro_config
 
 from talkingmachines.train.common import latest_checkpoint
-from talkingmachines.train.student import DmdTrainer, OdeTrainer, rollout, train_ode
+from talkingmachines.pipeline import rollout
+from talkingmachines.train.student import DmdTrainer, OdeTrainer, train_ode
 from talkingmachines.train.teacher import TeacherTrainer, train_teacher
 
 
@@ -122,7 +123,7 @@ def test_rollout_matches_streaming_kv_cache(work):
     (sink prefill, chunk against the KV cache, clean pass writing the cache)."""
     from talkingmachines.diffusion import flow
     from talkingmachines.train.common import Handle, sample_generator
-    from talkingmachines.train.latents import dit_input
+    from talkingmachines.pipeline import dit_input
     from talkingmachines.train.teacher import new_dit
 
     cfg = micro_config(work, "dmd", "unused")

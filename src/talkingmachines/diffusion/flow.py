@@ -47,7 +47,7 @@ __all__ = [
     "guided_model_fn",
     "euler_sample",
     "student_schedule",
-    "few_step_sample",
+    "denoise_chunk",
     "sample_train_timesteps",
 ]
 
@@ -254,18 +254,26 @@ def euler_sample(
     return x
 
 
-def student_schedule(stream_config, device: torch.device | str | None = None) -> torch.Tensor:
-    """The student's fixed few-step sigmas, ending with 0 (length ``student_steps + 1``).
+def student_schedule(stream_config, steps: int | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """The student's few-step sigmas, ending with 0 (length ``steps + 1``): the one schedule
+    that training (ODE pairs, DMD rollouts), the streaming engine and ``--steps`` use.
 
-    ``StreamConfig.student_timesteps`` are taken *as given*: they are already network
-    timesteps (shifted sigma x 1000) and are **not** shifted again, so the default
-    ``(1000, 500)`` gives sigmas ``[1.0, 0.5, 0.0]``. If ``student_timesteps`` is empty the
-    schedule is derived instead as Wan's shifted linear grid,
-    ``sigmas(student_steps, flow_shift, spacing="wan")``.
+    * ``steps`` None or ``student_steps``: the trained schedule. ``student_timesteps`` are
+      taken *as given*: they are already network timesteps (shifted sigma x 1000) and are
+      **not** shifted again, so the default ``(1000, 500)`` gives ``[1.0, 0.5, 0.0]``. If
+      ``student_timesteps`` is empty it is derived as Wan's shifted linear grid,
+      ``sigmas(student_steps, flow_shift, spacing="wan")``.
+    * any other ``steps`` (``--steps N``, a model run with another number of steps than it
+      was distilled for): Wan's shifted linear grid with ``N`` steps, the same rule as the
+      derived schedule above.
     """
+    trained = int(stream_config.student_steps)
+    steps = trained if steps is None else int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     ts = tuple(getattr(stream_config, "student_timesteps", ()) or ())
-    steps = int(stream_config.student_steps)
-    if not ts:
+    if not ts or steps != trained:
         return sigmas(steps, float(stream_config.flow_shift), spacing="wan", device=device)
     if len(ts) != steps:
         raise ValueError(f"student_timesteps {ts} has {len(ts)} entries but student_steps={steps}")
@@ -275,48 +283,35 @@ def student_schedule(stream_config, device: torch.device | str | None = None) ->
     return s
 
 
-def few_step_sample(
-    model_fn: ModelFn,
-    noise: torch.Tensor,
+def denoise_chunk(
+    x0_fn: Callable[[torch.Tensor, float], torch.Tensor],
+    x: torch.Tensor,
     sigmas: torch.Tensor | Sequence[float],
-    generator: torch.Generator | None = None,
-    exit_step: int | None = None,
-    grad_exit_only: bool = False,
-    return_x0s: bool = False,
-):
-    """Few-step (DMD / CausVid style) sampler: predict x0, re-noise with fresh noise.
+    noise: Callable[[], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The few-step sampler (DMD / CausVid): the one loop the streaming engine, the training
+    rollout and the bench run.
 
-    At step ``i`` (sigma ``s_i``): ``x0 = x - s_i v(x, 1000 s_i)``; if ``s_{i+1} > 0`` the next
-    input is ``(1 - s_{i+1}) x0 + s_{i+1} e`` with fresh ``e`` drawn from ``generator``;
-    the last step returns its x0. ``noise`` is ``x`` at ``sigmas[0]``.
+    ``x`` is the input at ``sigmas[0]`` (pure noise when it is 1). At step ``i``:
+    ``x0 = x0_fn(x, s_i)`` (``s_i`` a float); if ``s_{i+1} > 0`` the next input is
+    ``(1 - s_{i+1}) x0 + s_{i+1} noise()``, else ``x0`` is the result. ``noise()`` returns
+    fresh noise shaped like ``x``: the caller owns the random stream, so each path draws in
+    its own way (device, generator per sample) and the same draws give the same latents.
+    ``sigmas`` (e.g. `student_schedule`) must decrease strictly and end with 0.
 
-    ``exit_step`` stops after that step and returns its x0 (DMD2's backward simulation:
-    train on a random intermediate exit). ``grad_exit_only`` runs the steps before the exit
-    under ``no_grad`` (the usual memory saving). ``return_x0s`` also returns every step's x0.
-    Autograd is left to the caller otherwise (wrap in ``torch.no_grad()`` for inference).
+    Returns ``(x0, x_last)``: the clean result and the input of the last step (what DMD
+    recomputes with gradients). Autograd is left to the caller.
     """
     sig = [float(v) for v in (sigmas.tolist() if torch.is_tensor(sigmas) else sigmas)]
-    n_steps = len(sig) - 1
-    if n_steps < 1:
-        raise ValueError("few_step_sample needs at least two sigmas (one step)")
-    last = n_steps - 1 if exit_step is None else int(exit_step)
-    if not 0 <= last < n_steps:
-        raise ValueError(f"exit_step {exit_step} out of range for {n_steps} steps")
-    x = noise
-    x0s = []
-    x0 = None
-    for i in range(last + 1):
-        s, s_next = sig[i], sig[i + 1]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not (grad_exit_only and i < last)):
-            v = model_fn(x, _t_batch(s, x))
-            x0 = x0_from_v(x, v.to(x.dtype), s)
-        x0s.append(x0)
-        if i < last and s_next > 0:
-            e = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = add_noise(x0, e, s_next)
-        elif i < last:  # s_next == 0 before the end: nothing left to denoise
-            break
-    return (x0, x0s) if return_x0s else x0
+    if len(sig) < 2 or sig[-1] != 0.0 or any(b >= a for a, b in zip(sig, sig[1:])):
+        raise ValueError(f"sigmas must decrease strictly to a final 0 (at least one step), got {sig}")
+    for i, s in enumerate(sig[:-1]):
+        x0 = x0_fn(x, s)
+        s_next = sig[i + 1]
+        if s_next == 0.0:
+            return x0, x
+        x = (1 - s_next) * x0 + s_next * noise()  # re-noise with fresh noise
+    raise AssertionError("unreachable: the schedule ends with 0")
 
 
 # ----------------------------------------------------------------------------- training

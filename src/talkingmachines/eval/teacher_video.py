@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..model.audio import audio_windows
 from ..model.dit import AudioDiT
 from ..stream.generator import fit_image
-from ..train.teacher import guided_v
+from ..pipeline import guided_v
 
 
 def factory(avatar, steps: int = 16, cfg_audio: float = 2.5, seed: int = 0):

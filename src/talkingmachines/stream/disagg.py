@@ -35,13 +35,12 @@ from pathlib import Path
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from .types import Chunk
+from .types import Chunk, LatentChunk
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +87,6 @@ class _LockedAudio:
     def __setattr__(self, name, value):
         with self._lock:
             setattr(self._buf, name, value)
-
-
-@dataclass
-class LatentChunk:
-    """What the DiT stage hands to the decode stage for one chunk."""
-
-    index: int
-    latents: torch.Tensor  # [1, C, F, h, w], normalised, on the DiT device
-    audio: np.ndarray
-    speaking: bool
-    timings: dict = field(default_factory=dict)
-    event: object = None  # CUDA event recorded after the DiT's last kernel for this chunk
 
 
 class DiTStage:

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from ..config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, VAE_TEMPORAL, Preset, get_preset
+from .. import pipeline
 from ..diffusion import flow
 from ..model import audio as audio_fe
 from ..model.dit import AudioDiT
-from .types import Chunk
+from .types import Chunk, LatentChunk
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +211,7 @@ class StreamingGenerator:
         self.chunk_samples = self.chunk_video_frames * SAMPLES_PER_FRAME
         self.context = p.stream.audio_context
         self.lookahead_samples = self.context * SAMPLES_PER_FRAME + getattr(a.frontend, "lookahead_samples", 0)
-        steps = steps or p.stream.student_steps
-        if steps == p.stream.student_steps:
-            self.sigmas = [t / 1000.0 for t in p.stream.student_timesteps] + [0.0]
-        else:
-            self.sigmas = flow.sigmas(steps, p.stream.flow_shift).tolist()
+        self.sigmas = flow.student_schedule(p.stream, steps).tolist()  # the schedule training used
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         self.index = 0  # chunks produced
         self.audio = AudioBuffer(keep_before=(self.context + 8) * SAMPLES_PER_FRAME + 16000)
@@ -226,8 +223,8 @@ class StreamingGenerator:
             self.latent_shape = (1, C, self.chunk_frames, h, w)
             self.ctx = a.dit.encode_context(a.text, None)
             self.cache = a.dit.new_cache()
-            sink = self._dit_input(self.ref, known=True)
-            a.dit.prefill_sink(self.cache, sink, self.ctx, self._zero_audio(1))
+            sink = self.dit_input(self.ref, known=True)
+            a.dit.prefill_sink(self.cache, sink, self.ctx, self.sink_audio())
             self.decoder = a.vae.stream_decoder()
             self.decoder.decode(self.ref)  # the sink decodes to the portrait frame: primes the causal state
 
@@ -247,20 +244,19 @@ class StreamingGenerator:
     def ready(self) -> bool:
         return self.audio.ended or self.audio.end >= self.pos + self.chunk_samples + self.lookahead_samples
 
-    # ------------------------------------------------------------------ helpers
-    def _dit_input(self, x, known: bool):
-        """Wan I2V input: [noisy latent | 4 mask channels | reference latent]."""
-        T = x.shape[2]
-        mask = torch.full((1, 4, T, *x.shape[3:]), 1.0 if known else 0.0, device=x.device, dtype=x.dtype)
-        return torch.cat([x, mask, self.ref.expand(-1, -1, T, -1, -1)], dim=1)
+    # ------------------------------------------------------------------ the DiT's inputs
+    def dit_input(self, x, known: bool):
+        """Wan I2V input of frames on their own: [latent | 4 mask channels | reference latent]."""
+        return pipeline.dit_input(x, self.ref, "all" if known else "none")
 
-    def _zero_audio(self, frames):
+    def sink_audio(self):
+        """The sink's audio window: zeros (None for a DiT without audio layers)."""
         d = self.avatar.preset.dit
         if d.audio_dim is None:
             return None
-        return torch.zeros(1, frames, d.audio_window, d.audio_dim, device=self.avatar.device, dtype=self.avatar.dtype)
+        return torch.zeros(1, 1, d.audio_window, d.audio_dim, device=self.avatar.device, dtype=self.avatar.dtype)
 
-    def _audio_windows(self, first_frame: int, n_latent: int) -> torch.Tensor | None:
+    def audio_windows(self, first_frame: int, n_latent: int) -> torch.Tensor | None:
         """Feature windows [1, n_latent, W, C] for the latents covering generated frames first_frame.."""
         d = self.avatar.preset.dit
         if d.audio_dim is None:
@@ -278,43 +274,61 @@ class StreamingGenerator:
         return win.to(self.avatar.device, self.avatar.dtype)[None]
 
     # ------------------------------------------------------------------ the chunk step
+    def new_noise(self) -> torch.Tensor:
+        """Fresh noise for the next draw of this stream (one seeded CPU generator per stream)."""
+        return torch.randn(self.latent_shape, generator=self.gen).to(self.avatar.device, self.avatar.dtype)
+
     @torch.inference_mode()
-    def next_chunk(self, wait: bool = False) -> Chunk | None:
+    def denoise(self, au) -> torch.Tensor:
+        """The next chunk's latents [1, C, F, h, w]: `flow.denoise_chunk` with the DiT against the
+        KV cache (sink + previous chunk), then the clean pass that writes the chunk's keys and
+        values as the next chunk's previous chunk. ``au``: the chunk's audio windows."""
+        a, dit = self.avatar, self.avatar.dit
+        chunk = self.index + 1
+
+        def x0_fn(x, s):
+            t = torch.tensor([s * 1000.0], device=a.device)
+            v = dit.forward_chunk(self.cache, self.dit_input(x, False), t, self.ctx, au, chunk=chunk)
+            return x - s * v
+
+        x, _ = flow.denoise_chunk(x0_fn, self.new_noise(), self.sigmas, self.new_noise)
+        dit.forward_chunk(self.cache, self.dit_input(x, True), torch.zeros(1, device=a.device), self.ctx, au,
+                          chunk=chunk, write=True)
+        return x
+
+    @torch.inference_mode()
+    def next_latents(self, wait: bool = False) -> LatentChunk | None:
+        """The DiT half of a chunk step: the next chunk's latents, its audio and timings
+        (a disaggregated decode stage takes it from here, see `stream.disagg`)."""
         if wait and not self.ready():
             return None
-        a, dit = self.avatar, self.avatar.dit
+        a = self.avatar
         t0 = time.perf_counter()
         first_frame = self.index * self.chunk_video_frames
         chunk_audio = self.audio.read(self.pos, self.pos + self.chunk_samples)
-        au = self._audio_windows(first_frame, self.chunk_frames)
+        au = self.audio_windows(first_frame, self.chunk_frames)
         t1 = time.perf_counter()
-        chunk = self.index + 1
-        x = torch.randn(self.latent_shape, generator=self.gen).to(a.device, a.dtype)
-        for i, s in enumerate(self.sigmas[:-1]):
-            t = torch.tensor([s * 1000.0], device=a.device)
-            v = dit.forward_chunk(self.cache, self._dit_input(x, False), t, self.ctx, au, chunk=chunk)
-            x0 = x - s * v
-            s_next = self.sigmas[i + 1]
-            if s_next > 0:
-                noise = torch.randn(self.latent_shape, generator=self.gen).to(a.device, a.dtype)
-                x = (1 - s_next) * x0 + s_next * noise  # re-noise (DMD / CausVid few-step sampling)
-            else:
-                x = x0
-        dit.forward_chunk(self.cache, self._dit_input(x, True), torch.zeros(1, device=a.device), self.ctx, au,
-                          chunk=chunk, write=True)
+        x = self.denoise(au)
         if a.device.type == "cuda":
             torch.cuda.current_stream(a.device).synchronize()  # not device-wide: a decode stream may overlap
         t2 = time.perf_counter()
-        frames = self.decoder.decode(x)
-        t3 = time.perf_counter()
         self.index += 1
         self.pos += self.chunk_samples
         self.audio.drop_before(self.pos)
         if not self.audio.ended:
             self.audio.skip_to(self.pos)
         speaking = not audio_fe.is_silence(chunk_audio)
-        timings = {"audio_ms": 1e3 * (t1 - t0), "dit_ms": 1e3 * (t2 - t1), "vae_ms": 1e3 * (t3 - t2)}
-        return Chunk(self.index - 1, frames, chunk_audio, speaking, timings)
+        return LatentChunk(self.index - 1, x, chunk_audio, speaking,
+                           {"audio_ms": 1e3 * (t1 - t0), "dit_ms": 1e3 * (t2 - t1)})
+
+    def next_chunk(self, wait: bool = False) -> Chunk | None:
+        lc = self.next_latents(wait)
+        if lc is None:
+            return None
+        t = time.perf_counter()
+        with torch.inference_mode():
+            frames = self.decoder.decode(lc.latents)
+        return Chunk(lc.index, frames, lc.audio, lc.speaking, {**lc.timings, "vae_ms": 1e3 * (time.perf_counter() - t)})
 
     def stream(self, audio_iter=None, max_chunks: int | None = None):
         """Yield chunks; with an iterator of sample arrays, pull audio as needed, stop when it ends."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -15,6 +16,18 @@ class Chunk:
     audio: np.ndarray  # float32 [F * 640], mono 16 kHz: exactly the audio that plays with `frames`
     speaking: bool  # False when the chunk's audio was (near) silence: listening motion
     timings: dict = field(default_factory=dict)  # stage timings in ms (dit_ms, vae_ms, ...)
+
+
+@dataclass
+class LatentChunk:
+    """A chunk before its decode: what the DiT stage hands to a decode stage (`stream.disagg`)."""
+
+    index: int
+    latents: torch.Tensor  # [1, C, F, h, w], normalised, on the DiT device
+    audio: np.ndarray
+    speaking: bool
+    timings: dict = field(default_factory=dict)
+    event: object = None  # CUDA event recorded after the DiT's last kernel for this chunk
 
 
 class AvatarStream(Protocol):

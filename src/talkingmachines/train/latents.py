@@ -25,7 +25,7 @@ streaming generator sees it:
   ``audio_windows(frontend.features(crop_audio[640:]))``; the log-mel STFT edges use the
   real neighbouring samples here) with a zero window prepended for the sink;
 * the DiT input is ``[latent | 4 mask channels (1 on known frames) | reference latent
-  broadcast over frames]`` (`dit_input`), the timestep of the sink is 0.
+  broadcast over frames]`` (`pipeline.dit_input`), the timestep of the sink is 0.
 
 Crops, references and noise depend only on ``(seed, clip, epoch)`` and ``(seed, step,
 sample)`` (see `common.sample_generator`), so a resumed or distributed run sees the same data
@@ -50,38 +50,6 @@ from ..model import audio as audio_fe
 CACHE_VERSION = 2  # 2: index entries carry the mouth box (the clip files are unchanged)
 MOUTH_MARGIN = 0.06  # of the frame side, around the mouth's largest opening: head motion
 N_REFS = 4
-
-
-# ----------------------------------------------------------------------------- DiT inputs
-def dit_input(x: torch.Tensor, ref: torch.Tensor, known: str = "sink") -> torch.Tensor:
-    """Wan I2V input ``[x | mask (4 ch) | ref broadcast]``.
-
-    x [B, C, T, h, w] (frame 0 = the sink, clean reference latent), ref [B, C, 1, h, w].
-    ``known="sink"``: mask 1 on frame 0 only (noisy clips); ``"all"``: mask 1 everywhere
-    (clean context written to the KV cache, as `StreamingGenerator._dit_input(x, True)`)."""
-    B, _, T, h, w = x.shape
-    mask = torch.zeros(B, 4, T, h, w, device=x.device, dtype=x.dtype)
-    if known == "all":
-        mask.fill_(1.0)
-    elif known == "sink":
-        mask[:, :, 0] = 1.0
-    else:
-        raise ValueError(f"known must be 'sink' or 'all', got {known!r}")
-    return torch.cat([x, mask, ref.to(x.dtype).expand(-1, -1, T, -1, -1)], dim=1)
-
-
-def frame_timesteps(s: torch.Tensor, T: int) -> torch.Tensor:
-    """Per-frame network timesteps [B, T]: 0 for the sink, ``1000 s`` for the others.
-    ``s`` is [B] (one level per clip) or [B, T-1] (per frame)."""
-    s = torch.as_tensor(s, dtype=torch.float32)
-    if s.ndim == 1:
-        s = s[:, None].expand(-1, T - 1)
-    return torch.cat([torch.zeros(s.shape[0], 1, device=s.device), 1000.0 * s], dim=1)
-
-
-def chunk_sigmas(s_chunks: torch.Tensor, chunk_frames: int) -> torch.Tensor:
-    """[B, n] per-chunk sigmas -> [B, n * chunk_frames] per-frame sigmas."""
-    return s_chunks.repeat_interleave(chunk_frames, dim=1)
 
 
 @dataclass

@@ -97,7 +97,7 @@ def calibrate(r: dict, out: Path) -> dict:
     """Seconds per step of each kind, at the recipe's real shapes, on this machine."""
     from ..model.dit import AudioDiT
     from ..model.vae import TinyVAE
-    from .latents import dit_input
+    from ..pipeline import dit_input
 
     tc = stage_config(r, "teacher", out)
     p = tc.make_preset()

@@ -38,70 +38,11 @@ from ..diffusion import dmd as D
 from ..diffusion import flow
 from ..errors import InputError
 from .common import FINAL, GlobalOrder, Handle, TrainConfig, sample_generator
-from .latents import Batch, dit_input, frame_timesteps
-from .teacher import DiTStage, bidirectional_v, guided_v, new_dit, text_for
+from ..pipeline import bidirectional_v, causal_x0, guided_v, rollout
+from .latents import Batch
+from .teacher import DiTStage, new_dit
 
 SALT_PAIRS, SALT_ODE, SALT_DMD, SALT_MODE = 11, 12, 13, 14
-
-
-# ============================================================================ student forwards
-def causal_x0(student: Handle, x, s_frames, ref, audio, context, preset, text=None, image=None) -> torch.Tensor:
-    """Student x0 for noisy frames ``x`` [B, C, F, h, w] (after the sink) at per-frame sigmas
-    ``s_frames`` [B, F], teacher-forced on clean ``context`` [B, C, F, h, w] (chunk i sees
-    clean chunk i-1). ``audio`` [B, 1 + F, W, D]; ``text``/``image``: prompt and reference
-    CLIP embeddings of a `data prep` cache (default: zeros / none). One sparse-causal forward."""
-    B, _, F = x.shape[:3]
-    cf = preset.stream.chunk_frames
-    full = torch.cat([ref.to(x.dtype), x], dim=2)
-    clean = torch.cat([ref.to(x.dtype), context.to(x.dtype)], dim=2)
-    txt = text_for(preset, B, x.device) if text is None else text
-    kw = {} if image is None else {"image": image}
-    v = student.call("forward_causal", dit_input(full, ref), frame_timesteps(s_frames, 1 + F), txt, audio=audio,
-                     chunk_frames=cf, x_clean=dit_input(clean, ref, "all"), **kw)
-    return x - s_frames[:, None, :, None, None].to(x.dtype) * v[:, :, 1:].to(x.dtype)
-
-
-@torch.no_grad()
-def rollout(student: Handle, ref, audio, preset, sigmas, gens, prefix: torch.Tensor | None = None,
-            text=None, image=None):
-    """Chunk-by-chunk generation with the few-step schedule, exactly as the streaming generator
-    (each chunk: x0 prediction, re-noise, ...; context = the previous clean chunk).
-
-    Returns ``(out, last_in)``: the clean result [B, C, F, h, w] and the input of each chunk's
-    last denoising step. ``prefix`` [B, C, p, h, w]: known first frames (whole chunks) taken
-    as given (a continuation of a real clip)."""
-    B, C = ref.shape[:2]
-    h, w = ref.shape[-2:]
-    cf = preset.stream.chunk_frames
-    F = audio.shape[1] - 1
-    n = F // cf
-    sig = [float(s) for s in sigmas]
-    dev = ref.device
-    out = torch.zeros(B, C, F, h, w, device=dev)
-    last_in = torch.zeros_like(out)
-    first = 0
-    if prefix is not None:
-        out[:, :, : prefix.shape[2]] = prefix
-        last_in[:, :, : prefix.shape[2]] = prefix
-        first = prefix.shape[2] // cf
-    for c in range(first, n):
-        sl = slice(c * cf, (c + 1) * cf)
-        Fc = (c + 1) * cf
-        x = torch.stack([torch.randn((C, cf, h, w), generator=g) for g in gens]).to(dev)
-        for i in range(len(sig) - 1):
-            s, s_next = sig[i], sig[i + 1]
-            xin = torch.zeros(B, C, Fc, h, w, device=dev)
-            xin[:, :, sl] = x
-            sf = torch.zeros(B, Fc, device=dev)
-            sf[:, sl] = s
-            x0 = causal_x0(student, xin, sf, ref, audio[:, : 1 + Fc], out[:, :, :Fc], preset, text, image)[:, :, sl]
-            if s_next > 0:
-                last_in[:, :, sl] = (1 - s_next) * x0 + s_next * torch.stack(
-                    [torch.randn((C, cf, h, w), generator=g) for g in gens]).to(dev)
-                x = last_in[:, :, sl]
-            else:
-                out[:, :, sl] = x0
-    return out, last_in
 
 
 def _cond(b) -> tuple:
@@ -364,5 +305,4 @@ def train_dmd(cfg: TrainConfig) -> Path:
     return DmdTrainer.run_to_end(cfg)
 
 
-__all__ = ["OdeTrainer", "DmdTrainer", "train_ode", "train_dmd", "rollout", "causal_x0", "make_ode_pairs",
-           "OdePairs", "FINAL"]
+__all__ = ["OdeTrainer", "DmdTrainer", "train_ode", "train_dmd", "make_ode_pairs", "OdePairs", "FINAL"]

@@ -9,8 +9,8 @@ classifier-free guidance on both. Loss: ``mse(v(x_s), e - z)`` on frames >= 1, w
 mouth box weighted ``1 + mouth_weight`` when the clips know it (`mouth_weighted_mse`).
 
 `DiTStage` (shared by the student stages) owns the data side: VAE, audio front end, latent
-cache, held-out split, deterministic global batches. `teacher_fns` turns a DiT into the
-velocity / guided velocity functions on the frames after the sink that the samplers use.
+cache, held-out split, deterministic global batches. The teacher's (guided) velocity on the frames
+after the sink, which the samplers use, is `pipeline.bidirectional_v` / `pipeline.guided_v`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from ..errors import InputError
 from ..model.dit import AudioDiT
 from ..fileio import atomic_write_text
 from .common import FINAL, Handle, Trainer, TrainConfig, GlobalOrder, sample_generator
-from .latents import Batch, LatentClips, build_latent_cache, dit_input, frame_timesteps
+from ..pipeline import bidirectional_v
+from .latents import Batch, LatentClips, build_latent_cache
 
 SALT_TEACHER = 1
 
@@ -127,80 +128,6 @@ def save_dit_weights(preset, sd: dict, directory: Path) -> Path:
         m = AudioDiT(preset.dit)
     m.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     return save_dit(m, directory)
-
-
-# ============================================================================ model functions
-def text_for(preset, batch: int, device) -> torch.Tensor:
-    """The prompt embedding when the data has none: zeros (tiny has no text encoder; with a
-    `data prep` cache the umT5 embeddings of the clips' prompts come with the batch)."""
-    return torch.zeros(batch, preset.text_len, preset.dit.text_dim, device=device)
-
-
-def bidirectional_v(model: Handle, x: torch.Tensor, t: torch.Tensor, ref: torch.Tensor, audio: torch.Tensor | None,
-                    preset, drop_ref: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                    image: torch.Tensor | None = None) -> torch.Tensor:
-    """Velocity on frames >= 1 of the teacher (or fake score) for ``x`` [B, C, F, h, w] (the
-    frames after the sink) at network timesteps ``t`` ([B] or [B, F]). ``ref`` [B, C, 1, h, w]
-    (zero for "no reference"), ``audio`` [B, 1 + F, W, D] or zeros for "no audio".
-    ``text`` [B, Lt, text_dim] (default `text_for`: zeros) and ``image`` [B, Li, image_dim]
-    (CLIP tokens of the reference; zeroed with it by ``drop_ref``; default: none)."""
-    B, _, F = x.shape[:3]
-    if drop_ref is not None:
-        keep = (~drop_ref).to(ref.dtype)
-        ref = ref * keep.view(B, 1, 1, 1, 1)
-        if image is not None:
-            image = image * keep.to(image.dtype).view(B, 1, 1)
-    full = torch.cat([ref.to(x.dtype), x], dim=2)
-    t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-    if t.ndim == 1:
-        t = t[:, None].expand(B, F)
-    tt = torch.cat([torch.zeros(B, 1, device=x.device), t], dim=1)
-    txt = text_for(preset, B, x.device) if text is None else text
-    if image is None:
-        v = model(dit_input(full, ref), tt, txt, audio=audio)
-    else:
-        v = model(dit_input(full, ref), tt, txt, image=image, audio=audio)
-    return v[:, :, 1:].float()
-
-
-def teacher_fns(model: Handle, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: float = 1.0,
-                text: torch.Tensor | None = None, image: torch.Tensor | None = None):
-    """Velocity model(s) ``f(x, t)`` on frames >= 1 for `flow.euler_sample`, as a mapping of
-    CFG branches (least to most conditioned) and their scales: ``uncond`` (no reference, no
-    audio), ``image`` (reference, no audio), ``full``. Branches with scale 1 are skipped.
-    ``text``/``image``: prompt and reference CLIP embeddings (real presets; ``uncond`` zeroes
-    the image tokens with the reference)."""
-    zero_audio = torch.zeros_like(audio)
-    no_ref = torch.zeros_like(ref)
-    img_tokens = image  # (the name `image` is the branch below)
-    no_img = None if img_tokens is None else torch.zeros_like(img_tokens)
-
-    def full(x, t):
-        return bidirectional_v(model, x, t, ref, audio, preset, text=text, image=img_tokens)
-
-    def image(x, t):
-        return bidirectional_v(model, x, t, ref, zero_audio, preset, text=text, image=img_tokens)
-
-    def uncond(x, t):
-        return bidirectional_v(model, x, t, no_ref, zero_audio, preset, text=text, image=no_img)
-
-    branches, scales = {}, {}
-    if cfg_ref != 1.0:
-        branches["uncond"] = uncond
-    if cfg_audio != 1.0 or cfg_ref != 1.0:
-        branches["image"] = image
-        if cfg_ref != 1.0:
-            scales["image"] = cfg_ref
-    branches["full"] = full
-    if cfg_audio != 1.0:
-        scales["full"] = cfg_audio
-    return branches, scales
-
-
-def guided_v(model: Handle, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: float = 1.0,
-             text: torch.Tensor | None = None, image: torch.Tensor | None = None):
-    branches, scales = teacher_fns(model, ref, audio, preset, cfg_audio, cfg_ref, text=text, image=image)
-    return flow.guided_model_fn(branches, scales)
 
 
 # ============================================================================ shared data side
@@ -327,6 +254,5 @@ def train_teacher(cfg: TrainConfig) -> Path:
     return TeacherTrainer.run_to_end(cfg)
 
 
-# keep frame_timesteps importable from here (the generator's convention)
 __all__ = ["TeacherTrainer", "DiTStage", "train_teacher", "mouth_weighted_mse", "new_dit", "dit_from_wan", "resolve_dit_dir",
-           "save_dit_weights", "bidirectional_v", "teacher_fns", "guided_v", "text_for", "frame_timesteps"]
+           "save_dit_weights"]
