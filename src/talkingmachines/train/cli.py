@@ -1,7 +1,7 @@
 """`talkingmachines train teacher|ode|dmd|tiny-recipe`, `talkingmachines data synth|prep`.
 
 Registered by the main CLI (`cli.build_parser` imports this module's `register`). Every
-stage takes a config file (``--config configs/teacher.json``; JSON or YAML) and command-line
+stage takes a config file (``--config teacher``, a shipped config, or a JSON/YAML path) and command-line
 overrides; ``torchrun --nproc_per_node N -m talkingmachines.cli train teacher ...`` runs it
 distributed (FSDP2 by default).
 """
@@ -9,15 +9,12 @@ distributed (FSDP2 by default).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import InputError
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-
 
 def _stage_args(p: argparse.ArgumentParser, stage: str) -> None:
-    p.add_argument("--config", default=None, help=f"JSON/YAML config (default: configs/{stage}.json if present)")
+    p.add_argument("--config", default=None, help=f"JSON/YAML config, or a shipped config's name (default: {stage})")
     p.add_argument("--out", required=True, help="run folder (checkpoints, loss.png, final/)")
     p.add_argument("--data", default=None, help="clip folder (talkingmachines data synth --out DIR) or a real-video "
                                                 "cache (talkingmachines data prep --out DIR)")
@@ -41,9 +38,9 @@ def _stage_args(p: argparse.ArgumentParser, stage: str) -> None:
 def _stage_config(args, stage: str):
     from .common import latest_checkpoint, load_config
 
-    path = args.config
-    if path is None and (CONFIGS / f"{stage}.json").is_file():
-        path = CONFIGS / f"{stage}.json"
+    from .. import configs
+
+    path = configs.shipped(stage) if args.config is None else configs.resolve(args.config)
     cfg = load_config(path, stage=stage, out=args.out, data=args.data, vae=args.vae, preset=args.preset,
                       init_from=args.init_from, teacher=getattr(args, "teacher", None), steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, device=args.device, dist_mode=args.dist_mode,
@@ -102,7 +99,8 @@ def register(sub) -> None:
         p.set_defaults(fn=cmd_stage)
     r = ts.add_parser("tiny-recipe", help="synth data -> VAE -> teacher -> ode -> dmd -> export (resumable)")
     r.add_argument("--out", required=True, help="run folder")
-    r.add_argument("--config", default=None, help="recipe config (default: configs/tiny-recipe.json)")
+    r.add_argument("--config", default=None, help="recipe config merged onto the shipped tiny-recipe (a file, or a "
+                                                  "shipped config's name such as tiny-smoke)")
     r.add_argument("--budget-minutes", type=float, default=None, help="scale all steps to fit this wall time")
     r.add_argument("--data", default=None, help="use this clip folder (default: OUT/data, synthesised)")
     r.add_argument("--export", default=None, help="where to write the model folder (default: OUT/model)")

@@ -27,29 +27,13 @@ from pathlib import Path
 
 import torch
 
+from .. import configs
 from ..errors import InputError
 from ..fileio import atomic_write_text
 from .common import TrainConfig, final_done, read_config_file
 
 STAGES = ("synth", "vae", "teacher", "ode", "dmd", "export")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "tiny-recipe.json"
-
-DEFAULTS = {
-    "preset": "tiny",
-    "seed": 0,
-    "device": "auto",
-    "held_out": 0.1,
-    "budget_minutes": None,
-    "synth": {"n": 300, "seconds": [4.0, 8.0], "workers": 2, "speech": "auto", "video": True},
-    "vae": {"steps": 3000, "batch_size": 8, "clip_frames": 9, "lr": 1e-3, "share": 0.15,
-            "min_steps": 200, "max_steps": 30000},
-    "common": {"clip_chunks": 2, "batch_size": 8, "ckpt_every": 200, "log_every": 10},
-    "teacher": {"steps": 3000, "lr": 3e-4, "share": 0.42, "min_steps": 100, "max_steps": 100000},
-    "ode": {"steps": 1000, "lr": 1e-4, "ode_steps": 16, "ode_pairs": 128, "ode_batch": 8, "share": 0.18,
-            "pairs_share": 0.5, "min_steps": 50, "max_steps": 50000},
-    "dmd": {"steps": 1200, "lr": 5e-5, "fake_lr": 1e-4, "fake_ratio": 5, "regression_weight": 0.25,
-            "share": 0.25, "min_steps": 12, "max_steps": 50000},
-}
+DEFAULT_CONFIG = "tiny-recipe"  # the shipped talkingmachines/configs/tiny-recipe.json: the one source of defaults
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -60,11 +44,11 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def load_recipe(path: str | Path | None = None, **overrides) -> dict:
-    cfg = dict(DEFAULTS)
+    """The shipped recipe (`configs/tiny-recipe.json`), with the config file ``path`` (a path or a
+    shipped config's name) merged onto it, then the non-None ``overrides``."""
+    cfg = read_config_file(configs.shipped(DEFAULT_CONFIG))
     if path is not None:
-        cfg = _merge(cfg, read_config_file(path))
-    elif DEFAULT_CONFIG.is_file():
-        cfg = _merge(cfg, read_config_file(DEFAULT_CONFIG))
+        cfg = _merge(cfg, read_config_file(configs.resolve(path)))
     return _merge(cfg, {k: v for k, v in overrides.items() if v is not None})
 
 
