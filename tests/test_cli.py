@@ -112,19 +112,38 @@ def test_bench_json(tmp_path):
     assert (tmp_path / "lat.png").stat().st_size > 1000
 
 
-def test_demo_mouth_moves_with_speech_and_rests_in_silence(tmp_path):
-    """README step 1 as a new user runs it: `talkingmachines demo` in an empty folder writes
-    demo.mp4 with the shipped model, whose mouth follows the bundled speech (best lag within 2
-    frames, correlation with the speech energy >= 0.4) and moves at least twice as much in
-    speech as in the speech's pauses (measured from the pixels by `talkingmachines eval`)."""
-    import json
+@pytest.fixture(scope="module")
+def demo_eval(tmp_path_factory):
+    """README step 1 as a new user runs it: `talkingmachines demo` in an empty folder, then
+    `talkingmachines eval demo.mp4 --json` (pixel metrics and the face judge)."""
+    d = tmp_path_factory.mktemp("demo")
+    r = run("demo", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert (d / "demo.mp4").is_file()
+    r = run("eval", "demo.mp4", "--json", cwd=d)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
 
-    r = run("demo", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "demo.mp4").is_file()
-    r = run("eval", "demo.mp4", "--json", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    m = json.loads(r.stdout)
+
+def test_demo_mouth_moves_with_speech_and_rests_in_silence(demo_eval):
+    """The shipped model's mouth region follows the bundled speech (best lag within 2 frames,
+    correlation with the speech energy >= 0.4) and moves at least twice as much in speech as in
+    the speech's pauses, measured from the pixels (a secondary measure: it counts blocky
+    artifacts in the mouth box as motion)."""
+    m = demo_eval
     assert m["lag"] is not None and abs(m["lag"]) <= 2, m
     assert m["confidence"] >= 0.4, m
     assert m["stillness_ratio"] >= 2.0, m
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: the landmark judge finds a face in about 4 % of the shipped "
+                                       "model's demo frames; strict, so a model that passes must drop this mark")
+def test_demo_face_is_found_and_talks(demo_eval):
+    """Issue 10's bar for `demo`, judged by the packaged landmark model: a face in >= 98 % of
+    frames, lip opening following the speech (best lag within 2 frames, correlation >= 0.6) and
+    open at least twice as wide in speech as in silence."""
+    f = demo_eval["face"]
+    assert "unavailable" not in f, f
+    assert f["face_found"] >= 0.98, f
+    assert f["lag"] is not None and abs(f["lag"]) <= 2 and f["confidence"] >= 0.6, f
+    assert f["open_ratio"] is not None and f["open_ratio"] >= 2.0, f

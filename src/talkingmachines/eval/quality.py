@@ -278,6 +278,9 @@ def speech_frames(audio, n_frames: int | None = None, threshold_db: float | None
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    ok = np.isfinite(a) & np.isfinite(b)  # frames a judge could not read (no face) are left out
+    if not ok.all():
+        a, b = a[ok], b[ok]
     if len(a) < 3:
         return float("nan")
     a = a - a.mean()
@@ -300,7 +303,8 @@ def lipsync(mouth: np.ndarray, envelope: np.ndarray, max_lag: int = MAX_LAG) -> 
             a, b = m[lag:], e[: n - lag]
         else:
             a, b = m[: n + lag], e[-lag:]
-        corrs[lag] = _corr(a, b) if len(a) >= max(10, n // 3) else float("nan")
+        enough = int((np.isfinite(a) & np.isfinite(b)).sum()) >= max(10, n // 3)
+        corrs[lag] = _corr(a, b) if enough else float("nan")
     valid = {k: v for k, v in corrs.items() if not math.isnan(v)}
     if not valid:
         return {"lag": None, "confidence": float("nan"), "corr_at_0": float("nan"), "corr_by_lag": corrs}
@@ -482,7 +486,20 @@ def evaluate_video(video, audio=None, roi: Roi | None = None, face=None, fps: fl
                     "stillness": None, "note": "no audio: lip-sync and stillness need the speech track"})
     out["drift"] = drift(frames, fps, drift_window)
     out["mouth"] = [round(float(v), 5) for v in mouth]
+    out["face"] = _judge(frames, audio if audio is not None and len(audio) >= SAMPLES_PER_FRAME else None)
     return out
+
+
+def _judge(frames, audio) -> dict:
+    """The face judge's figures, or {"unavailable": why} when its optional extra is missing."""
+    from ..errors import InputError
+    from . import face_judge
+
+    try:
+        judge = face_judge.FaceJudge.load()
+    except InputError as e:
+        return {"unavailable": str(e)}
+    return face_judge.face_metrics(frames, audio, judge)
 
 
 # ----------------------------------------------------------------------------- models
@@ -622,9 +639,15 @@ def long_stream_audio(clips: Sequence[np.ndarray], seconds: float, seed: int = 0
     return out
 
 
+def face_judge_available() -> bool:
+    from . import face_judge
+
+    return face_judge.available()
+
+
 def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable | None = None,
                    n: int | None = None, seed: int = 0, steps: int | None = None, progress: bool = True,
-                   drift_window: float = 10.0) -> dict:
+                   drift_window: float = 10.0, judge: bool = True) -> dict:
     """Student (and teacher) vs ground truth on held-out clips, and drift over a long stream.
 
     avatar: `stream.generator.load_avatar(...)` (the streaming student). clips: a held-out
@@ -638,7 +661,10 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
     (the clip encoded and decoded by the model's VAE: the ceiling for anything generated
     through that VAE, which can add motion of its own inside each 4-frame group) and "student" /
     "teacher". long_seconds > 0: one stream of that length over the held-out audio looped
-    with silences (portrait: the first clip's) -> drift and its lip-sync / stillness."""
+    with silences (portrait: the first clip's) -> drift and its lip-sync / stillness.
+    judge (with the optional face judge installed): every system's video and the long stream
+    are also scored by the face-landmark judge (`eval.face_judge`): out["face"][system] pooled,
+    clips[i]["face"][system] per clip, long_stream["face"]."""
     from tqdm.auto import tqdm
 
     P = avatar.preset
@@ -648,6 +674,8 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
     per = {"ground_truth_signal": [], "ground_truth": [], "vae_roundtrip": [], "student": []}
     if teacher is not None:
         per["teacher"] = []
+    faces: dict[str, list] = {k: [] for k in per if k != "ground_truth_signal"}
+    use_judge = judge and face_judge_available()
     rows = []
     bar = tqdm(items, desc="eval clips", unit="clip", disable=not progress)
     for c in bar:
@@ -661,8 +689,10 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
         if c.get("mouth_open") is not None:
             row["ground_truth_signal"] = _system_metrics(np.asarray(c["mouth_open"], np.float64)[:T], audio)
         row["ground_truth"] = _system_metrics(mouth_signal(frames, gt_roi), audio)
+        videos = {"ground_truth": frames}
         if frames.shape[1:3] == (P.height, P.width):
-            row["vae_roundtrip"] = _system_metrics(mouth_signal(vae_roundtrip(avatar, frames), gt_roi), audio)
+            videos["vae_roundtrip"] = vae_roundtrip(avatar, frames)
+            row["vae_roundtrip"] = _system_metrics(mouth_signal(videos["vae_roundtrip"], gt_roi), audio)
         systems = {"student": lambda p, a: generate_video(avatar, p, a, seed=seed, steps=steps)}
         if teacher is not None:
             systems["teacher"] = teacher
@@ -678,6 +708,16 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
             m["generate_seconds"] = gen_s
             m["psnr_vs_ground_truth"] = _psnr(vid[: len(frames)], frames[: len(vid)]) if vid.shape == frames.shape else None
             row[name] = m
+            videos[name] = vid
+        if use_judge:
+            from . import face_judge
+
+            row["face"] = {}
+            for name, vid in videos.items():
+                f = face_judge.face_metrics(vid, audio)
+                f.pop("opening")
+                faces[name].append(f)
+                row["face"][name] = {k: v for k, v in f.items() if k != "corr_by_lag"}
         for k in per:
             if k in row:
                 per[k].append(row[k])
@@ -687,8 +727,13 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
         "summary": {k: _summary(v) for k, v in per.items() if v},
         "clips": [_strip(r) for r in rows],
     }
+    if use_judge:
+        from . import face_judge
+
+        out["face"] = {k: face_judge.summarize(v) for k, v in faces.items() if v}
     if long_seconds and long_seconds > 0:
-        out["long_stream"] = _long_stream(avatar, items, long_seconds, seed, steps, progress, drift_window)
+        out["long_stream"] = _long_stream(avatar, items, long_seconds, seed, steps, progress, drift_window,
+                                          use_judge)
     out["targets"] = _targets(out)
     return out
 
@@ -707,7 +752,7 @@ def _strip(row: dict) -> dict:
     return r
 
 
-def _long_stream(avatar, items, seconds, seed, steps, progress, window) -> dict:
+def _long_stream(avatar, items, seconds, seed, steps, progress, window, use_judge: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     first = items[0]
@@ -723,6 +768,12 @@ def _long_stream(avatar, items, seconds, seed, steps, progress, window) -> dict:
     box = (max(0, y0 - m), min(H, y1 + m), max(0, x0 - m), min(W, x1 + m))
     acc = DriftAccumulator(FPS, window)
     crops, chunk_ms = [], []
+    found, opening = [], []  # the face judge's per-frame readings (frames are not kept: the stream is long)
+    judge = None
+    if use_judge:
+        from .face_judge import FaceJudge
+
+        judge = FaceJudge.load()
     T = -(-len(audio) // SAMPLES_PER_FRAME)
     bar = tqdm(total=T, desc=f"long stream ({seconds:g} s)", unit="frame", disable=not progress)
 
@@ -731,6 +782,10 @@ def _long_stream(avatar, items, seconds, seed, steps, progress, window) -> dict:
         acc.add(f)
         crops.append(f[:, box[0]:box[1], box[2]:box[3]].copy())
         chunk_ms.append(sum(ch.timings.values()))
+        if judge is not None:
+            fo, op = judge.video(f)
+            found.append(fo)
+            opening.append(op)
         bar.update(max(0, min(len(f), T - bar.n)))
 
     t0 = _now()
@@ -744,6 +799,16 @@ def _long_stream(avatar, items, seconds, seed, steps, progress, window) -> dict:
     res.update({k: sig[k] for k in ("lag", "confidence", "corr_at_0", "stillness_ratio")})
     k = max(1, len(chunk_ms) // 10)
     res["chunk_ms_first_last"] = [float(np.mean(chunk_ms[:k])), float(np.mean(chunk_ms[-k:]))]
+    if judge is not None:
+        from .face_judge import face_metrics_from_signals
+
+        fo, op = np.concatenate(found)[:T], np.concatenate(opening)[:T]
+        f = face_metrics_from_signals(fo, op, audio)
+        f.pop("corr_by_lag", None)
+        n_last = int(round(window * FPS))
+        f["face_found_first_window"] = float(fo[:n_last].mean())
+        f["face_found_last_window"] = float(fo[-n_last:].mean())
+        res["face"] = f
     return res
 
 
@@ -755,10 +820,27 @@ def _targets(out: dict) -> dict:
         "confidence_ge_0.5": None if s.get("confidence") is None or math.isnan(s["confidence"]) else s["confidence"] >= 0.5,
         "stillness_ge_2": None if s.get("stillness_ratio_median") is None else s["stillness_ratio_median"] >= 2.0,
     }
+    faces = out.get("face") or {}
+
+    def fig(system, key):
+        v = (faces.get(system) or {}).get(key)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    if faces:  # the face judge's targets (issue 10): the picture, as a landmark model sees it
+        ff, lag, conf, ratio = (fig("student", k) for k in ("face_found", "lag", "confidence", "open_ratio_median"))
+        t["face_found_ge_0.98"] = None if ff is None else ff >= 0.98
+        t["face_lag_within_2"] = None if lag is None else abs(lag) <= 2
+        t["face_corr_ge_0.6"] = None if conf is None else conf >= 0.6
+        t["face_open_ratio_ge_2"] = None if ratio is None else ratio >= 2.0
+        tc, vc = fig("teacher", "confidence"), fig("vae_roundtrip", "confidence")
+        t["teacher_face_corr_ge_0.6"] = None if tc is None else tc >= 0.6
+        t["vae_face_corr_ge_0.75"] = None if vc is None else vc >= 0.75
     ls = out.get("long_stream")
     if ls:
         d = ls["drift"]
         t["drift_psnr_ge_24"] = d["psnr_first_last"] >= 24.0
+        if ls.get("face"):
+            t["long_face_found_last_ge_0.98"] = ls["face"]["face_found_last_window"] >= 0.98
         t["no_creep"] = bool(max(abs(v) for v in d["rgb_shift"]) <= 3.0 and abs(d["brightness_shift"]) <= 2.0)
     return t
 
