@@ -1,9 +1,11 @@
-"""Distribution Matching Distillation on a 2-D toy (talkingmachines.diffusion.dmd).
+"""Distribution Matching Distillation on a 2-D toy: the real DMD stage (`train.student.DmdTrainer`:
+its loss, DMD2 alternation, optimisers and `Trainer` loop) with the toy's models.
 
 The proof: a one-step generator, initialised collapsed near the origin, learns a ring of 8
 Gaussians from the DMD loss alone. The real score is exact (the closed-form flow-matching
 denoiser of a Gaussian mixture), the fake score is a small MLP trained with the
 flow-matching loss on the generator's samples, and the two alternate 5:1 as in DMD2.
+Only what touches the DiT and the video data is swapped (`ToyDmd`).
 
 Set ``TM_PLOTS=<dir>`` to save a before/after scatter plot.
 """
@@ -12,12 +14,15 @@ import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from talkingmachines.diffusion import dmd, flow
+from talkingmachines.train.common import TrainConfig, sample_generator
+from talkingmachines.train.student import SALT_DMD, DmdTrainer
 
 torch.set_num_threads(1)
 
@@ -99,46 +104,83 @@ def test_exact_real_score_samples_the_mixture():
     assert (mode_counts(x) > 150).all()
 
 
+class FakeScore(nn.Module):
+    """Velocity model v(x, t) of the generator's current distribution."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(3, 2)
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t[:, None] / 1000], 1))
+
+
+class ToyDmd(DmdTrainer):
+    """`DmdTrainer` with the toy's models: a one-step generator of points (its "rollout" is one
+    forward from noise, recomputed with gradients for the generator update), the exact mixture
+    denoiser as the real score, an MLP fake score; no data set, no regression term."""
+
+    def make_data(self) -> None:
+        pass
+
+    def build(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        self.add_group("fake", FakeScore(), self.cfg.fake_lr, ema=False)
+        self.add_group("student", Generator(), self.cfg.lr, ema=False)
+        self.sampler = dmd.make_sigma_sampler(self.cfg.dmd_s_min, self.cfg.dmd_s_max)
+        self.pairs = None
+
+    def batch(self, step: int):
+        return SimpleNamespace(js=list(self.local_indices()))
+
+    def _rollout(self, b, step: int):
+        z = torch.randn(len(b.js), 2, generator=sample_generator(self.cfg.seed, step, 0, SALT_DMD))
+        with torch.no_grad():
+            return self.groups["student"].handle(z), z, None
+
+    def _generator_x0(self, b, step, out, last_in, prefix):
+        return self.groups["student"].handle(last_in), None
+
+    def _real_x0(self, b):
+        return gmm_x0
+
+    def _fake_v(self, b):
+        return self.groups["fake"].handle
+
+    def export(self, final: Path) -> None:
+        pass
+
+
 GEN_STEPS = 300
 BATCH = 256
 
 
-def run_dmd_toy():
-    torch.manual_seed(0)
-    gen, fake = Generator(), mlp(3, 2)
-    fake_v = lambda x, t: fake(torch.cat([x, t[:, None] / 1000], 1))  # noqa: E731
-    rng = torch.Generator().manual_seed(1)
-    trainer = dmd.DMDTrainer(
-        sample_fn=lambda batch, g: gen(torch.randn(BATCH, 2, generator=g)),
-        real_x0_fn=gmm_x0,
-        fake_v_fn=fake_v,
-        generator_params=gen,
-        fake_params=fake,
-        generator_optimizer=torch.optim.Adam(gen.parameters(), lr=5e-4, betas=(0.0, 0.99)),
-        fake_optimizer=torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.99)),
-        sigma_sampler=dmd.make_sigma_sampler(0.02, 0.98),
-        config=dmd.DMDConfig(fake_updates_per_student_update=5, generator_grad_clip=10.0, fake_grad_clip=10.0),
-        rng=rng,
-    )
+def toy_config(out: Path, **kw) -> TrainConfig:
+    d = dict(stage="dmd", out=str(out), device="cpu", seed=0, batch_size=BATCH, steps=6 * GEN_STEPS, fake_ratio=5,
+             lr=5e-4, fake_lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0, warmup=0, grad_clip=10.0,
+             ckpt_every=0, log_every=0, progress=False, regression_weight=0.0)
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def run_dmd_toy(out: Path):
+    tr = ToyDmd(toy_config(out))
     ev = torch.Generator().manual_seed(123)
     z_eval, ref = torch.randn(2000, 2, generator=ev), sample_gmm(2000, ev)
+    tr.setup()
     with torch.no_grad():
-        before = gen(z_eval)
-    for _ in range(200):  # warm-up: let the fake score learn the initial generator first
-        trainer.fake_step()
-    kinds = []
-    while sum(k == "generator" for k in kinds) < GEN_STEPS:
-        kinds.append(trainer.step()["kind"])
+        before = tr.groups["student"].module(z_eval)
+    tr.run()  # the stage's own loop (setup again, nothing to resume), to the final checkpoint
     with torch.no_grad():
-        after = gen(z_eval)
-    return before, after, ref, kinds
+        after = tr.groups["student"].module(z_eval)
+    return before, after, ref, [h["group"] for h in tr.history]
 
 
-def test_dmd_toy_learns_ring_of_gaussians():
+def test_dmd_toy_learns_ring_of_gaussians(tmp_path):
     t0 = time.perf_counter()
-    before, after, ref, kinds = run_dmd_toy()
+    before, after, ref, kinds = run_dmd_toy(tmp_path / "toy")
     elapsed = time.perf_counter() - t0
-    assert kinds[:6] == ["fake"] * 5 + ["generator"] and len(kinds) == 6 * GEN_STEPS
+    assert kinds[:6] == ["fake"] * 5 + ["student"] and len(kinds) == 6 * GEN_STEPS
 
     e0, e1 = energy_distance(before, ref), energy_distance(after, ref)
     w0, w1 = sliced_w1(before, ref), sliced_w1(after, ref)
@@ -230,42 +272,18 @@ def test_fake_score_loss_and_regression():
         dmd.combine_losses({"dmd": torch.tensor(1.0)}, {"gan": 1.0})
 
 
-def test_trainer_alternates_and_keeps_updates_separate():
-    torch.manual_seed(0)
-    gen, fake = nn.Linear(2, 2), nn.Linear(3, 2)
-    fake_v = lambda x, t: fake(torch.cat([x, t[:, None] / 1000], 1))  # noqa: E731
-    noise = torch.randn(16, 2)
-    reg_calls = []
-
-    def regression_fn(batch):
-        reg_calls.append(batch)
-        return dmd.regression_loss(gen(noise), torch.zeros(16, 2))
-
-    trainer = dmd.DMDTrainer(
-        lambda batch, g: gen(torch.randn(16, 2, generator=g)),
-        gmm_x0,
-        fake_v,
-        gen,
-        fake,
-        torch.optim.SGD(gen.parameters(), lr=0.1),
-        torch.optim.SGD(fake.parameters(), lr=0.1),
-        config=dmd.DMDConfig(fake_updates_per_student_update=2, regression_weight=0.5),
-        regression_fn=regression_fn,
-        rng=torch.Generator().manual_seed(0),
-    )
+def test_trainer_alternates_and_keeps_updates_separate(tmp_path):
+    tr = ToyDmd(toy_config(tmp_path / "alt", steps=6, fake_ratio=2, batch_size=16))
+    tr.setup()
     kinds = []
-    for i in range(6):
-        g0 = [p.detach().clone() for p in gen.parameters()]
-        f0 = [p.detach().clone() for p in fake.parameters()]
-        d = trainer.step(batch=i)
-        kinds.append(d["kind"])
-        gen_moved = any(not torch.equal(a, p) for a, p in zip(g0, gen.parameters()))
-        fake_moved = any(not torch.equal(a, p) for a, p in zip(f0, fake.parameters()))
-        assert (gen_moved, fake_moved) == ((True, False) if d["kind"] == "generator" else (False, True))
-    assert kinds == ["fake", "fake", "generator"] * 2
-    assert reg_calls == [2, 5] and "gen_regression" in d and all(p.requires_grad for p in fake.parameters())
-    state = trainer.state_dict()
-    assert state["step_count"] == 6
-    with pytest.raises(ValueError):
-        dmd.DMDTrainer(lambda b, g: None, gmm_x0, fake_v, gen, fake, torch.optim.SGD(gen.parameters(), lr=0.1),
-                       torch.optim.SGD(fake.parameters(), lr=0.1), config=dmd.DMDConfig(regression_weight=1.0))
+    for step in range(6):
+        g0 = [p.detach().clone() for p in tr.groups["student"].module.parameters()]
+        f0 = [p.detach().clone() for p in tr.groups["fake"].module.parameters()]
+        logs = tr.train_step(step)
+        kinds.append(logs["group"])
+        gen_moved = any(not torch.equal(a, p) for a, p in zip(g0, tr.groups["student"].module.parameters()))
+        fake_moved = any(not torch.equal(a, p) for a, p in zip(f0, tr.groups["fake"].module.parameters()))
+        assert (gen_moved, fake_moved) == ((True, False) if logs["group"] == "student" else (False, True))
+        assert ("dmd_loss" in logs) == (logs["group"] == "student")
+    assert kinds == ["fake", "fake", "student"] * 2
+    assert tr.expected_updates(tr.groups["student"]) == 2 and tr.expected_updates(tr.groups["fake"]) == 4

@@ -23,13 +23,13 @@ Callable conventions (see :mod:`talkingmachines.diffusion.flow`):
   (see :func:`make_sigma_sampler`).
 
 Wrap a velocity network into an x0 model with :func:`talkingmachines.diffusion.flow.x0_fn_from_v`.
+The alternation of fake-score and generator updates is the training stage's
+(`train.student.DmdTrainer`, proven on a toy in tests/test_dmd_toy.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,6 @@ __all__ = [
     "fake_score_loss",
     "regression_loss",
     "combine_losses",
-    "DMDConfig",
-    "DMDTrainer",
 ]
 
 
@@ -174,144 +172,3 @@ def combine_losses(
         raise ValueError("every loss has weight 0")
     parts["total"] = float(total.detach())
     return total, parts
-
-
-# ----------------------------------------------------------------------------- trainer
-@dataclass
-class DMDConfig:
-    fake_updates_per_student_update: int = 5
-    generator_grad_clip: float | None = 1.0
-    fake_grad_clip: float | None = 1.0
-    dmd_weight: float = 1.0
-    regression_weight: float = 0.0
-
-
-def _params(p: Iterable[torch.nn.Parameter] | torch.nn.Module) -> list[torch.nn.Parameter]:
-    return list(p.parameters() if isinstance(p, torch.nn.Module) else p)
-
-
-class DMDTrainer:
-    """Alternating DMD / DMD2 optimisation, generic over models and batches.
-
-    * ``sample_fn(batch, generator) -> x0_gen``: the student's rollout (with autograd when
-      grad is enabled), e.g. :func:`~talkingmachines.diffusion.flow.few_step_sample` of the
-      student from noise, chunk by chunk for the causal student.
-    * ``real_x0_fn(x_s, s)``: the frozen teacher (real score), as an x0 model.
-    * ``fake_v_fn(x_s, t)``: the trainable fake score, a velocity model; its x0 is
-      ``x_s - s v``.
-    * ``regression_fn(batch) -> loss`` (optional): the regression term, used when
-      ``config.regression_weight > 0``.
-
-    :meth:`step` performs one optimiser update and chooses which by a counter: a cycle is
-    ``fake_updates_per_student_update`` fake-score updates followed by one generator update
-    (DMD2's two time-scale rule). The fake score's parameters are frozen during the
-    generator update, so the generator update does not touch them.
-    """
-
-    def __init__(
-        self,
-        sample_fn: Callable[[Any, torch.Generator | None], torch.Tensor],
-        real_x0_fn: X0Fn,
-        fake_v_fn: VFn,
-        generator_params: Iterable[torch.nn.Parameter] | torch.nn.Module,
-        fake_params: Iterable[torch.nn.Parameter] | torch.nn.Module,
-        generator_optimizer: torch.optim.Optimizer,
-        fake_optimizer: torch.optim.Optimizer,
-        sigma_sampler: SigmaSampler | None = None,
-        config: DMDConfig | None = None,
-        regression_fn: Callable[[Any], torch.Tensor] | None = None,
-        rng: torch.Generator | None = None,
-        fake_sigma_sampler: SigmaSampler | None = None,
-    ):
-        self.sample_fn = sample_fn
-        self.real_x0_fn = real_x0_fn
-        self.fake_v_fn = fake_v_fn
-        self.generator_params = _params(generator_params)
-        self.fake_params = _params(fake_params)
-        self.generator_optimizer = generator_optimizer
-        self.fake_optimizer = fake_optimizer
-        self.sigma_sampler = sigma_sampler or make_sigma_sampler()
-        self.fake_sigma_sampler = fake_sigma_sampler or self.sigma_sampler
-        self.config = config or DMDConfig()
-        if self.config.fake_updates_per_student_update < 0:
-            raise ValueError("fake_updates_per_student_update must be >= 0")
-        if self.config.regression_weight > 0 and regression_fn is None:
-            raise ValueError("regression_weight > 0 needs a regression_fn")
-        self.regression_fn = regression_fn
-        self.rng = rng
-        self.step_count = 0
-
-    def fake_x0_fn(self, x_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        v = self.fake_v_fn(x_s, sigma_to_t(s))
-        return x_s - s.reshape(*s.shape, *([1] * (x_s.ndim - s.ndim))).to(x_s.dtype) * v
-
-    @property
-    def next_is_generator(self) -> bool:
-        k = self.config.fake_updates_per_student_update
-        return self.step_count % (k + 1) == k
-
-    @staticmethod
-    def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-        if max_norm is None:
-            grads = [p.grad for p in params if p.grad is not None]
-            return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-    def fake_step(self, batch: Any = None) -> dict[str, float]:
-        """One fake-score update on fresh (detached) generator samples."""
-        with torch.no_grad():
-            x0 = self.sample_fn(batch, self.rng)
-        self.fake_optimizer.zero_grad(set_to_none=True)
-        loss, diag = fake_score_loss(self.fake_v_fn, x0, self.fake_sigma_sampler, self.rng)
-        loss.backward()
-        diag["fake_grad_norm"] = self._clip(self.fake_params, self.config.fake_grad_clip)
-        self.fake_optimizer.step()
-        return diag
-
-    def generator_step(self, batch: Any = None) -> dict[str, float]:
-        """One generator update with the DMD loss (plus the regression term if weighted)."""
-        flags = [p.requires_grad for p in self.fake_params]
-        for p in self.fake_params:
-            p.requires_grad_(False)
-        try:
-            self.generator_optimizer.zero_grad(set_to_none=True)
-            x0 = self.sample_fn(batch, self.rng)
-            dmd, diag = dmd_generator_loss(x0, self.real_x0_fn, self.fake_x0_fn, self.sigma_sampler, self.rng)
-            losses = {"dmd": dmd}
-            if self.regression_fn is not None and self.config.regression_weight > 0:
-                losses["regression"] = self.regression_fn(batch)
-            total, parts = combine_losses(
-                losses, {"dmd": self.config.dmd_weight, "regression": self.config.regression_weight}
-                if "regression" in losses else {"dmd": self.config.dmd_weight}
-            )
-            total.backward()
-            diag.update({f"gen_{k}": v for k, v in parts.items()})
-            diag["gen_grad_norm"] = self._clip(self.generator_params, self.config.generator_grad_clip)
-            self.generator_optimizer.step()
-        finally:
-            for p, f in zip(self.fake_params, flags):
-                p.requires_grad_(f)
-        return diag
-
-    def step(self, batch: Any = None) -> dict[str, Any]:
-        """One update: a fake-score or a generator update, by the alternation counter."""
-        if self.next_is_generator:
-            diag: dict[str, Any] = self.generator_step(batch)
-            diag["kind"] = "generator"
-        else:
-            diag = self.fake_step(batch)
-            diag["kind"] = "fake"
-        self.step_count += 1
-        return diag
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step_count": self.step_count,
-            "generator_optimizer": self.generator_optimizer.state_dict(),
-            "fake_optimizer": self.fake_optimizer.state_dict(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.step_count = int(state["step_count"])
-        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
-        self.fake_optimizer.load_state_dict(state["fake_optimizer"])

@@ -192,6 +192,10 @@ class OdeTrainer(DiTStage):
 
 # ============================================================================ dmd stage
 class DmdTrainer(DiTStage):
+    """The DMD stage. What depends on the DiT and the data is in `build`, `_rollout`,
+    `_generator_x0`, `_real_x0` and `_fake_v`; `loss` and the `Trainer` loop are the algorithm,
+    which tests/test_dmd_toy.py runs unchanged on a 2-D mixture."""
+
     stage = "dmd"
 
     def build(self) -> None:
@@ -249,18 +253,13 @@ class DmdTrainer(DiTStage):
         text, image = _cond(b)
         return lambda x, t: bidirectional_v(fake, x, t, b.ref, b.audio, self.preset, text=text, image=image)
 
-    def loss(self, b: Batch, step: int):
-        cfg = self.cfg
-        out, last_in, prefix = self._rollout(b, step)
-        g = sample_generator(cfg.seed, step, self.env.rank, SALT_DMD + 100)  # per rank (dmd.py draws batch-wide)
-        if not self.is_generator_step(step):
-            loss, diag = D.fake_score_loss(self._fake_v(b), out, self.sampler, g)
-            return "fake", loss, {"fake_loss": diag["fake_loss"]}
-        # generator: recompute every chunk's last step with gradients, in one causal pass
+    def _generator_x0(self, b: Batch, step: int, out, last_in, prefix):
+        """The student's output with gradients, for the generator update: every chunk's last
+        denoising step recomputed in one causal pass, the ODE regression inputs batched into the
+        same forward. Returns the rollout's x0 and ``(x0, target)`` of the regression (or None)."""
         cf = self.preset.stream.chunk_frames
         B, C, F = out.shape[:3]
-        s_last = self.sigmas[-2]
-        s_frames = torch.full((B, F), s_last, device=out.device)
+        s_frames = torch.full((B, F), self.sigmas[-2], device=out.device)
         context = out.detach()
         x, ref, audio = last_in, b.ref, b.audio
         text, image = _cond(b)
@@ -268,7 +267,7 @@ class DmdTrainer(DiTStage):
         if self.pairs is not None:
             glob = self.pair_order.global_batch(step)
             pb = self.pairs.take([glob[j][0] for j in b.js], out.device)
-            rg = [sample_generator(cfg.seed, step, j, SALT_ODE) for j in b.js]
+            rg = [sample_generator(self.cfg.seed, step, j, SALT_ODE) for j in b.js]
             xr, sr = regression_inputs(pb, self.pairs.sigmas, cf, rg)
             x = torch.cat([x, xr])
             s_frames = torch.cat([s_frames, sr])
@@ -284,15 +283,26 @@ class DmdTrainer(DiTStage):
         x0_gen = x0_all[:B]
         if prefix is not None:  # the real first chunk is given, not generated
             x0_gen = torch.cat([prefix, x0_gen[:, :, prefix.shape[2]:]], dim=2)
+        return x0_gen, ((x0_all[B:], pb["x0"]) if n_reg else None)
+
+    def loss(self, b: Batch, step: int):
+        """DMD2's two time-scale alternation: ``fake_ratio`` fake-score updates (flow matching on
+        fresh rollouts), then one generator update (the DMD loss, plus the weighted regression)."""
+        cfg = self.cfg
+        out, last_in, prefix = self._rollout(b, step)
+        g = sample_generator(cfg.seed, step, self.env.rank, SALT_DMD + 100)  # per rank
+        if not self.is_generator_step(step):
+            loss, diag = D.fake_score_loss(self._fake_v(b), out, self.sampler, g)
+            return "fake", loss, {"fake_loss": diag["fake_loss"]}
+        x0_gen, reg = self._generator_x0(b, step, out, last_in, prefix)
         dmd_loss, diag = D.dmd_generator_loss(x0_gen, self._real_x0(b), flow.x0_fn_from_v(self._fake_v(b)),
                                               self.sampler, g)
-        losses = {"dmd": dmd_loss}
-        if n_reg:
-            losses["regression"] = D.regression_loss(x0_all[B:], pb["x0"])
-        total, parts = D.combine_losses(losses, {"dmd": cfg.dmd_weight, "regression": cfg.regression_weight}
-                                        if n_reg else {"dmd": cfg.dmd_weight})
+        losses, weights = {"dmd": dmd_loss}, {"dmd": cfg.dmd_weight}
+        if reg is not None:
+            losses["regression"], weights["regression"] = D.regression_loss(*reg), cfg.regression_weight
+        total, parts = D.combine_losses(losses, weights)
         logs = {"dmd_loss": parts["dmd"], "gen_real_gap": diag["gen_real_gap"], "real_fake_gap": diag["real_fake_gap"]}
-        if n_reg:
+        if reg is not None:
             logs["regression_loss"] = float(losses["regression"].detach())
         return "student", total, logs
 
