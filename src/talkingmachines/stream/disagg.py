@@ -216,12 +216,19 @@ class PipelinedStream:
         stream.audio = _LockedAudio(stream.audio)
         self.dit_device = torch.device(self.avatar.device)
         self.decode_device = torch.device(decode_device) if decode_device is not None else self.dit_device
-        if self.decode_device == self.dit_device:
+        self.decode_stream = torch.cuda.Stream(self.decode_device) if self.decode_device.type == "cuda" else None
+        if self.decode_stream is not None:
+            # a new decoder primed on the stream that will use it: the stream's own one was primed
+            # on the DiT's stream, whose allocator pool could hand its causal state to the DiT while
+            # decode kernels still read it
+            self.decode_stream.wait_stream(torch.cuda.current_stream(self.dit_device))  # `ref` is ready
+            with torch.cuda.stream(self.decode_stream):
+                self.decoder = decoder_on(self.avatar, stream.ref, self.decode_device)
+        elif self.decode_device == self.dit_device:
             self.decoder = self.dit.detach_decoder()
         else:
             self.decoder = decoder_on(self.avatar, stream.ref, self.decode_device)
         self.transfer = LatentTransfer(self.dit_device, self.decode_device)
-        self.decode_stream = torch.cuda.Stream(self.decode_device) if self.decode_device.type == "cuda" else None
         self.depth = depth
         self.threads = threads
         self.wait = wait

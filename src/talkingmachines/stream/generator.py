@@ -113,18 +113,15 @@ class Avatar:
         return StreamingGenerator(self, self.default_portrait() if portrait is None else portrait, seed, steps)
 
 
-def random_dit(cfg, device, dtype, in_place: bool | None = None) -> AudioDiT:
-    """A DiT with random weights (benchmarks). On CUDA (``in_place``) it is built without memory
-    and filled on the device in ``dtype``: an fp32 CPU copy of the 18B preset would need 82 GB
-    and minutes of initialisation. Scaled normal weights (1/sqrt(fan_in)), unit norms, zero biases."""
+def random_dit(cfg, device, dtype) -> AudioDiT:
+    """A DiT with random weights (benchmarks), built on the meta device and filled in place on
+    `device` in `dtype`: no fp32 copy ever exists (the 18B preset's would be 77 GiB, on the CPU
+    or on the GPU) and nothing is initialised twice. Scaled normal weights (1/sqrt(fan_in)), unit
+    norms, zero biases; the same seed gives the same weights on a given device."""
     device = torch.device(device)
-    in_place = device.type == "cuda" if in_place is None else in_place
-    if not in_place:
-        torch.manual_seed(0)
-        return AudioDiT(cfg).to(device, dtype)
     with torch.device("meta"):
-        dit = AudioDiT(cfg)
-    dit = dit.to_empty(device=device).to(dtype)
+        dit = AudioDiT(cfg).to(dtype)
+    dit = dit.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, w in dit.named_parameters():
@@ -136,6 +133,8 @@ def random_dit(cfg, device, dtype, in_place: bool | None = None) -> AudioDiT:
                 w.fill_(1.0)
             else:  # biases, the audio window's position embedding
                 w.zero_()
+    if next(dit.buffers(), None) is not None:  # to_empty leaves buffers uninitialised; the DiT has none
+        raise RuntimeError("random_dit: the DiT has buffers, which this would leave uninitialised")
     return dit
 
 
@@ -187,7 +186,9 @@ def load_avatar(model: str | Path | None = None, preset: str = "tiny", device: s
         vae = _random_vae(p.vae, dev)
         fe_path = _random_wav2vec2() if p.audio_frontend == "wav2vec2" else None
     dit.eval().requires_grad_(False)
-    frontend = audio_fe.build_frontend(p, fe_path)
+    # the audio front end runs where the DiT does (wav2vec2 on a 2-core CPU costs ~0.9 s per
+    # chunk window, in series with the DiT); it stays fp32, as `plan` counts it
+    frontend = audio_fe.build_frontend(p, fe_path).to(dev)
     text = torch.zeros(1, p.text_len, p.dit.text_dim, device=dev, dtype=dtype)
     if not random_weights and (folder / "text_embeds.safetensors").exists():
         from safetensors.torch import load_file
