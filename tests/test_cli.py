@@ -103,9 +103,12 @@ def test_info_counts_parameters_on_meta_device():
 def test_bench_json(tmp_path):
     r = run("bench", "--json", "--chunks", "24", "--plot", str(tmp_path / "lat.png"))
     assert r.returncode == 0, r.stderr
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    assert len(line) == 1
-    res = json.loads(line[0])
+    lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+    # one line per section as it finishes, then the whole result
+    assert [ln["section"] for ln in lines] == ["load", "first_frame", "stream", "kv_cache", "disagg", "baseline", "all"]
+    res = lines[-1]
+    assert res["chunks"] == 24 and res["fps"] == pytest.approx(25 * res["rtf"], rel=1e-2)
+    assert all(res[k] == v for ln in lines[:-1] for k, v in ln.items() if k != "section")
     for k in ("rtf", "first_frame_s", "chunk_ms_early", "chunk_ms_late", "kv_cache_speedup", "rss_growth"):
         assert isinstance(res[k], (int, float)) and res[k] == res[k], k
     assert res["rtf"] > 0 and res["kv_cache_speedup"] > 0

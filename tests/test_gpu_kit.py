@@ -56,3 +56,26 @@ def test_bundled_speech_reads_without_pyav(tmp_path):
 
     b = load_audio(SPEECH_WAV)  # the PyAV path gives the same samples
     assert len(a) == len(b) and np.abs(a - b).max() < 1e-4
+
+
+def test_compile_makes_one_set_of_graphs_for_all_blocks():
+    """One compiled function serves every block: the graphs depend on the shape variants, not on
+    the number of layers, and no block falls back to eager (a recompile-limit hit fails the
+    warm-up). The eager backend traces exactly as inductor would, without its code generation."""
+    import torch
+
+    from talkingmachines.model.compiled import compile_dit
+    from talkingmachines.stream.generator import load_avatar
+
+    torch._dynamo.reset()
+    a = load_avatar(None, "tiny", "cpu")
+    ref = a.new_stream(seed=1)
+    ref.push_audio(speech_like(2.0))
+    want = [ref.next_chunk().frames for _ in range(3)]
+    info = compile_dit(a.dit, a.device, warm=a, backend="eager")
+    assert info["compiled"], info
+    assert len(a.dit.blocks) == 6 and 2 <= info["compile_graphs"] <= 6, info  # 2 per shape variant, not per layer
+    s = a.new_stream(seed=1)
+    s.push_audio(speech_like(2.0))
+    got = [s.next_chunk().frames for _ in range(3)]
+    assert all(np.array_equal(x, y) for x, y in zip(want, got))

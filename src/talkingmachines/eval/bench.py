@@ -1,20 +1,29 @@
 """`talkingmachines bench`: speed and flatness of the streaming engine, measured in one process.
 
-- rtf: seconds of video per second of wall time over the steady state (chunks 3..end)
+Each section prints its figures as soon as it finishes (with --json: one JSON line per section,
+tagged "section", then the whole result tagged "all"), so a run cut short still leaves those.
+
+- rtf: seconds of video per second of wall time over the steady state (chunks 3..end);
+  fps: video frames per second over the same chunks, with the median per-stage ms (audio
+  features, DiT: the denoising steps + the KV-cache write pass, VAE decode)
 - first_frame_s: portrait + first audio in -> first chunk of frames out (session set-up included)
 - chunk_ms_early / chunk_ms_late: median chunk time over chunks 3..12 and over the last 10
   chunks (>= 200 when --chunks >= 210)
 - kv_cache_speedup: per-chunk time when the context (sink + previous chunk) is recomputed at
-  every denoising step instead of cached (`NoCacheStream`), divided by the cached time; same
-  process, same audio, seed and sampler
-- rss_growth: resident memory after the long stream vs after chunk 10
+  every denoising step instead of cached (`NoCacheStream`, its attention masks built once, on
+  the device), divided by the cached time; same process, same audio, seed and sampler
+- rss_growth: resident memory at the end of the long stream vs after chunk min(10, n/2)
 - disagg_speedup: wall time of M chunks made sequentially (DiT then decode, each chunk) over the
   wall time of the same M chunks (same seed, same audio) with the DiT and the VAE decoder as
   pipelined stages (`stream.disagg.PipelinedStream`: two threads, bounded queue; on CUDA a second
   stream, or `--decode-device cuda:1`). On CPU both runs use half the bench's threads per
   operation (`disagg_threads_per_stage`), so the two stages of the pipelined run together use
   what the process has; disagg_efficiency: pipelined throughput over the throughput of the
-  slower stage alone (its summed per-chunk time in the sequential run), 1.0 being the ideal
+  slower stage alone (its summed per-chunk time in the sequential run), 1.0 being the ideal;
+  disagg_overlap: the share of the hideable time (the faster stage's) that the pipeline hid,
+  (sequential - pipelined) / (sequential - max(DiT, VAE)). On one GPU both stages share its
+  SMs, so their busy times in the pipeline (disagg_stage_ms *_in_pipeline) grow; the
+  two-process mode (NCCL) needs two GPUs
 - baseline_speedup: seconds of wall time per second of video of diffusers'
   `WanImageToVideoPipeline` at the same model size and resolution with its usual settings
   (50 steps, CFG 5, UniPC flow_shift 3; see `baseline_settings` in the output), over ours
@@ -22,12 +31,14 @@
   embeddings), which favours the baseline. `--skip-baseline` leaves it out.
   baseline_dit_speedup: the same for the score networks alone (the baseline's transformer
   forward time vs our DiT stage time per chunk): no VAE in either.
-- `--compile`: the DiT blocks go through `torch.compile` (self-attention with its KV cache stays
-  eager: it graph-breaks there), mode "max-autotune-no-cudagraphs" on CUDA, default on CPU.
+- `--compile`: the DiT blocks go through `torch.compile` once per block shape
+  (`model.compiled`; self-attention with its KV cache stays eager), inductor's default mode;
+  the "compile" section says how many graphs the warm-up made and how long it took.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -61,6 +72,21 @@ class NoCacheStream(StreamingGenerator):
 
     prev: tuple | None = None  # the previous chunk's (latents, audio windows)
 
+    def _strategy(self, n_chunks: int):
+        """forward_causal's sparse-causal attention for n chunks after the sink, built once per
+        window length, on the device: its mask is large, and rebuilding it on the host every
+        step would inflate the cache's speed-up."""
+        from ..model import attention as A
+
+        cache = self.__dict__.setdefault("_strategies", {})
+        if n_chunks not in cache:
+            dit = self.avatar.dit
+            _, ph, pw = dit.config.patch_size
+            h, w = self.latent_shape[-2:]
+            cache[n_chunks] = A.SparseCausal(n_chunks, self.chunk_frames, h // ph, w // pw, dit.head_dim,
+                                             device=self.avatar.device)
+        return cache[n_chunks]
+
     def denoise(self, au):
         dit, dev, fr = self.avatar.dit, self.avatar.device, self.chunk_frames
         known, audio = [self.dit_input(self.ref, True)], [self.sink_audio()]
@@ -70,10 +96,12 @@ class NoCacheStream(StreamingGenerator):
         t_known = 1 + fr * (len(known) - 1)
         ctx_audio = None if au is None else torch.cat([*audio, au], dim=1)
 
+        strategy = self._strategy(len(known))
+
         def x0_fn(x, s):
             seq = torch.cat([*known, self.dit_input(x, False)], dim=2)
-            t = torch.cat([torch.zeros(1, t_known), torch.full((1, fr), s * 1000.0)], dim=1).to(dev)
-            v = dit.forward_causal(seq, t, audio=ctx_audio, chunk_frames=fr, ctx=self.ctx)[:, :, t_known:]
+            t = torch.cat([torch.zeros(1, t_known, device=dev), torch.full((1, fr), s * 1000.0, device=dev)], dim=1)
+            v = dit._run(seq, t, self.ctx, ctx_audio, strategy)[:, :, t_known:]  # forward_causal, mask reused
             return x - s * v
 
         x, _ = flow.denoise_chunk(x0_fn, self.new_noise(), self.sigmas, self.new_noise)
@@ -81,16 +109,40 @@ class NoCacheStream(StreamingGenerator):
         return x
 
 
+def _emit(res: dict, section: str, part: dict, as_json: bool) -> None:
+    """Add a finished section's figures to `res` and print them now (a killed run keeps them)."""
+    res.update(part)
+    if as_json:
+        print(json.dumps({"section": section, **part}), flush=True)
+    else:
+        for key, v in part.items():
+            print(f"{key:<18} {v}", flush=True)
+
+
 def run_bench(args) -> int:
     from ..cli import _load
+    from ..errors import InputError
 
+    if args.chunks < 4:
+        raise InputError("--chunks must be >= 4 (the steady state starts at chunk 3)")
     torch.manual_seed(args.seed)
+    res: dict = {}
+    t0 = time.perf_counter()
     avatar = _load(args)
-    compiled = False
+    _sync(avatar.device)
+    emit = functools.partial(_emit, res, as_json=args.json)
+    emit("load", {"preset": avatar.preset.name, "device": str(avatar.device), "dtype": str(avatar.dtype)[6:],
+                  "resolution": f"{avatar.preset.width}x{avatar.preset.height}", "random_weights": avatar.random_weights,
+                  "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                  "load_s": round(time.perf_counter() - t0, 2)})
     if getattr(args, "compile", False):
-        compiled = compile_dit(avatar.dit, avatar.device, warm=avatar)
-    n = max(args.chunks, 20)
-    stream_seconds = (n + 2) * avatar.preset.stream.chunk_seconds
+        from ..model.compiled import compile_dit
+
+        emit("compile", compile_dit(avatar.dit, avatar.device, warm=avatar))
+    else:
+        res["compiled"] = False
+    n = args.chunks
+    stream_seconds = (n + 12) * avatar.preset.stream.chunk_seconds
     audio = speech_like(stream_seconds)
 
     # first frame: session set-up + the first chunk, with only its audio (+ look-ahead) arrived
@@ -101,21 +153,39 @@ def run_bench(args) -> int:
     _sync(avatar.device)
     first_frame_s = time.perf_counter() - t0
     s.push_audio(audio[s.chunk_samples + s.lookahead_samples:])
+    emit("first_frame", {"first_frame_s": round(first_frame_s, 3)})
 
-    times, rss, dit_ms = [], {}, []
+    times, rss, stage = [], {}, {"audio_ms": [], "dit_ms": [], "vae_ms": []}
+    rss_at = min(10, n // 2)
     for i in tqdm(range(1, n), desc="long stream", unit="chunk", disable=args.json):
         t = time.perf_counter()
         c = s.next_chunk()
         _sync(avatar.device)
         times.append(time.perf_counter() - t)
-        dit_ms.append(c.timings.get("dit_ms", 0.0))
-        if i == 10:
-            rss[10] = rss_bytes()
+        for k in stage:
+            stage[k].append(c.timings.get(k, 0.0))
+        if i == rss_at:
+            rss["early"] = rss_bytes()
     rss["end"] = rss_bytes()
     chunk_s = s.chunk_video_frames / 25.0
     steady = times[2:]
     early = statistics.median(times[2:12])
     late = statistics.median(times[-10:])
+    emit("stream", {
+        "chunks": n,
+        "rtf": round(chunk_s * len(steady) / sum(steady), 3),
+        "fps": round(s.chunk_video_frames * len(steady) / sum(steady), 2),
+        "steps": len(s.sigmas) - 1,
+        "stage_ms": {k[:-3]: round(statistics.median(v[2:]), 2) for k, v in stage.items()},
+        "chunk_ms_early": round(1e3 * early, 2),
+        "chunk_ms_late": round(1e3 * late, 2),
+        "late_over_early": round(late / early, 3),
+        "rss_growth": round(rss["end"] / rss["early"] - 1.0, 4),
+        "kv_cache_mb": round(s.cache.nbytes() / 2**20, 3),
+        "dit_ms_median": round(statistics.median(stage["dit_ms"][2:]), 2),
+    })
+    if args.plot:
+        _plot(times, chunk_s, args.plot)
 
     # KV cache vs recomputing the context (same audio, seed and sampler)
     k = 8
@@ -135,41 +205,24 @@ def run_bench(args) -> int:
         nc.next_chunk()
         _sync(avatar.device)
         recompute.append(time.perf_counter() - t)
+    emit("kv_cache", {"kv_cache_speedup": round(statistics.median(recompute) / statistics.median(cached), 3)})
 
-    res = {
-        "preset": avatar.preset.name,
-        "device": str(avatar.device),
-        "random_weights": avatar.random_weights,
-        "chunks": n,
-        "rtf": round(chunk_s * len(steady) / sum(steady), 3),
-        "first_frame_s": round(first_frame_s, 3),
-        "chunk_ms_early": round(1e3 * early, 2),
-        "chunk_ms_late": round(1e3 * late, 2),
-        "late_over_early": round(late / early, 3),
-        "kv_cache_speedup": round(statistics.median(recompute) / statistics.median(cached), 3),
-        "rss_growth": round(rss["end"] / rss[10] - 1.0, 4),
-        "kv_cache_mb": round(s.cache.nbytes() / 2**20, 3),
-        "dit_ms_median": round(statistics.median(dit_ms[2:]), 2),
-        "torch_threads": torch.get_num_threads(),
-        "compiled": compiled,
-    }
-    res.update(disagg_bench(avatar, args, min(n, 40)))
+    emit("disagg", disagg_bench(avatar, args, min(n, 40)))
     if not getattr(args, "skip_baseline", False):
         ours_s_per_video_s = 1.0 / res["rtf"]
         b = baseline_bench(avatar.preset, avatar.device, avatar.dtype, getattr(args, "baseline_frames", 17),
                            getattr(args, "baseline_steps", 50))
-        res["baseline_s_per_video_s"] = round(b["s_per_video_s"], 3)
-        res["baseline_speedup"] = round(b["s_per_video_s"] / ours_s_per_video_s, 2)
         ours_dit = res["dit_ms_median"] / 1e3 / chunk_s
-        res["baseline_dit_speedup"] = round(b["dit_s_per_video_s"] / ours_dit, 2)
-        res["baseline_settings"] = b["settings"]
-    if args.plot:
-        _plot(times, chunk_s, args.plot)
+        emit("baseline", {"baseline_s_per_video_s": round(b["s_per_video_s"], 3),
+                          "baseline_speedup": round(b["s_per_video_s"] / ours_s_per_video_s, 2),
+                          "baseline_dit_speedup": round(b["dit_s_per_video_s"] / ours_dit, 2),
+                          "baseline_settings": b["settings"]})
+    if "compile_graphs" in res:
+        from ..model.compiled import graph_count
+
+        res["graphs_total"] = graph_count()  # more than compile_graphs: something recompiled while timed
     if args.json:
-        print(json.dumps(res))
-    else:
-        for key, v in res.items():
-            print(f"{key:<18} {v}")
+        print(json.dumps({"section": "all", **res}), flush=True)
     return 0
 
 
@@ -239,10 +292,12 @@ def disagg_bench(avatar, args, m: int = 40) -> dict:
     pipe_wall = time.perf_counter() - t
     torch.set_num_threads(old)  # the stage threads set their own count; restore the process's
     slower = max(sum(dit_ms), sum(vae_ms)) / 1e3
-    return {
+    ceiling = seq_wall - slower  # the faster stage's time: what a perfect pipeline hides
+    res = {
         "disagg_chunks": k,
         "disagg_speedup": round(seq_wall / pipe_wall, 3),
         "disagg_efficiency": round(slower / pipe_wall, 3),
+        "disagg_overlap": round((seq_wall - pipe_wall) / ceiling, 3) if ceiling > 0 else None,
         "disagg_stage_ms": {"dit": round(statistics.median(dit_ms), 2), "vae": round(statistics.median(vae_ms), 2),
                             "dit_in_pipeline": round(statistics.median(p.stage_ms["dit"]), 2),
                             "vae_in_pipeline": round(statistics.median(p.stage_ms["decode"]), 2),
@@ -251,6 +306,9 @@ def disagg_bench(avatar, args, m: int = 40) -> dict:
         "disagg_threads_per_stage": stage_threads,
         "decode_device": str(p.decode_device),
     }
+    if avatar.device.type == "cuda" and torch.cuda.device_count() < 2:
+        res["disagg_two_process"] = "not run: the NCCL two-process mode needs two GPUs (1 visible)"
+    return res
 
 
 # ----------------------------------------------------------------------------- the diffusers peer
@@ -354,50 +412,3 @@ def baseline_bench(preset, device, dtype, frames: int = 17, steps: int = 50, gui
                 f"{str(dtype).replace('torch.', '')}), {vae_desc}, text/image embeddings precomputed (not timed)")
     return {"wall_s": wall, "video_s": video_s, "s_per_video_s": wall / video_s,
             "dit_s_per_video_s": spent[0] / video_s, "settings": settings}
-
-
-# ----------------------------------------------------------------------------- torch.compile
-class _EagerAttention:
-    """Self-attention strategies keep Python state (the KV cache): they run eagerly, the rest of
-    each block is compiled (graph break at this call; guards only on this object's identity)."""
-
-    def __init__(self):
-        self.strategy = None
-
-    @torch.compiler.disable
-    def __call__(self, layer, q, k, v):
-        return self.strategy(layer, q, k, v)
-
-
-def compile_dit(dit, device, mode: str | None = None, warm=None) -> bool:
-    """Compile each DiT block's fixed-shape chunk step; returns False (and stays eager) where
-    compilation is unavailable. With `warm` (an Avatar), a 3-chunk throwaway stream compiles every
-    shape variant (sink prefill, first chunk, later chunks, the KV write) before timing starts."""
-    import logging
-
-    mode = mode or ("max-autotune-no-cudagraphs" if torch.device(device).type == "cuda" else None)
-    eager = [b.forward for b in dit.blocks]
-    try:
-        import torch._dynamo as dynamo
-
-        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 16)
-        for block in dit.blocks:
-            attn = _EagerAttention()
-            compiled = torch.compile(block.forward, mode=mode, dynamic=False)
-
-            def forward(x, mod, frames, ctx_kv, img_kv, audio, self_attn, layer, _c=compiled, _a=attn):
-                _a.strategy = self_attn
-                return _c(x, mod, frames, ctx_kv, img_kv, audio, _a, layer)
-
-            block.forward = forward
-        if warm is not None:
-            st = warm.new_stream(seed=0)
-            st.push_audio(speech_like(2.0))
-            for _ in range(3):
-                st.next_chunk()
-        return True
-    except Exception as e:  # noqa: BLE001 - the eager path is always valid
-        for b, f in zip(dit.blocks, eager):
-            b.forward = f
-        logging.getLogger(__name__).warning("torch.compile unavailable (%s): running eagerly", e)
-        return False
