@@ -83,7 +83,7 @@ def test_oversized_body_400():
         async with Server(avatar=FakeAvatar()) as srv:
             port = int(srv.base.rsplit(":", 1)[1])
             r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(b"POST /offer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            w.write(b"POST /offer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: 9437184\r\n\r\n" + b"x" * 65536)
             await w.drain()
             head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
@@ -120,14 +120,14 @@ def test_max_sessions_busy_503_then_free_again():
             pc1, sdp1 = await client_offer()
             async with s.post(srv.base + "/offer", json={"sdp": sdp1, "type": "offer"}) as r:
                 assert r.status == 200
-                sid = (await r.json())["id"]
+                ans = await r.json()
             pc2, sdp2 = await client_offer()
             async with s.post(srv.base + "/offer", json={"sdp": sdp2, "type": "offer"}) as r:
                 j = await r.json()
                 assert r.status == 503 and j["error"] == "busy" and r.headers["Retry-After"]
             async with s.get(srv.base + "/metrics") as r:
                 assert "tm_sessions_rejected_total 1" in await r.text()
-            async with s.post(srv.base + "/hangup", json={"id": sid}) as r:
+            async with s.post(srv.base + "/hangup", json={"id": ans["id"], "secret": ans["secret"]}) as r:
                 assert r.status == 200
             assert not srv.state.sessions
             pc3, sdp3 = await client_offer()

@@ -2,14 +2,23 @@
 
 Routes
   GET  /          the call page (static/index.html)
-  POST /offer     {"sdp", "type"[, "portrait": data URL]} -> {"sdp", "type", "id"}   (aiortc convention)
-  POST /hangup    {"id"}: end a call now (the page sends it on hang-up)
-  GET  /health    200 JSON
+  POST /offer     {"sdp", "type"[, "portrait": data URL]} -> {"sdp", "type", "id", "secret"}   (aiortc convention)
+  POST /hangup    {"id", "secret"}: end a call now (the page sends it on hang-up)
+  GET  /health    200 JSON (only {"status"} without the token when one is set)
   GET  /metrics   Prometheus text
   GET  /config    what the page needs (agent name, limits)
 
 Loopback only by default; a non-loopback --host needs --token, checked on /offer, /hangup,
 /metrics as `Authorization: Bearer T` or `?token=T`.
+
+Hostile local callers and web pages (the loopback default has no token):
+* every request's Host must be an IP address, ``localhost``, the --host name or the host of an
+  --allow-origin: a DNS-rebinding page (evil.example resolving to 127.0.0.1) is refused;
+* a POST carrying an Origin must come from the page's own origin or an --allow-origin: other
+  sites cannot place calls with a text/plain "simple" request;
+* each call gets a secret in the /offer answer that /hangup must present;
+* an offer that never connects is reclaimed after --connect-timeout (6 s), and a client may have
+  only one offer connecting at a time.
 """
 
 from __future__ import annotations
@@ -18,13 +27,18 @@ import argparse
 import asyncio
 import base64
 import binascii
+import errno
 import hmac
 import io
 import ipaddress
 import json
 import logging
+import os
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Callable
 
 import numpy as np
@@ -41,6 +55,7 @@ STATIC = Path(__file__).parent / "static"
 MAX_BODY = 8 * 1024 * 1024  # offer JSON incl. an uploaded portrait
 MAX_SDP = 64 * 1024
 MAX_PORTRAIT_SIDE = 4096
+MAX_CONNECTING_PER_CLIENT = 1  # offers not yet connected, per client address
 
 # refuse-and-forget: do not spend 10 s (aiohttp's default) draining bodies we already refused
 RUNNER_KW = {"lingering_time": 1.0}
@@ -51,15 +66,23 @@ STATE = web.AppKey("state", object)
 
 class ServerState:
     def __init__(self, *, agent: str, agent_kwargs: dict, max_sessions: int, token: str | None,
-                 portrait: np.ndarray | None, idle_timeout: float):
+                 portrait: np.ndarray | None, idle_timeout: float, connect_timeout: float = 6.0,
+                 allow_origins: list[str] | None = None, host_names: list[str] | None = None):
         self.agent_name = agent
         self.make_agent = agent_factory(agent, **agent_kwargs)
         self.max_sessions = max_sessions
         self.token = token
         self.portrait = portrait
         self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.allow_origins = {normalize_origin(o) for o in allow_origins or []}
+        self.host_names = {"localhost"} | {h.lower().strip("[]") for h in host_names or []} | {
+            urlsplit(o).hostname for o in self.allow_origins}
         self.sessions: dict[str, CallSession] = {}
         self.reserved = 0
+        self.reserved_by: dict[str, int] = {}  # offers being set up, per client address
+        # one bounded pool of generation threads, reused by every call (see CallSession)
+        self.executor = ThreadPoolExecutor(max_sessions, thread_name_prefix="tm-gen")
         self.metrics = Metrics()
         self.avatar: Any = None
         self.started = time.time()
@@ -72,6 +95,93 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def normalize_origin(origin: str) -> str:
+    """``scheme://host[:port]``, lower case; ValueError for anything else."""
+    u = urlsplit(origin.strip())
+    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query:
+        raise ValueError(f"not a web origin (scheme://host[:port]): {origin!r}")
+    return f"{u.scheme}://{u.netloc}".lower()
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def foreign_request(request: web.Request, st: ServerState) -> str | None:
+    """Why ``request`` does not come from a page of this server (or None when it does)."""
+    host = request.headers.get("Host")
+    if host is not None:
+        try:
+            name = urlsplit("//" + host).hostname or ""
+        except ValueError:
+            name = ""
+        # a DNS name is only trusted when it is ours: an attacker's name may resolve here
+        if not (_is_ip(name) or name in st.host_names):
+            return (f"host {host!r} is not served here (DNS rebinding?); to serve under that name, start "
+                    f"with --allow-origin http://{host}")
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return None
+    origin = request.headers.get("Origin")
+    if origin is None:  # not a browser page: a local program (the token, if set, guards it)
+        return None
+    try:
+        norm = normalize_origin(origin)
+    except ValueError:
+        norm = None
+    if norm is not None and (norm in st.allow_origins or urlsplit(norm).netloc == (host or "").lower()):
+        return None
+    return f"origin {origin!r} may not use this server; to allow a page there, start with --allow-origin {origin}"
+
+
+@web.middleware
+async def same_origin_only(request: web.Request, handler):
+    why = foreign_request(request, request.app[STATE])
+    if why is not None:
+        log.warning("refused %s %s: %s", request.method, request.path, why)
+        return web.json_response({"error": "forbidden", "message": why}, status=403)
+    return await handler(request)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None when it is longer than ``limit`` (one `read(n)` returns only
+    what has arrived so far: a big portrait came in cut)."""
+    parts, n = [], 0
+    while True:
+        b = await request.content.read(256 * 1024)
+        if not b:
+            return b"".join(parts)
+        n += len(b)
+        if n > limit:
+            return None
+        parts.append(b)
+
+
+def sdp_problem(sdp: str) -> str | None:
+    """What an offer's SDP lacks for a call (aiortc would fail later, in the background, with a
+    bare AssertionError or AttributeError), or None."""
+    from aiortc.sdp import SessionDescription
+
+    try:
+        desc = SessionDescription.parse(sdp)
+    except Exception as e:
+        return f"the SDP cannot be parsed ({type(e).__name__}: {e})"
+    if not desc.media:
+        return "the SDP has no media sections (m= lines)"
+    for m in desc.media:
+        where = f"m={m.kind}"
+        if m.ice is None or not m.ice.usernameFragment or not m.ice.password:
+            return f"{where} has no ICE credentials (a=ice-ufrag / a=ice-pwd)"
+        if m.dtls is None:
+            return f"{where} has no DTLS role (a=setup)"
+        if not m.dtls.fingerprints:
+            return f"{where} has no DTLS certificate fingerprint (a=fingerprint)"
+    return None
 
 
 def _bad(msg: str, state: ServerState | None = None, status: int = 400) -> web.Response:
@@ -132,8 +242,11 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.Response:
     st: ServerState = request.app[STATE]
+    status = "ok" if st.avatar is not None else "loading"
+    if st.token and not _authorized(request, st.token):
+        return web.json_response({"status": status})  # no load or agent details for strangers
     return web.json_response({
-        "status": "ok" if st.avatar is not None else "loading",
+        "status": status,
         "sessions": len(st.sessions), "max_sessions": st.max_sessions, "agent": st.agent_name,
         "chunks": st.metrics.chunks, "uptime_s": round(time.time() - st.started, 1),
     })
@@ -158,14 +271,17 @@ async def hangup(request: web.Request) -> web.Response:
     st: ServerState = request.app[STATE]
     if not _authorized(request, st.token):
         return web.json_response({"error": "unauthorized"}, status=401)
+    raw = await read_body(request, 4096)
     try:
-        body = json.loads((await request.content.read(4096)).decode() or "{}")
-        sid = str(body.get("id", ""))
+        body = json.loads((raw or b"").decode() or "{}")
+        sid, secret = str(body.get("id", "")), str(body.get("secret", ""))
     except (ValueError, UnicodeDecodeError, AttributeError):
-        return _bad("body must be JSON {\"id\": ...}")
+        return _bad("body must be JSON {\"id\": ..., \"secret\": ...}")
     s = st.sessions.get(sid)
     if s is None:
         return web.json_response({"closed": False, "message": "no such session"}, status=404)
+    if not hmac.compare_digest(secret.encode(), s.secret.encode()):
+        return web.json_response({"error": "forbidden", "message": "wrong or missing call secret"}, status=403)
     await s.close("hang-up")
     return web.json_response({"closed": True})
 
@@ -179,8 +295,8 @@ async def offer(request: web.Request) -> web.Response:
         resp = _bad(f"offer too large ({request.content_length} bytes > {MAX_BODY})", st)
         resp.force_close()  # do not linger reading a body we refuse
         return resp
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
+    body = await read_body(request, MAX_BODY)
+    if body is None:
         return _bad(f"offer too large (> {MAX_BODY} bytes)", st)
     try:
         params = json.loads(body.decode("utf-8"))
@@ -205,6 +321,10 @@ async def offer(request: web.Request) -> web.Response:
             portrait = decode_portrait(params["portrait"])
         except ValueError as e:
             return _bad(str(e), st)
+    why = sdp_problem(sdp)
+    if why is not None:
+        log.info("offer refused: %s", why)
+        return _bad(f"cannot use this offer: {why}", st)
     if st.avatar is None:
         return web.json_response({"error": "loading", "message": "the model is still loading"}, status=503,
                                  headers={"Retry-After": "5"})
@@ -213,7 +333,16 @@ async def offer(request: web.Request) -> web.Response:
         return web.json_response(
             {"error": "busy", "message": f"all {st.max_sessions} call slots are in use; try again later",
              "max_sessions": st.max_sessions}, status=503, headers={"Retry-After": "5"})
+    client = request.remote or "?"
+    connecting = st.reserved_by.get(client, 0) + sum(
+        1 for s in st.sessions.values() if s.client == client and s.connected_at is None)
+    if connecting >= MAX_CONNECTING_PER_CLIENT:
+        st.metrics.sessions_rejected += 1
+        return web.json_response(
+            {"error": "busy", "message": "this client already has a call connecting; wait for it to connect "
+                                         "or hang it up"}, status=429, headers={"Retry-After": "2"})
     st.reserved += 1
+    st.reserved_by[client] = st.reserved_by.get(client, 0) + 1
     session: CallSession | None = None
     try:
         loop = asyncio.get_running_loop()
@@ -226,36 +355,48 @@ async def offer(request: web.Request) -> web.Response:
             st.metrics.sessions_active = len(st.sessions)
 
         session = CallSession(stream, st.make_agent(), st.metrics, idle_timeout=st.idle_timeout,
-                              on_closed=_closed, t_offer=t_offer)
+                              connect_timeout=st.connect_timeout, on_closed=_closed, t_offer=t_offer,
+                              executor=st.executor, client=client)
         try:
             answer = await session.answer(sdp, typ)
         except ValueError as e:  # aiortc raises ValueError for SDP it cannot use
             await session.close("bad offer")
+            log.info("offer refused: %s", e)
             return _bad(f"cannot use this offer: {e}", st)
         except Exception as e:
             await session.close("setup failed")
             if isinstance(e, (OSError, asyncio.TimeoutError)) or type(e).__module__.startswith("aiohttp"):
+                log.warning("agent unavailable: %s", e)
                 return web.json_response({"error": "agent unavailable", "message": str(e)}, status=502)
-            log.exception("offer failed")
-            return _bad(f"cannot use this offer: {type(e).__name__}: {e}", st)
+            # one line in the log: a client's odd offer is not the server's crash
+            log.warning("offer refused: %s: %s", type(e).__name__, e)
+            return _bad(f"cannot use this offer ({type(e).__name__}: {e})", st)
         st.sessions[session.id] = session
         st.metrics.sessions_total += 1
         st.metrics.sessions_active = len(st.sessions)
     finally:
         st.reserved -= 1
-    return web.json_response({"sdp": answer.sdp, "type": answer.type, "id": session.id})
+        st.reserved_by[client] -= 1
+        if not st.reserved_by[client]:
+            del st.reserved_by[client]
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "id": session.id, "secret": session.secret})
 
 
 # ------------------------------------------------------------------------------------------
 def create_app(*, avatar: Any = None, avatar_loader: Callable[[], Any] | None = None, agent: str = "mirror",
                agent_kwargs: dict | None = None, image: str | np.ndarray | None = None, max_sessions: int = 2,
-               token: str | None = None, idle_timeout: float = 4.0, warmup: bool = True) -> web.Application:
-    """The aiohttp application. Pass a loaded `avatar` (tests) or an `avatar_loader` run at startup."""
+               token: str | None = None, idle_timeout: float = 4.0, warmup: bool = True,
+               connect_timeout: float = 6.0, allow_origins: list[str] | None = None,
+               host: str | None = None) -> web.Application:
+    """The aiohttp application. Pass a loaded `avatar` (tests) or an `avatar_loader` run at startup.
+    ``allow_origins``: other web origins whose pages may place calls (and whose host names this
+    server answers to); ``host``: the name it was started with (--host)."""
     portrait = load_image(image) if isinstance(image, str) else image
     st = ServerState(agent=agent, agent_kwargs=agent_kwargs or {}, max_sessions=max_sessions, token=token,
-                     portrait=portrait, idle_timeout=idle_timeout)
+                     portrait=portrait, idle_timeout=idle_timeout, connect_timeout=connect_timeout,
+                     allow_origins=allow_origins, host_names=[host] if host else None)
     st.avatar = avatar
-    app = web.Application(client_max_size=MAX_BODY + 1024)
+    app = web.Application(client_max_size=MAX_BODY + 1024, middlewares=[same_origin_only])
     app[STATE] = st
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
@@ -278,6 +419,7 @@ def create_app(*, avatar: Any = None, avatar_loader: Callable[[], Any] | None = 
     async def _shutdown(app: web.Application) -> None:
         await asyncio.gather(*(s.close("server shutdown") for s in list(st.sessions.values())),
                              return_exceptions=True)
+        st.executor.shutdown(wait=False, cancel_futures=True)
 
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)
@@ -308,21 +450,62 @@ def check_bind(host: str, token: str | None) -> None:
                          "(anyone on the network could place calls); pass --token T")
 
 
-def run_server(host: str = "127.0.0.1", port: int = 8000, agent: str = "mirror", image: str | None = None,
-               max_sessions: int = 2, token: str | None = None, model: str | None = None, preset: str = "tiny",
-               device: str = "cpu", agent_kwargs: dict | None = None, idle_timeout: float = 4.0) -> None:
-    check_bind(host, token)
+def limit_malloc_arenas(n: int = 2) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX=n`` would, unless the user set it): with
+    the default 8 per core, the threads of each call (PyAV codecs, aiortc, generation) scatter
+    freed memory over many arenas and RSS crept up ~2 MB a call. False where it does not apply."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-8, n))  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Bind the port before the (slow) model load, so a busy port is one clear line at once."""
     from ..errors import InputError
 
     try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        why = "the port is already in use (another server? pick another --port)" if e.errno == errno.EADDRINUSE \
+            else e.strerror
+        raise InputError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
+def run_server(host: str = "127.0.0.1", port: int = 8000, agent: str = "mirror", image: str | None = None,
+               max_sessions: int = 2, token: str | None = None, model: str | None = None, preset: str = "tiny",
+               device: str = "cpu", agent_kwargs: dict | None = None, idle_timeout: float = 4.0,
+               connect_timeout: float = 6.0, allow_origins: list[str] | None = None) -> None:
+    check_bind(host, token)
+    from ..errors import InputError
+
+    limit_malloc_arenas()
+    try:
         app = create_app(avatar_loader=default_loader(model, preset, device), agent=agent,
                          agent_kwargs=agent_kwargs, image=image, max_sessions=max_sessions, token=token,
-                         idle_timeout=idle_timeout)
+                         idle_timeout=idle_timeout, connect_timeout=connect_timeout, allow_origins=allow_origins,
+                         host=host)
     except (ValueError, RuntimeError) as e:
         raise InputError(str(e)) from None
+    sock = listen_socket(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"talkingmachines serve: http://{shown}:{port}/  (agent {agent}, max {max_sessions} calls)", flush=True)
-    web.run_app(app, host=host, port=port, print=None, access_log=None, **RUNNER_KW)
+    web.run_app(app, sock=sock, print=None, access_log=None, **RUNNER_KW)
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -335,5 +518,6 @@ def serve_main(args: argparse.Namespace) -> int:
                                                "realtime_protocol", "instructions")}
     run_server(host=args.host, port=args.port, agent=args.agent, image=args.image, max_sessions=args.max_sessions,
                token=args.token, model=args.model, preset=args.preset, device=args.device, agent_kwargs=kw,
-               idle_timeout=args.idle_timeout)
+               idle_timeout=args.idle_timeout, connect_timeout=getattr(args, "connect_timeout", 6.0),
+               allow_origins=getattr(args, "allow_origin", None))
     return 0

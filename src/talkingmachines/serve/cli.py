@@ -23,6 +23,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--idle-timeout", type=float, default=4.0, help="seconds without any sign of the client before its call is freed")
+    p.add_argument("--connect-timeout", type=float, default=6.0,
+                   help="seconds an answered offer may take to connect before its slot is freed")
+    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="a web origin (scheme://host[:port]) whose pages may place calls, and whose host name "
+                        "this server answers to (e.g. behind a proxy); repeatable. Other origins and DNS names "
+                        "are refused")
     g = p.add_argument_group("agents")
     g.add_argument("--voice", default=None, help="espeak-ng voice (tts) or realtime voice name")
     g.add_argument("--greeting", default=None, help="tts: text spoken when a call starts")

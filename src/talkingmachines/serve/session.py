@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections import deque
@@ -35,10 +36,14 @@ LOOKAHEAD_SAMPLES = 1280  # 80 ms: the stream's audio context beyond a chunk's e
 
 class CallSession:
     def __init__(self, stream: Any, agent: Agent, metrics: Metrics | None = None, *,
-                 idle_timeout: float = 4.0, connect_timeout: float = 20.0,
+                 idle_timeout: float = 4.0, connect_timeout: float = 6.0,
                  on_closed: Callable[["CallSession"], Any] | None = None,
-                 t_offer: float | None = None, pc: RTCPeerConnection | None = None):
+                 t_offer: float | None = None, pc: RTCPeerConnection | None = None,
+                 executor: concurrent.futures.Executor | None = None, client: str | None = None):
         self.id = uuid.uuid4().hex[:8]
+        # what /hangup must present: the id is not proof of owning the call
+        self.secret = secrets.token_urlsafe(16)
+        self.client = client  # the caller's address (offers are limited per client)
         self.stream = stream
         self.agent = agent
         self.metrics = metrics or Metrics()
@@ -56,7 +61,11 @@ class CallSession:
         self.playout = Playout(fps=self.fps, sample_rate=self.sr)
         self.video_track = AvatarVideoTrack(self.playout)
         self.audio_track = AgentAudioTrack(self.playout)
-        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tm-gen-{self.id}")
+        # The server passes one bounded pool shared by all calls: a fresh thread per call left
+        # glibc a new malloc arena each time and RSS crept up ~2 MB a call. Calls never run two
+        # steps at once (`_gen_loop` awaits each), so sharing keeps the stream single-threaded.
+        self._own_executor = executor is None
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tm-gen-{self.id}")
         # agent audio not yet handed to the stream (loop side)
         self.pending: list[tuple[str | None, np.ndarray]] = []
         self.pending_n = 0
@@ -365,7 +374,8 @@ class CallSession:
             await asyncio.wait_for(self.pc.close(), 3.0)
         except Exception:
             pass
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_executor:
+            self.executor.shutdown(wait=False, cancel_futures=True)
         closer = getattr(self.stream, "close", None)
         if callable(closer):
             try:

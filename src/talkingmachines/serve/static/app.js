@@ -6,7 +6,7 @@
   const callBtn = $("call"), micBtn = $("mic"), msg = $("message"), sayForm = $("say"), textIn = $("text");
   const token = new URLSearchParams(location.search).get("token");
   const auth = token ? { Authorization: "Bearer " + token } : {};
-  let pc = null, dc = null, local = null, sessionId = null, portrait = null, tCall = 0, pingTimer = null;
+  let pc = null, dc = null, local = null, sessionId = null, sessionSecret = null, portrait = null, tCall = 0, pingTimer = null;
   // exposed for tests and debugging
   const tm = (window.tm = { state: "ready", rtf: null, latencyMs: null, firstFrameMs: null, events: [], sessionId: null });
 
@@ -97,6 +97,7 @@
       const ans = await r.json().catch(() => ({ message: r.statusText }));
       if (!r.ok) throw new Error(r.status === 503 ? "The avatar is busy: " + (ans.message || "try again later") : (ans.message || r.statusText));
       sessionId = tm.sessionId = ans.id;
+      sessionSecret = ans.secret;  // proves to /hangup that this page owns the call
       await pc.setRemoteDescription({ sdp: ans.sdp, type: ans.type });
       stage.className = "incall";
       callBtn.classList.add("hangup");
@@ -140,9 +141,9 @@
 
   async function hangup(silent) {
     clearInterval(pingTimer);
-    const id = sessionId;
-    sessionId = tm.sessionId = null;
-    if (id) fetch("/hangup", { method: "POST", keepalive: true, headers: { "Content-Type": "application/json", ...auth }, body: JSON.stringify({ id }) }).catch(() => {});
+    const id = sessionId, secret = sessionSecret;
+    sessionId = tm.sessionId = sessionSecret = null;
+    if (id) fetch("/hangup", { method: "POST", keepalive: true, headers: { "Content-Type": "application/json", ...auth }, body: JSON.stringify({ id, secret }) }).catch(() => {});
     if (dc) { try { dc.close(); } catch (e) {} dc = null; }
     if (pc) { const p = pc; pc = null; p.close(); }
     if (local) { local.getTracks().forEach((t) => t.stop()); local = null; }

@@ -1,0 +1,200 @@
+"""The server under bad input and hostile local callers: big bodies, other origins, DNS
+rebinding, someone else's hang-up, offers that never connect, broken SDP, a busy port."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+from aiortc import RTCPeerConnection
+
+from serve_fakes import FakeAvatar
+from test_serve_app import client_offer
+from test_serve_webrtc import Server
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def big_portrait_data_url() -> str:
+    """A real photo-sized PNG of noise (incompressible): a 2-5 MB data URL."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (900, 900, 3), dtype=np.uint8)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    assert 1_000_000 < len(url) < 5_000_000, len(url)
+    return url
+
+
+def test_big_portrait_offer_is_read_whole():
+    async def main():
+        url = big_portrait_data_url()
+        async with Server(avatar=FakeAvatar()) as srv, aiohttp.ClientSession() as s:
+            pc, sdp = await client_offer()
+            async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer", "portrait": url}) as r:
+                j = await r.json()
+                assert r.status == 200, j
+            assert j["id"] in srv.state.sessions
+            await pc.close()
+
+    run(main())
+
+
+def test_cross_origin_post_is_refused():
+    async def main():
+        async with Server(avatar=FakeAvatar()) as srv, aiohttp.ClientSession() as s:
+            pc, sdp = await client_offer()
+            import json
+
+            body = json.dumps({"sdp": sdp, "type": "offer"})
+            # what a web page elsewhere can send without a CORS preflight
+            async with s.post(srv.base + "/offer", data=body, headers={"Content-Type": "text/plain",
+                                                                        "Origin": "http://evil.example"}) as r:
+                j = await r.json()
+                assert r.status == 403 and "origin" in j["message"].lower(), j
+            async with s.post(srv.base + "/offer", data=body, headers={"Origin": "null"}) as r:
+                assert r.status == 403
+            assert not srv.state.sessions
+            # the page itself (same origin) may
+            async with s.post(srv.base + "/offer", data=body, headers={"Origin": srv.base}) as r:
+                assert r.status == 200, await r.text()
+            await pc.close()
+
+    run(main())
+
+
+def test_dns_rebinding_host_is_refused_unless_allowed():
+    async def main():
+        async with Server(avatar=FakeAvatar()) as srv, aiohttp.ClientSession() as s:
+            port = srv.base.rsplit(":", 1)[1]
+            evil = {"Host": f"rebind.evil.example:{port}"}
+            for path in ("/", "/config", "/health"):
+                async with s.get(srv.base + path, headers=evil) as r:
+                    assert r.status == 403, path
+            pc, sdp = await client_offer()
+            async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer"}, headers=evil) as r:
+                assert r.status == 403
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+                async with s.get(srv.base + "/config", headers={"Host": host}) as r:
+                    assert r.status == 200, host
+            assert not srv.state.sessions
+            await pc.close()
+        async with Server(avatar=FakeAvatar(), allow_origins=["https://avatar.example.com"]) as srv, \
+                aiohttp.ClientSession() as s:
+            pc, sdp = await client_offer()
+            async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer"},
+                              headers={"Host": "avatar.example.com",
+                                       "Origin": "https://avatar.example.com"}) as r:
+                assert r.status == 200, await r.text()
+            await pc.close()
+
+    run(main())
+
+
+def test_hangup_needs_the_calls_secret():
+    async def main():
+        async with Server(avatar=FakeAvatar()) as srv, aiohttp.ClientSession() as s:
+            pc, sdp = await client_offer()
+            async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer"}) as r:
+                ans = await r.json()
+            assert len(ans["secret"]) >= 16
+            for body in ({"id": ans["id"]}, {"id": ans["id"], "secret": "guess"}):
+                async with s.post(srv.base + "/hangup", json=body) as r:
+                    assert r.status == 403, body
+            assert ans["id"] in srv.state.sessions
+            async with s.post(srv.base + "/hangup", json={"id": ans["id"], "secret": ans["secret"]}) as r:
+                assert r.status == 200 and (await r.json())["closed"]
+            assert not srv.state.sessions
+            await pc.close()
+
+    run(main())
+
+
+def test_never_connected_offer_is_reclaimed_and_limited_per_client():
+    async def main():
+        async with Server(avatar=FakeAvatar(), max_sessions=2, connect_timeout=1.5) as srv, \
+                aiohttp.ClientSession() as s:
+            pc1, sdp1 = await client_offer()
+            async with s.post(srv.base + "/offer", json={"sdp": sdp1, "type": "offer"}) as r:
+                assert r.status == 200  # the answer is never applied: it never connects
+            pc2, sdp2 = await client_offer()
+            async with s.post(srv.base + "/offer", json={"sdp": sdp2, "type": "offer"}) as r:
+                j = await r.json()
+                assert r.status == 429 and "connecting" in j["message"], j  # one pending offer per client
+            t0 = time.monotonic()
+            while srv.state.sessions and time.monotonic() - t0 < 6:
+                await asyncio.sleep(0.1)
+            assert not srv.state.sessions  # reclaimed after connect_timeout
+            async with s.post(srv.base + "/offer", json={"sdp": sdp2, "type": "offer"}) as r:
+                assert r.status == 200
+            for pc in (pc1, pc2):
+                await pc.close()
+
+    run(main())
+
+
+def test_default_connect_timeout_is_short():
+    from talkingmachines.serve.app import create_app, STATE
+
+    app = create_app(avatar=FakeAvatar())
+    assert app[STATE].connect_timeout <= 8.0
+
+
+def test_health_says_less_with_a_token():
+    async def main():
+        async with Server(avatar=FakeAvatar(), token="s3cret") as srv, aiohttp.ClientSession() as s:
+            async with s.get(srv.base + "/health") as r:
+                assert r.status == 200 and await r.json() == {"status": "ok"}
+            async with s.get(srv.base + "/health", headers={"Authorization": "Bearer s3cret"}) as r:
+                j = await r.json()
+                assert j["status"] == "ok" and "sessions" in j and "agent" in j
+
+    run(main())
+
+
+def _sdp_without(sdp: str, prefix: str) -> str:
+    return "\r\n".join(ln for ln in sdp.split("\r\n") if not ln.startswith(prefix))
+
+
+@pytest.mark.parametrize("drop,words", [("a=fingerprint", "fingerprint"), ("a=setup", "setup"),
+                                        ("a=ice-ufrag", "ice")])
+def test_broken_sdp_clear_400_and_no_traceback(caplog, drop, words):
+    async def main():
+        async with Server(avatar=FakeAvatar()) as srv, aiohttp.ClientSession() as s:
+            pc, sdp = await client_offer()
+            async with s.post(srv.base + "/offer", json={"sdp": _sdp_without(sdp, drop), "type": "offer"}) as r:
+                j = await r.json()
+                assert r.status == 400, j
+                assert words in j["message"].lower() and "Error" not in j["message"], j
+            await asyncio.sleep(1.0)  # give any background task the time to fail
+            assert not srv.state.sessions
+            await pc.close()
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+def test_port_in_use_is_a_one_line_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "talkingmachines", "serve", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(port) in lines[0], r.stderr
+    assert "in use" in lines[0]
