@@ -39,6 +39,9 @@ class DiTConfig:
     audio_dim: int | None = 768  # audio feature size (wav2vec2-base 768); None: no audio layers
     audio_window: int = 8  # audio feature frames each latent frame attends to
     audio_proj_dim: int | None = None  # width of the audio projector (default: model dim)
+    # zero-init the audio output projection: right when adapting a pretrained Wan (it starts
+    # unchanged), but a model trained from scratch (tiny) then learns to ignore the audio
+    audio_zero_init: bool = True
 
     @property
     def dim(self) -> int:

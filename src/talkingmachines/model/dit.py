@@ -91,8 +91,9 @@ class AudioDiTBlock(nn.Module):
         if self.has_audio:
             self.norm_audio = FP32LayerNorm(dim, eps, elementwise_affine=True)
             self.audio_attn = Attention(dim, cfg.num_attention_heads, eps=eps)
-            nn.init.zeros_(self.audio_attn.to_out[0].weight)  # starts as the identity: Wan unchanged
-            nn.init.zeros_(self.audio_attn.to_out[0].bias)
+            if cfg.audio_zero_init:
+                nn.init.zeros_(self.audio_attn.to_out[0].weight)  # starts as the identity: Wan unchanged
+                nn.init.zeros_(self.audio_attn.to_out[0].bias)
 
     def cross_kv(self, text_tokens, image_tokens=None) -> tuple:
         """(text K/V, image K/V or None) of this block's cross-attention: computed once per

@@ -83,7 +83,8 @@ def cmd_synth(args) -> int:
     if args.n < 1:
         raise InputError("--n must be >= 1")
     idx = synth_dataset(args.n, args.out, seed=args.seed, size=args.size, seconds=(args.min_seconds, args.max_seconds),
-                        workers=args.workers, speech=args.speech, video=not args.no_video)
+                        workers=args.workers, speech=args.speech, video=not args.no_video,
+                        version=args.data_version)
     print(idx)
     return 0
 
@@ -126,6 +127,8 @@ def register(sub) -> None:
             s.add_argument("--workers", type=int, default=1)
             s.add_argument("--speech", choices=["auto", "espeak", "babble"], default="auto")
             s.add_argument("--no-video", action="store_true", help="npz only (no mp4)")
+            s.add_argument("--data-version", type=int, default=1, choices=synth.DATA_VERSIONS,
+                           help="1: the original clips; 2: close-up faces whose head and brows ignore the speech")
             s.set_defaults(fn=cmd_synth)
     if find_spec("talkingmachines.train.preprocess") is not None:
         from .preprocess import add_prep_parser

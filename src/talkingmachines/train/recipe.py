@@ -191,14 +191,17 @@ def run_synth(r: dict) -> None:
     data = Path(r["data"])
     s = r["synth"]
     idx = data / "index.json"
-    if idx.is_file() and json.loads(idx.read_text()).get("n", 0) >= s["n"]:
-        return
+    version = int(s.get("version", 1))
+    if idx.is_file():
+        have = json.loads(idx.read_text())
+        if have.get("n", 0) >= s["n"] and have.get("data_version", 1) == version:
+            return
     from ..config import get_preset
 
     size = get_preset(r["preset"]).height if not r.get("preset_overrides", {}).get("height") else \
         r["preset_overrides"]["height"]
     synth_dataset(s["n"], data, seed=r["seed"], size=size, seconds=tuple(s["seconds"]), workers=s.get("workers", 1),
-                  speech=s.get("speech", "auto"), video=s.get("video", True))
+                  speech=s.get("speech", "auto"), video=s.get("video", True), version=version)
 
 
 def run_vae(r: dict, out: Path, steps: int) -> None:
@@ -222,8 +225,12 @@ def run_vae(r: dict, out: Path, steps: int) -> None:
 
     t0 = time.time()
     dev = "cuda" if (r["device"] == "auto" and torch.cuda.is_available()) else ("cpu" if r["device"] == "auto" else r["device"])
+    from ..model.vae import TinyVAEConfig
+
+    vcfg = TinyVAEConfig(latent_channels=int(v.get("latent_channels", TinyVAEConfig.latent_channels)))
     res = train_tiny_vae(Videos(), vdir, steps=steps, batch_size=v["batch_size"], lr=v["lr"], seed=r["seed"],
-                         device=dev, ckpt_every=max(50, steps // 10), temporal_weight=v.get("temporal_weight", 0.0))
+                         device=dev, ckpt_every=max(50, steps // 10), temporal_weight=v.get("temporal_weight", 0.0),
+                         config=vcfg)
     last = res.losses[-1][1] if res.losses else None
     atomic_write_text(vdir / "DONE.json", json.dumps({"steps": steps, "wall_seconds": time.time() - t0,
                                                       "last_loss": last}))

@@ -971,14 +971,34 @@ def _utterance(rng: np.random.Generator, source: str, voice: str, rate: int, pit
     return x.astype(np.float32), text
 
 
+DATA_VERSIONS = (1, 2)
+
+
+def framed(params: FaceParams, version: int) -> FaceParams:
+    """The identity as data `version` frames it. 1: as drawn by `FaceParams.sample`. 2: a
+    FaceTime close-up: the face 1.3x larger, centred a little lower, and the mouth opening up
+    to 1.3x wider, so the mouth covers more of the 8x8-pixel VAE cells and the DiT's 16x16
+    tokens (at 128 px a v1 mouth is about 2 tokens wide and opens by less than one)."""
+    if version == 1:
+        return params
+    if version != 2:
+        raise InputError(f"unknown data version {version}; choose one of {', '.join(map(str, DATA_VERSIONS))}")
+    return dataclasses.replace(params, face_w=params.face_w * 1.3, cy=params.cy + 0.06,
+                               max_open=params.max_open * 1.3)
+
+
 def make_clip(seed: int, seconds: float = 6.0, size: int = 128, speech: str = "auto",
               babble_frac: float = 0.15, listen_frac: float | None = None,
-              face: FaceParams | None = None) -> Clip:
+              face: FaceParams | None = None, version: int = 1) -> Clip:
     """One clip: a random identity speaking in turns with listening pauses.
 
     speech: 'espeak' (raises InputError when espeak-ng is missing), 'babble' (numpy
     synthesiser), or 'auto' (espeak-ng when installed, with `babble_frac` of the clips
-    babble for variety; babble only when it is missing). T = 1 + 4k frames."""
+    babble for variety; babble only when it is missing). T = 1 + 4k frames.
+    version: 1, the original data; 2, a close-up face (`framed`) whose head motion and brows
+    do not follow the speech, so that loudness explains the mouth and nothing else (in v1,
+    head motion was 2.2x larger while speaking and nods and brows followed loudness: a model
+    could lower its loss by moving the head instead of opening the mouth)."""
     rng = np.random.default_rng([int(seed), 15485863])
     T = clip_frames_for(seconds)
     N = T * SAMPLES_PER_FRAME
@@ -990,7 +1010,7 @@ def make_clip(seed: int, seconds: float = 6.0, size: int = 128, speech: str = "a
             _require_espeak()
     else:
         raise InputError(f"speech must be 'auto', 'espeak' or 'babble', got {speech!r}")
-    params = face if face is not None else FaceParams.sample(seed)
+    params = framed(face if face is not None else FaceParams.sample(seed), version)
 
     # --- speech turns and listening
     voice = str(rng.choice(ESPEAK_VOICES))
@@ -1054,19 +1074,23 @@ def make_clip(seed: int, seconds: float = 6.0, size: int = 128, speech: str = "a
         blink[t: t + dur] = np.maximum(blink[t: t + dur], prof[: max(0, min(dur, T - t))])
         t += dur + int(rng.uniform(2.0, 5.0) * FPS)
 
-    # --- head motion: slow smooth noise, larger while speaking, small nods on emphasis
+    # --- head motion: slow smooth noise; v1: larger while speaking, small nods on emphasis
     spk = speaking.astype(np.float32)
     k = np.ones(13) / 13
     spk_s = np.convolve(spk, k, mode="same")
-    amp = 1.0 + 1.2 * spk_s
+    amp = 1.0 + 1.2 * spk_s if version == 1 else np.full(T, 1.6, np.float32)  # v2: the same either way
     head_amp = float(rng.uniform(0.5, 1.5))
     dx = 0.010 * head_amp * _smooth_noise(rng, T, 15) * amp
     dy = 0.007 * head_amp * _smooth_noise(rng, T, 12) * amp
     tilt = 2.0 * head_amp * _smooth_noise(rng, T, 20) * amp
     emph = np.convolve(mouth_open, np.ones(7) / 7, mode="same")
-    dy = dy + 0.008 * emph
-    brow = np.clip(0.6 * np.convolve(mouth_open, np.ones(9) / 9, mode="same") ** 2 * rng.uniform(0, 1.5)
-                   + 0.25 * np.clip(_smooth_noise(rng, T, 25), 0, None) * rng.uniform(0, 1), 0, 1)
+    brow_speech = 0.6 * np.convolve(mouth_open, np.ones(9) / 9, mode="same") ** 2 * rng.uniform(0, 1.5)
+    brow_idle = 0.25 * np.clip(_smooth_noise(rng, T, 25), 0, None) * rng.uniform(0, 1)
+    if version == 1:
+        dy = dy + 0.008 * emph
+        brow = np.clip(brow_speech + brow_idle, 0, 1)
+    else:
+        brow = np.clip(brow_idle, 0, 1)
     # gaze: fixations with saccades
     gx = np.zeros(T, np.float32)
     gy = np.zeros(T, np.float32)
@@ -1092,7 +1116,7 @@ def make_clip(seed: int, seconds: float = 6.0, size: int = 128, speech: str = "a
         rate=rate if source == "espeak" else None, pitch=pitch if source == "espeak" else None,
         f0=f0 if source == "babble" else None, texts=texts,
         listen_frac_target=float(listen_frac), listen_frac=float(1 - speaking.mean()),
-        face=params.to_dict(),
+        face=params.to_dict(), data_version=int(version),
     )
     return Clip(frames=frames, audio=audio, mouth_open=mouth_open, mouth_round=mouth_round,
                 speaking=speaking, params=meta)
@@ -1114,14 +1138,14 @@ def _atomic_npz(path: Path, **arrays) -> None:
 
 
 def _write_clip(args) -> dict:
-    i, out_dir, seed, size, seconds, speech, write_video = args
+    i, out_dir, seed, size, seconds, speech, write_video, version = args
     out_dir = Path(out_dir)
     name = f"clip_{i:05d}"
     npz, mp4 = out_dir / f"{name}.npz", out_dir / f"{name}.mp4"
     cs = _clip_seed(seed, i)
     rng = np.random.default_rng(cs)
     sec = float(rng.uniform(*seconds)) if isinstance(seconds, (tuple, list)) else float(seconds)
-    clip = make_clip(cs, sec, size=size, speech=speech)
+    clip = make_clip(cs, sec, size=size, speech=speech, version=version)
     meta = dict(clip.params, name=name, index=i)
     if write_video:
         from ..media import write_mp4
@@ -1144,11 +1168,13 @@ def _read_meta(npz: Path) -> dict | None:
 
 def synth_dataset(n: int, out_dir: str | Path, seed: int = 0, size: int = 128,
                   seconds: float | tuple[float, float] = (4.0, 8.0), workers: int = 1,
-                  speech: str = "auto", video: bool = True, progress: bool = True) -> Path:
+                  speech: str = "auto", video: bool = True, progress: bool = True, version: int = 1) -> Path:
     """Write `n` clips to `out_dir`: clip_XXXXX.npz (frames, audio, mouth_open,
     mouth_round, speaking, meta), clip_XXXXX.mp4 (H.264 + AAC, when `video`) and
     index.json. Clips already complete are skipped, so an interrupted run resumes.
-    Returns the path of index.json."""
+    `version`: the data version (`make_clip`). Returns the path of index.json."""
+    if version not in DATA_VERSIONS:
+        raise InputError(f"unknown data version {version}; choose one of {', '.join(map(str, DATA_VERSIONS))}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if speech == "espeak":
@@ -1160,11 +1186,12 @@ def synth_dataset(n: int, out_dir: str | Path, seed: int = 0, size: int = 128,
         npz = out / f"{name}.npz"
         if npz.exists() and (not video or (out / f"{name}.mp4").exists()):
             m = _read_meta(npz)
-            if m is not None and m.get("size") == size and m.get("seed") == _clip_seed(seed, i):
+            if (m is not None and m.get("size") == size and m.get("seed") == _clip_seed(seed, i)
+                    and m.get("data_version", 1) == version):
                 metas[i] = m
                 continue
         todo.append((i, str(out), seed, size, tuple(seconds) if isinstance(seconds, (tuple, list)) else seconds,
-                     speech, video))
+                     speech, video, version))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n, initial=n - len(todo), desc="synth clips", unit="clip", disable=not progress)
@@ -1190,7 +1217,7 @@ def synth_dataset(n: int, out_dir: str | Path, seed: int = 0, size: int = 128,
             voice=m.get("voice"), style=m["face"]["style"], human=m["face"]["human"],
             listen_frac=m["listen_frac"], seed=m["seed"], texts=m.get("texts", []),
         ))
-    index = dict(version=1, generator="talkingmachines.train.synth", n=len(clips), size=size, fps=FPS,
+    index = dict(version=1, data_version=version, generator="talkingmachines.train.synth", n=len(clips), size=size, fps=FPS,
                  sample_rate=SAMPLE_RATE, samples_per_frame=SAMPLES_PER_FRAME, seed=seed, clips=clips)
     idx = out / "index.json"
     from ..fileio import atomic_write_text
@@ -1268,13 +1295,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--speech", choices=["auto", "espeak", "babble"], default="auto")
     ap.add_argument("--no-video", action="store_true", help="skip the mp4 files (npz only)")
+    ap.add_argument("--data-version", type=int, default=1, choices=DATA_VERSIONS)
     ap.add_argument("--preview", metavar="PNG", help="only write a contact sheet of random faces")
     a = ap.parse_args(argv)
     if a.preview:
         print(preview(a.preview, n=16, seed=a.seed, size=a.size))
         return
     print(synth_dataset(a.n, a.out, seed=a.seed, size=a.size, seconds=(a.min_seconds, a.max_seconds),
-                        workers=a.workers, speech=a.speech, video=not a.no_video))
+                        workers=a.workers, speech=a.speech, video=not a.no_video, version=a.data_version))
 
 
 if __name__ == "__main__":
