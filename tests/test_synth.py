@@ -171,3 +171,23 @@ def test_preview(tmp_path):
 
     p = synth.preview(tmp_path / "sheet.png", n=6, seed=0, size=64, cols=3)
     assert Image.open(p).size == (192, 128)
+
+
+def test_data_version_2_head_ignores_speech_and_face_is_closer():
+    """v2: head motion and brows are the same whatever is said (v1's follow the mouth), the face
+    is 1.3x larger with a 1.3x wider maximum opening, and the clip records its version."""
+    from talkingmachines.train.synth import FaceParams, framed, head_motion, make_clip
+
+    T = 120
+    quiet, loud = np.zeros(T, bool), np.ones(T, bool)
+    still, open_ = np.zeros(T, np.float32), np.full(T, 0.8, np.float32)
+    for version, same in ((1, False), (2, True)):
+        a = head_motion(np.random.default_rng(0), quiet, still, version)
+        b = head_motion(np.random.default_rng(0), loud, open_, version)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)) == same, version
+    p = FaceParams.sample(3)
+    q = framed(p, 2)
+    assert q.face_w == pytest.approx(1.3 * p.face_w) and q.max_open == pytest.approx(1.3 * p.max_open)
+    assert framed(p, 1) is p
+    c = make_clip(3, seconds=1.0, speech="babble", version=2)
+    assert c.params["data_version"] == 2 and c.params["face"]["face_w"] == pytest.approx(q.face_w)

@@ -974,6 +974,26 @@ def _utterance(rng: np.random.Generator, source: str, voice: str, rate: int, pit
 DATA_VERSIONS = (1, 2)
 
 
+def head_motion(rng: np.random.Generator, speaking: np.ndarray, mouth_open: np.ndarray, version: int = 1):
+    """Per-frame head offsets dx, dy (image fractions), tilt (degrees) and brow raise: slow
+    smooth noise. v1: larger while speaking, with nods and brow raises that follow the mouth.
+    v2: the same whatever is said (the amplitude of v1's average), so that loudness drives the
+    mouth and nothing else."""
+    T = len(speaking)
+    spk_s = np.convolve(speaking.astype(np.float32), np.ones(13) / 13, mode="same")
+    amp = 1.0 + 1.2 * spk_s if version == 1 else np.full(T, 1.6, np.float32)
+    head_amp = float(rng.uniform(0.5, 1.5))
+    dx = 0.010 * head_amp * _smooth_noise(rng, T, 15) * amp
+    dy = 0.007 * head_amp * _smooth_noise(rng, T, 12) * amp
+    tilt = 2.0 * head_amp * _smooth_noise(rng, T, 20) * amp
+    emph = np.convolve(mouth_open, np.ones(7) / 7, mode="same")
+    brow_speech = 0.6 * np.convolve(mouth_open, np.ones(9) / 9, mode="same") ** 2 * rng.uniform(0, 1.5)
+    brow_idle = 0.25 * np.clip(_smooth_noise(rng, T, 25), 0, None) * rng.uniform(0, 1)
+    if version == 1:
+        return dx, dy + 0.008 * emph, tilt, np.clip(brow_speech + brow_idle, 0, 1)
+    return dx, dy, tilt, np.clip(brow_idle, 0, 1)
+
+
 def framed(params: FaceParams, version: int) -> FaceParams:
     """The identity as data `version` frames it. 1: as drawn by `FaceParams.sample`. 2: a
     FaceTime close-up: the face 1.3x larger, centred a little lower, and the mouth opening up
@@ -1074,23 +1094,7 @@ def make_clip(seed: int, seconds: float = 6.0, size: int = 128, speech: str = "a
         blink[t: t + dur] = np.maximum(blink[t: t + dur], prof[: max(0, min(dur, T - t))])
         t += dur + int(rng.uniform(2.0, 5.0) * FPS)
 
-    # --- head motion: slow smooth noise; v1: larger while speaking, small nods on emphasis
-    spk = speaking.astype(np.float32)
-    k = np.ones(13) / 13
-    spk_s = np.convolve(spk, k, mode="same")
-    amp = 1.0 + 1.2 * spk_s if version == 1 else np.full(T, 1.6, np.float32)  # v2: the same either way
-    head_amp = float(rng.uniform(0.5, 1.5))
-    dx = 0.010 * head_amp * _smooth_noise(rng, T, 15) * amp
-    dy = 0.007 * head_amp * _smooth_noise(rng, T, 12) * amp
-    tilt = 2.0 * head_amp * _smooth_noise(rng, T, 20) * amp
-    emph = np.convolve(mouth_open, np.ones(7) / 7, mode="same")
-    brow_speech = 0.6 * np.convolve(mouth_open, np.ones(9) / 9, mode="same") ** 2 * rng.uniform(0, 1.5)
-    brow_idle = 0.25 * np.clip(_smooth_noise(rng, T, 25), 0, None) * rng.uniform(0, 1)
-    if version == 1:
-        dy = dy + 0.008 * emph
-        brow = np.clip(brow_speech + brow_idle, 0, 1)
-    else:
-        brow = np.clip(brow_idle, 0, 1)
+    dx, dy, tilt, brow = head_motion(rng, speaking, mouth_open, version)
     # gaze: fixations with saccades
     gx = np.zeros(T, np.float32)
     gy = np.zeros(T, np.float32)
