@@ -119,7 +119,7 @@ def test_missing_espeak_message(monkeypatch):
 
 def test_dataset_resumable_and_loader(tmp_path):
     av = pytest.importorskip("av")
-    from talkingmachines.train.data import ClipDataset, held_out_split
+    from talkingmachines.dataset import ClipDataset, held_out_split
 
     out = tmp_path / "ds"
     idx = synth_dataset(3, out, seed=0, size=64, seconds=(1.2, 1.8), speech=SPEECH, progress=False)

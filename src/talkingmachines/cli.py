@@ -179,7 +179,7 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     from .eval.bench import run_bench
 
-    return run_bench(args)
+    return run_bench(args, _load)
 
 
 def build_parser() -> argparse.ArgumentParser:

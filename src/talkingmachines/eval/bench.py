@@ -119,8 +119,8 @@ def _emit(res: dict, section: str, part: dict, as_json: bool) -> None:
             print(f"{key:<18} {v}", flush=True)
 
 
-def run_bench(args) -> int:
-    from ..cli import _load
+def run_bench(args, load_avatar) -> int:
+    """The bench for the CLI's ``args``; ``load_avatar(args)`` loads the model (timed as ``load_s``)."""
     from ..errors import InputError
 
     if args.chunks < 4:
@@ -128,7 +128,7 @@ def run_bench(args) -> int:
     torch.manual_seed(args.seed)
     res: dict = {}
     t0 = time.perf_counter()
-    avatar = _load(args)
+    avatar = load_avatar(args)
     _sync(avatar.device)
     emit = functools.partial(_emit, res, as_json=args.json)
     emit("load", {"preset": avatar.preset.name, "device": str(avatar.device), "dtype": str(avatar.dtype)[6:],

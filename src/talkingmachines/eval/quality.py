@@ -519,7 +519,7 @@ def _eval_clips(clips, n: int | None = None):
     import json as _json
 
     try:
-        from ..train.data import ClipDataset
+        from ..dataset import ClipDataset
     except Exception:  # pragma: no cover
         ClipDataset = ()  # type: ignore[assignment]
     if isinstance(clips, ClipDataset):
@@ -651,7 +651,7 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
     """Student (and teacher) vs ground truth on held-out clips, and drift over a long stream.
 
     avatar: `stream.generator.load_avatar(...)` (the streaming student). clips: a held-out
-    `ClipDataset` view (`train.data.held_out_split`), `synth.Clip`s or dicts {frames, audio,
+    `ClipDataset` view (`dataset.held_out_split`), `synth.Clip`s or dicts {frames, audio,
     mouth_open, speaking, face}; the first `n`. For each clip the student generates the video
     of the clip's audio from the clip's first listening frame (frame 0 if it never listens)
     as the portrait; `teacher(portrait, audio) -> frames` does the same for the teacher.

@@ -172,7 +172,7 @@ def cmd_eval_model(args) -> int:
     import torch
 
     from ..stream.generator import load_avatar
-    from ..train.data import ClipDataset, held_out_split
+    from ..dataset import ClipDataset, held_out_split
     from . import face_judge
     from . import quality as q
 

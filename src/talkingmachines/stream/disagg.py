@@ -17,9 +17,8 @@ score-network / VAE disaggregation):
   `irecv` of chunk i+1 before it decodes chunk i. Each process sets its own thread count.
 
 Both produce exactly the frames of the sequential path (same seed): the DiT stage *is*
-`StreamingGenerator.next_chunk` with its decoder swapped for a `LatentTap` that hands the
-latents on instead of decoding them, and the decode stage is the same streaming decoder,
-primed with the same portrait latent. No generator code is duplicated.
+`StreamingGenerator.next_latents`, the first half of `next_chunk`, and the decode stage is the
+same streaming decoder, primed with the same portrait latent. No generator code is duplicated.
 
 Barge-in: the DiT stage runs up to `depth` chunks ahead of what has been shown, so a
 `clear_audio()` takes effect `depth` chunks later than in the sequential engine
@@ -48,71 +47,25 @@ _STOP = object()
 
 
 # ----------------------------------------------------------------------------- the DiT stage
-class LatentTap:
-    """Stands in for the stream's decoder: `decode(x)` records the chunk's latents, decodes nothing.
-
-    On CUDA it also records an event on the current (DiT) stream, so the consumer can order
-    its copy/decode after the DiT's kernels without a host synchronisation."""
-
-    def __init__(self):
-        self.latents: torch.Tensor | None = None
-        self.event = None
-
-    def decode(self, x: torch.Tensor):
-        self.latents = x
-        if x.is_cuda:
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(x.device))
-        return None
-
-
-class _LockedAudio:
-    """The stream's `AudioBuffer` behind a lock: the consumer pushes audio while the DiT thread
-    reads and trims it (without the lock a push racing a trim could lose or duplicate samples)."""
-
-    def __init__(self, buf):
-        object.__setattr__(self, "_buf", buf)
-        object.__setattr__(self, "_lock", threading.RLock())
-
-    def __getattr__(self, name):
-        with self._lock:  # properties (`end`) read two fields: evaluate them under the lock too
-            attr = getattr(self._buf, name)
-        if callable(attr):
-            def locked(*a, **k):
-                with self._lock:
-                    return attr(*a, **k)
-            return locked
-        return attr
-
-    def __setattr__(self, name, value):
-        with self._lock:
-            setattr(self._buf, name, value)
-
-
-class DiTStage:
-    """Runs a `StreamingGenerator` without its decode: `next_latents()` -> `LatentChunk`.
-
-    Takes over `stream.decoder` (returned by `detach_decoder()`, already primed with the
-    portrait latent) so that another stage can own it."""
+class LatentStage:
+    """The DiT half of a `StreamingGenerator` (`next_latents`) as a pipeline stage: adds the
+    stage's wall time and, on CUDA, an event recorded on the current (DiT) stream after the
+    chunk's kernels, so the consumer orders its copy/decode without a host synchronisation.
+    The stream's own decoder (primed with the portrait latent) is the decode stage's to use."""
 
     def __init__(self, stream):
         self.stream = stream
-        self.tap = LatentTap()
-        self._decoder = stream.decoder
-        stream.decoder = self.tap
-
-    def detach_decoder(self):
-        return self._decoder
 
     def next_latents(self, wait: bool = False) -> LatentChunk | None:
         t0 = time.perf_counter()
-        c = self.stream.next_chunk(wait=wait)
-        if c is None:
+        lc = self.stream.next_latents(wait=wait)
+        if lc is None:
             return None
-        timings = dict(c.timings)
-        timings.pop("vae_ms", None)
-        timings["dit_stage_ms"] = 1e3 * (time.perf_counter() - t0)
-        return LatentChunk(c.index, self.tap.latents, c.audio, c.speaking, timings, self.tap.event)
+        if lc.latents.is_cuda:
+            lc.event = torch.cuda.Event()
+            lc.event.record(torch.cuda.current_stream(lc.latents.device))
+        lc.timings["dit_stage_ms"] = 1e3 * (time.perf_counter() - t0)
+        return lc
 
 
 def sequential_chunks(stream, n: int) -> list[Chunk]:
@@ -212,8 +165,7 @@ class PipelinedStream:
                  wait: bool = False):
         self.stream = stream
         self.avatar = stream.avatar
-        self.dit = DiTStage(stream)
-        stream.audio = _LockedAudio(stream.audio)
+        self.dit = LatentStage(stream)
         self.dit_device = torch.device(self.avatar.device)
         self.decode_device = torch.device(decode_device) if decode_device is not None else self.dit_device
         self.decode_stream = torch.cuda.Stream(self.decode_device) if self.decode_device.type == "cuda" else None
@@ -225,7 +177,7 @@ class PipelinedStream:
             with torch.cuda.stream(self.decode_stream):
                 self.decoder = decoder_on(self.avatar, stream.ref, self.decode_device)
         elif self.decode_device == self.dit_device:
-            self.decoder = self.dit.detach_decoder()
+            self.decoder = stream.decoder
         else:
             self.decoder = decoder_on(self.avatar, stream.ref, self.decode_device)
         self.transfer = LatentTransfer(self.dit_device, self.decode_device)
@@ -400,7 +352,7 @@ def disagg_worker(rank: int, n_chunks: int, audio: np.ndarray | None, *, model=N
                 for p_ in _vae_module(avatar.vae).state_dict().values():
                     dist.broadcast(p_.contiguous(), src=0)
             stream = avatar.new_stream(portrait, seed=seed, steps=steps)
-            stage = DiTStage(stream)
+            stage = LatentStage(stream)
             if audio is not None:
                 stream.push_audio(audio)
                 stream.end_audio()

@@ -14,6 +14,7 @@ A chunk can start once its audio and `lookahead_samples` beyond it have arrived.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,12 @@ def fit_image(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 class AudioBuffer:
     """Samples with an absolute position: old audio is dropped as chunks consume it, so memory
-    stays flat however long the call lasts."""
+    stays flat however long the call lasts. Thread-safe: a consumer may push audio while the
+    DiT thread of a pipelined stream (`stream.disagg`) reads and trims it; without the lock a
+    push racing a trim could lose or duplicate samples."""
 
     def __init__(self, keep_before: int):
+        self._lock = threading.RLock()
         self.data = np.zeros(0, np.float32)
         self.start = 0  # absolute sample index of data[0]
         self.keep_before = keep_before  # samples of history kept before the read position
@@ -56,37 +60,44 @@ class AudioBuffer:
 
     @property
     def end(self) -> int:
-        return self.start + len(self.data)
+        with self._lock:
+            return self.start + len(self.data)
 
     def push(self, samples: np.ndarray) -> None:
-        self.data = np.concatenate([self.data, np.asarray(samples, np.float32).reshape(-1)])
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        with self._lock:
+            self.data = np.concatenate([self.data, samples])
 
     def read(self, a: int, b: int) -> np.ndarray:
         """Samples [a, b) in absolute positions; zeros where there is no audio (yet, or any more)."""
         out = np.zeros(b - a, np.float32)
-        lo, hi = max(a, self.start), min(b, self.end)
-        if hi > lo:
-            out[lo - a: hi - a] = self.data[lo - self.start: hi - self.start]
+        with self._lock:
+            lo, hi = max(a, self.start), min(b, self.end)
+            if hi > lo:
+                out[lo - a: hi - a] = self.data[lo - self.start: hi - self.start]
         return out
 
     def drop_before(self, pos: int) -> None:
-        cut = pos - self.keep_before - self.start
-        if cut > 0:
-            self.data = self.data[cut:]
-            self.start += cut
+        with self._lock:
+            cut = pos - self.keep_before - self.start
+            if cut > 0:
+                self.data = self.data[cut:]
+                self.start += cut
 
     def skip_to(self, pos: int) -> None:
         """The consumer went past the end of the audio (it padded with silence): audio that
         arrives from now on belongs at `pos`, not where the old audio ended."""
-        if self.end < pos:
-            self.data = np.zeros(0, np.float32)
-            self.start = pos
+        with self._lock:
+            if self.end < pos:
+                self.data = np.zeros(0, np.float32)
+                self.start = pos
 
     def clear_after(self, pos: int) -> int:
         """Barge-in: forget everything from absolute sample `pos` on."""
-        n = max(0, self.end - pos)
-        self.data = self.data[: max(0, pos - self.start)]
-        return n
+        with self._lock:
+            n = max(0, self.end - pos)
+            self.data = self.data[: max(0, pos - self.start)]
+            return n
 
 
 @dataclass

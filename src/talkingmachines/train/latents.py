@@ -133,7 +133,7 @@ def build_latent_cache(data_dir: str | Path, vae, frontend, cache_dir: str | Pat
 
     Resumable (a clip file written is kept) and rebuilt when ``vae_id`` changes. Under
     torch.distributed each rank encodes its share; rank 0 writes the index after ``barrier``."""
-    from .data import ClipDataset
+    from ..dataset import ClipDataset
 
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)

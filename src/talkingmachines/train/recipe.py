@@ -133,7 +133,7 @@ def calibrate(r: dict, out: Path) -> dict:
 
     res["vae"] = _time(vae_step)
     try:  # the VAE trainer reads whole clips from the npz files: count that too
-        from .data import ClipDataset
+        from ..dataset import ClipDataset
 
         ds = ClipDataset(r["data"], clip_frames=vr["clip_frames"], seed=r["seed"])
         res["vae"] += _time(lambda: [ds[i % len(ds)] for i in range(vr["batch_size"])], reps=1)
@@ -205,7 +205,7 @@ def run_synth(r: dict) -> None:
 
 
 def run_vae(r: dict, out: Path, steps: int) -> None:
-    from .data import ClipDataset, held_out_split
+    from ..dataset import ClipDataset, held_out_split
     from .vae_train import train_tiny_vae
 
     vdir = out / "vae"

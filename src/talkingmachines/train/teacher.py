@@ -170,7 +170,7 @@ class DiTStage(Trainer):
     def load_latent_clips(self, cfg: TrainConfig, p) -> LatentClips:
         from ..model import audio as audio_fe
         from ..model.vae import load_vae
-        from .data import ClipDataset, held_out_split
+        from ..dataset import ClipDataset, held_out_split
         from .latents import _file_id
 
         if not cfg.vae:

@@ -1,4 +1,5 @@
-"""Training data: clips written by `talkingmachines.train.synth.synth_dataset`.
+"""The clip data set (`talkingmachines.train.synth.synth_dataset` writes it): training reads its
+crops, evaluation its held-out clips.
 
 `ClipDataset(dir)` reads `index.json` and the `clip_XXXXX.npz` files. Item i is a dict of
 numpy arrays (a torch DataLoader's default collate turns them into tensors):
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import SAMPLES_PER_FRAME, VAE_TEMPORAL
-from ..errors import InputError
+from .config import SAMPLES_PER_FRAME, VAE_TEMPORAL
+from .errors import InputError
 
 
 class ClipDataset:
