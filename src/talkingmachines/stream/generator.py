@@ -27,6 +27,7 @@ from .. import pipeline
 from ..diffusion import flow
 from ..model import audio as audio_fe
 from ..model.dit import AudioDiT
+from ..model.vae import VideoVAE
 from .types import Chunk, LatentChunk
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ class Avatar:
 
     preset: Preset
     dit: AudioDiT
-    vae: object
-    frontend: object
+    vae: VideoVAE
+    frontend: audio_fe.AudioFrontEnd
     device: torch.device
     dtype: torch.dtype
     text: torch.Tensor  # [1, Lt, text_dim] prompt embedding (constant per model)
