@@ -119,34 +119,43 @@ def _generate(args, out: Path) -> int:
     from tqdm import tqdm
 
     from .config import SAMPLES_PER_FRAME
-    from .media import Mp4Writer, load_audio, load_image
+    from .media import Mp4Writer, audio_duration, iter_audio, load_image
     from .model.audio import is_silence
 
     check_output_path(out)
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be at least 1 (got {args.steps})")
-    # validate every input before the (slow) model load
-    audio = load_audio(args.audio)
-    if is_silence(audio):
+    # validate every input before the (slow) model load; the audio is read twice, piece by
+    # piece (here only up to its first sound), so memory stays flat at any length
+    if all(is_silence(a) for a in iter_audio(args.audio)):
         raise InputError(f"{args.audio}: the audio is silent; nothing to lip-sync")
     p = _preset(args)
     portrait = load_image(args.image or ASSETS / "portrait.png", (p.height, p.width))
     avatar = _load(args)
-    n_frames = math.ceil(len(audio) / SAMPLES_PER_FRAME)
     stream = avatar.new_stream(portrait, seed=args.seed, steps=args.steps)
-    stream.push_audio(audio)
-    stream.end_audio()
-    n_chunks = math.ceil(n_frames / stream.chunk_video_frames)
+    dur = audio_duration(args.audio)
+    est = math.ceil(dur * 25 / stream.chunk_video_frames) if dur else None
+    seen = 0  # samples decoded so far (the final count once the audio has ended)
+
+    def pieces():
+        nonlocal seen
+        for a in iter_audio(args.audio):
+            seen += a.shape[0]
+            yield a
+
     written = 0
-    with Mp4Writer(out, p.width, p.height) as w, tqdm(total=n_chunks, desc="generating", unit="chunk") as bar:
-        for _ in range(n_chunks):
-            c = stream.next_chunk()
-            k = min(len(c.frames), n_frames - written)
-            a0, a1 = written * SAMPLES_PER_FRAME, min(len(audio), (written + k) * SAMPLES_PER_FRAME)
-            w.write(c.frames[:k], audio[a0:a1])
+    # as the server does for an endless call: the stream pulls audio as it needs it and drops
+    # what it has used, so hours of input cost no more memory than seconds
+    with Mp4Writer(out, p.width, p.height) as w, tqdm(total=est, desc="generating", unit="chunk") as bar:
+        for c in stream.stream(pieces()):
+            k = min(len(c.frames), math.ceil(seen / SAMPLES_PER_FRAME) - written)
+            if k <= 0:
+                break
+            n = max(0, min(k * SAMPLES_PER_FRAME, seen - written * SAMPLES_PER_FRAME))
+            w.write(c.frames[:k], c.audio[:n])
             written += k
             bar.update(1)
-    print(f"wrote {out} ({written} frames, {len(audio) / 16000:.2f} s, {p.width}x{p.height} @ 25 fps)")
+    print(f"wrote {out} ({written} frames, {seen / 16000:.2f} s, {p.width}x{p.height} @ 25 fps)")
     return 0
 
 

@@ -3,7 +3,8 @@
 Everything user-facing raises `talkingmachines.errors.InputError` with a one-line message
 that names the file and what is wrong; PyAV / PIL exceptions never escape as tracebacks.
 
-* `load_audio(path)` -> float32 mono 16 kHz in [-1, 1] (WAV, MP3, FLAC, OGG, M4A, ... via PyAV).
+* `load_audio(path)` -> float32 mono 16 kHz in [-1, 1] (WAV, MP3, FLAC, OGG, M4A, ... via PyAV);
+  `iter_audio(path)` gives the same samples piece by piece (flat memory at any length).
 * `load_image(path, size=(height, width))` -> uint8 [H, W, 3] RGB, centre-cropped + LANCZOS.
 * `write_mp4(path, frames, audio)` / `Mp4Writer(...)`: atomic H.264 (libx264, yuv420p) + AAC
   MP4 writer (temp file in the same directory, `os.replace` on success, removed on error).
@@ -20,7 +21,7 @@ import tempfile
 import warnings
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -28,6 +29,8 @@ from talkingmachines.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from talkingmachines.errors import InputError
 from talkingmachines.fileio import ordinary_permissions
 
+# `load_audio` holds the whole clip in memory (2 h: 460 MB of float32), so it keeps a cap;
+# `iter_audio` (what `generate` uses) decodes piece by piece and has none.
 MAX_AUDIO_SECONDS = 2 * 60 * 60  # 2 h
 MIN_IMAGE_SIDE = 64
 MAX_IMAGE_SIDE = 12_000
@@ -35,6 +38,7 @@ MAX_IMAGE_PIXELS = 100_000_000  # 100 MP
 
 __all__ = [
     "load_audio",
+    "iter_audio",
     "load_image",
     "write_mp4",
     "Mp4Writer",
@@ -86,13 +90,17 @@ class _AudioDecoder:
 
     Channels are averaged. The end is trimmed to the last packet's pts + duration, which
     drops the zero padding of a final AAC frame (FFmpeg's decoders return it in full).
+    Decoded samples wait in ``out`` until taken (`take`), so a caller can stream them.
     """
+
+    TAIL = SAMPLE_RATE // 10  # kept back until the end: the most `finish` may trim
 
     def __init__(self, stream, p: Path, max_seconds: float | None):
         av = _av()
         self.stream, self.p = stream, p
         self.resampler = av.AudioResampler(format="fltp", layout=None, rate=SAMPLE_RATE)
         self.out: list[np.ndarray] = []
+        self.pending = 0  # samples in `out`
         self.total = 0
         self.max_seconds = max_seconds
         self.limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
@@ -106,6 +114,7 @@ class _AudioDecoder:
             a = a.reshape(1, -1) if a.ndim == 1 else a
             m = a.mean(axis=0, dtype=np.float64).astype(np.float32) if a.shape[0] > 1 else a[0].astype(np.float32)
             self.out.append(m)
+            self.pending += m.shape[0]
             self.total += m.shape[0]
             if self.limit is not None and self.total > self.limit:
                 raise InputError(
@@ -136,7 +145,18 @@ class _AudioDecoder:
         except Exception as e:
             self.error = _short(e)
 
+    def take(self, n: int) -> np.ndarray | None:
+        """The next ``n`` samples once more than ``n`` + TAIL are decoded (else None)."""
+        if self.pending < n + self.TAIL:
+            return None
+        a = np.concatenate(self.out)
+        head, rest = a[:n], a[n:]
+        self.out, self.pending = [rest], rest.shape[0]
+        np.clip(head, -1.0, 1.0, out=head)
+        return head
+
     def finish(self) -> np.ndarray:
+        """Flush the decoder: the samples not yet taken, trimmed of encoder padding."""
         if self.error is None:
             try:
                 self._take(self.resampler.resample(None))
@@ -152,26 +172,83 @@ class _AudioDecoder:
                 f"{self.total / SAMPLE_RATE:.2f} s"
             )
         audio = np.concatenate(self.out) if self.out else np.zeros(0, np.float32)
+        self.out, self.pending = [], 0
         tb = self.stream.time_base
         if self.end is not None and self.start is not None and tb:
             want = int(round(float((self.end - self.start) * tb) * SAMPLE_RATE))
             # trim encoder padding only (never pad, never cut more than one codec frame)
-            if 0 < want < audio.shape[0] and audio.shape[0] - want <= 0.1 * SAMPLE_RATE:
-                audio = audio[:want]
+            cut = self.total - want
+            if 0 < want and 0 < cut <= min(self.TAIL, audio.shape[0]):
+                audio = audio[: audio.shape[0] - cut]
         np.clip(audio, -1.0, 1.0, out=audio)
         return audio
 
 
-def _decode_audio_stream(container, stream, p: Path, max_seconds: float | None) -> np.ndarray:
-    dec = _AudioDecoder(stream, p, max_seconds)
+def audio_duration(path) -> float | None:
+    """The duration in seconds that the file's header states (None when it states none)."""
+    p = _check_file(path, "audio")
+    container = _open_input(p, "audio")
     try:
-        for packet in container.demux(stream):
-            dec.feed(packet)
-    except InputError:
-        raise
-    except Exception as e:
-        dec.error = dec.error or _short(e)
-    return dec.finish()
+        if not container.streams.audio:
+            raise InputError(f"audio file {p} has no audio stream")
+        return _header_duration(container, container.streams.audio[0])
+    finally:
+        container.close()
+
+
+def _header_duration(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000
+    return None
+
+
+def iter_audio(path, piece_seconds: float = 10.0, max_seconds: float | None = None) -> Iterator[np.ndarray]:
+    """Decode an audio (or video-with-audio) file piece by piece: float32 mono 16 kHz arrays
+    of ``piece_seconds`` (the last one shorter), so memory stays flat at any length. Same
+    samples and errors as `load_audio` (which joins them), checked as they come: a file that
+    turns out too short, undecodable or non-finite raises `InputError` from the iterator."""
+    p = _check_file(path, "audio")
+    container = _open_input(p, "audio")
+    try:
+        if not container.streams.audio:
+            raise InputError(f"audio file {p} has no audio stream")
+        stream = container.streams.audio[0]
+        # cheap early rejection from the header (the decode-time check is authoritative)
+        dur = _header_duration(container, stream)
+        if max_seconds is not None and dur is not None and dur > max_seconds * 1.01:
+            raise InputError(f"audio file {p} is too long ({dur / 3600:.1f} h, the limit is {max_seconds / 3600:g} h); "
+                             "split it into shorter parts")
+        n = max(1, int(piece_seconds * SAMPLE_RATE))
+        dec = _AudioDecoder(stream, p, max_seconds)
+        total = 0
+
+        def checked(a: np.ndarray) -> np.ndarray:
+            if not np.isfinite(a).all():
+                raise InputError(f"audio file {p} decodes to non-finite samples (NaN/inf)")
+            return a
+
+        try:
+            for packet in container.demux(stream):
+                dec.feed(packet)
+                while (a := dec.take(n)) is not None:
+                    total += a.shape[0]
+                    yield checked(a)
+        except InputError:
+            raise
+        except Exception as e:
+            dec.error = dec.error or _short(e)
+        rest = dec.finish()
+        if total + rest.shape[0] < SAMPLES_PER_FRAME:
+            raise InputError(
+                f"audio file {p} is empty or too short ({(total + rest.shape[0]) / SAMPLE_RATE * 1000:.0f} ms; "
+                f"need at least {1000 // FPS} ms)"
+            )
+        for i in range(0, rest.shape[0], n):
+            yield checked(rest[i: i + n])
+    finally:
+        container.close()
 
 
 def load_audio(path) -> np.ndarray:
@@ -179,33 +256,10 @@ def load_audio(path) -> np.ndarray:
 
     Channels are averaged (not the -3 dB sum FFmpeg's mono downmix gives). Raises
     `InputError` for a missing/unreadable/undecodable file, no audio stream, audio shorter
-    than one video frame (40 ms) or longer than 2 h.
+    than one video frame (40 ms) or longer than 2 h (`iter_audio` streams longer files).
     """
-    p = _check_file(path, "audio")
-    container = _open_input(p, "audio")
-    try:
-        if not container.streams.audio:
-            raise InputError(f"audio file {p} has no audio stream")
-        stream = container.streams.audio[0]
-        # cheap early rejection from the header (decode-time check below is authoritative)
-        dur = None
-        if stream.duration is not None and stream.time_base is not None:
-            dur = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            dur = container.duration / 1_000_000
-        if dur is not None and dur > MAX_AUDIO_SECONDS * 1.01:
-            raise InputError(f"audio file {p} is too long ({dur / 3600:.1f} h, the limit is 2 h); split it into shorter parts")
-        audio = _decode_audio_stream(container, stream, p, MAX_AUDIO_SECONDS)
-    finally:
-        container.close()
-    if audio.shape[0] < SAMPLES_PER_FRAME:
-        raise InputError(
-            f"audio file {p} is empty or too short ({audio.shape[0] / SAMPLE_RATE * 1000:.0f} ms; need at least "
-            f"{1000 // FPS} ms)"
-        )
-    if not np.isfinite(audio).all():
-        raise InputError(f"audio file {p} decodes to non-finite samples (NaN/inf)")
-    return audio
+    pieces = list(iter_audio(path, piece_seconds=60.0, max_seconds=MAX_AUDIO_SECONDS))
+    return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
 
 
 # ----------------------------------------------------------------------------- image in
