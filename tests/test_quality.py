@@ -135,9 +135,17 @@ def test_evaluate_model_smoke_random_weights():
     assert odd.shape == (11, 128, 128, 3) and odd.dtype == np.uint8
     assert r["long_stream"]["drift"]["seconds"] >= 0.5
     assert set(r["targets"]) >= {"lag_within_2", "confidence_ge_0.5", "stillness_ge_2", "drift_psnr_ge_24"}
+    # the face judge scores every column, pooled and per clip, and the long stream
+    assert set(r["face"]) == {"ground_truth", "vae_roundtrip", "student", "teacher"}
+    assert set(row["face"]) == set(r["face"]) and "face_found" in r["long_stream"]["face"]
+    assert {"face_found_ge_0.98", "vae_face_corr_ge_0.75", "teacher_face_corr_ge_0.6"} <= set(r["targets"])
     line = q.to_json(r)
     assert "\n" not in line and "NaN" not in line and "Infinity" not in line
     json.loads(line)
+    # a VAE judged on its own: ground truth and round trip only
+    v = q.evaluate_model(avatar, [clip], student=False, progress=False)
+    assert set(v["summary"]) == {"ground_truth_signal", "ground_truth", "vae_roundtrip"} and "long_stream" not in v
+    assert set(v["face"]) == {"ground_truth", "vae_roundtrip"}
 
 
 def test_fill_card_replaces_only_the_metrics_section(tmp_path):

@@ -647,7 +647,7 @@ def face_judge_available() -> bool:
 
 def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable | None = None,
                    n: int | None = None, seed: int = 0, steps: int | None = None, progress: bool = True,
-                   drift_window: float = 10.0, judge: bool = True) -> dict:
+                   drift_window: float = 10.0, judge: bool = True, student: bool = True) -> dict:
     """Student (and teacher) vs ground truth on held-out clips, and drift over a long stream.
 
     avatar: `stream.generator.load_avatar(...)` (the streaming student). clips: a held-out
@@ -663,7 +663,8 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
     "teacher". long_seconds > 0: one stream of that length over the held-out audio looped
     with silences (portrait: the first clip's) -> drift and its lip-sync / stillness.
     judge (with the optional face judge installed): every system's video and the long stream
-    are also scored by the face-landmark judge (`eval.face_judge`): out["face"][system] pooled,
+    are also scored by the face-landmark judge (student=False: only ground truth, the VAE round
+    trip and the teacher, no long stream) (`eval.face_judge`): out["face"][system] pooled,
     clips[i]["face"][system] per clip, long_stream["face"]."""
     from tqdm.auto import tqdm
 
@@ -672,6 +673,9 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
     if not items:
         raise ValueError("evaluate_model: no clips")
     per = {"ground_truth_signal": [], "ground_truth": [], "vae_roundtrip": [], "student": []}
+    if not student:  # e.g. a new VAE judged before any DiT is trained on it
+        del per["student"]
+        long_seconds = 0
     if teacher is not None:
         per["teacher"] = []
     faces: dict[str, list] = {k: [] for k in per if k != "ground_truth_signal"}
@@ -693,7 +697,7 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
         if frames.shape[1:3] == (P.height, P.width):
             videos["vae_roundtrip"] = vae_roundtrip(avatar, frames)
             row["vae_roundtrip"] = _system_metrics(mouth_signal(videos["vae_roundtrip"], gt_roi), audio)
-        systems = {"student": lambda p, a: generate_video(avatar, p, a, seed=seed, steps=steps)}
+        systems = {"student": lambda p, a: generate_video(avatar, p, a, seed=seed, steps=steps)} if student else {}
         if teacher is not None:
             systems["teacher"] = teacher
         for name, fn in systems.items():

@@ -188,12 +188,18 @@ def cmd_eval_model(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: CUDA is not available on this machine")
     avatar = load_avatar(args.model, args.preset, args.device)
+    if args.vae:
+        from ..model.vae import TinyVAE
+
+        if not (Path(args.vae) / "config.json").is_file():
+            raise InputError(f"--vae {args.vae}: not a TinyVAE folder (no config.json)")
+        avatar.vae = TinyVAE.from_pretrained(args.vae, device=avatar.device)
     if avatar.random_weights:
         print(f"NOTE: no trained weights for preset {avatar.preset.name!r}: evaluating RANDOM weights",
               file=sys.stderr)
     teacher = _load_teacher(args.teacher, avatar)
     r = q.evaluate_model(avatar, held, long_seconds=args.long_seconds, teacher=teacher, n=args.n, seed=args.seed,
-                         progress=not args.json)
+                         progress=not args.json, student=not args.vae)
     r["data"] = {"dir": str(data), "held_out_clips": len(held), "evaluated": min(args.n, len(held))}
     line = q.to_json(r)
     if args.out:
@@ -265,6 +271,8 @@ def register(sub) -> None:
     m.add_argument("--long-seconds", type=float, default=120.0, help="length of the drift stream (0: skip)")
     m.add_argument("--teacher", default=None, metavar="MODULE:FACTORY",
                    help="FACTORY(avatar) -> callable(portrait, audio) -> frames, to add the teacher's figures")
+    m.add_argument("--vae", default=None, metavar="DIR",
+                   help="judge this TinyVAE folder's round trip instead (ground truth and VAE columns only: no student)")
     m.add_argument("--json", action="store_true", help="print one JSON line")
     m.add_argument("--out", default=None, help="also write the full report as JSON here")
     m.add_argument("--card", default=None, help="fill the metrics section of this model card (card.md)")
