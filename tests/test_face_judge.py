@@ -82,6 +82,15 @@ def test_eval_reports_the_judge_first(photo_clip, tmp_path, capsys):
     assert main(["eval", str(path)]) == 0
     out = capsys.readouterr().out
     assert out.index("face judge") < out.index("pixel metrics")
-    assert main(["eval", str(path), "--json"]) == 0
+    grid = tmp_path / "grid.png"
+    assert main(["eval", str(path), "--json", "--grid", str(grid)]) == 0
     j = json.loads(capsys.readouterr().out)
     assert j["face"]["face_found"] == f["face_found"]
+    # the grid: a row of speech and a row of silence, 13 cells of 2x-enlarged frames each
+    from PIL import Image
+
+    g = Image.open(grid)
+    assert g.size == (13 * 256, 2 * (256 + 14))
+    px = np.asarray(g.convert("RGB"))
+    green = (px[..., 0] == 0) & (px[..., 1] == 255) & (px[..., 2] == 0)
+    assert green.sum() > 26 * 40  # the judge's landmarks are drawn on (nearly) every cell

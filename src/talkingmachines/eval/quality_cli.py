@@ -42,6 +42,12 @@ def cmd_eval(args) -> int:
 
     p = Path(args.video)
     r = q.evaluate_video(p, audio=args.audio)
+    if args.grid:
+        from ..media import load_audio, read_video
+        from .frame_grid import save_frame_grid
+
+        frames, track, _ = read_video(p)
+        save_frame_grid(args.grid, frames, load_audio(args.audio) if args.audio else track)
     if not args.keep_signal:
         r.pop("mouth", None)
     if args.json:
@@ -256,6 +262,8 @@ def register(sub) -> None:
     e.add_argument("--audio", default=None, help="use this audio instead of the video's own track")
     e.add_argument("--json", action="store_true", help="print one JSON line")
     e.add_argument("--keep-signal", action="store_true", help="include the per-frame mouth signal in the JSON")
+    e.add_argument("--grid", default=None, metavar="PNG",
+                   help="also write every 2nd frame of 1 s of speech and 1 s of silence, with the judge's landmarks")
     e.set_defaults(fn=cmd_eval)
 
     m = sub.add_parser("eval-model", help="student (and teacher) vs ground truth on held-out synthetic clips, "
