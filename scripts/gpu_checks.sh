@@ -1,39 +1,63 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 4 in one call of the device tool (about 8 minutes on one H200).
+# Every GPU figure in one call of the device tool: about 4.5 minutes on one H200 by estimate
+# (the budget per step is in BENCHMARKS.md), which leaves time to run it again in the window.
 # Here first:  bash scripts/fetch_gpu_wheels.sh
-# Then:        run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=590)
-# Results land in $OUT (gpu.jsonl: one JSON line per bench; *.log: each step's output), which
-# come back to this machine; copy the figures into BENCHMARKS.md with the device and date.
+# Then:        run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=420)
+# Back in $OUT: gpu.jsonl (one JSON line per finished bench section, tagged with its step),
+# logs.tgz (every step's full log, refreshed after each step, so a killed call still has them),
+# summary.txt (the lines this script printed) and the latency plot. Copy the figures into
+# BENCHMARKS.md with the device and date.
+# A dry run on a CPU (what tests/test_gpu_kit.py does, with PyAV and aiortc unimportable):
+#   DEVICE=cpu P13=tiny P18=tiny N13=6 N18=4 COMPILE_BACKEND=eager BASELINE_STEPS=2 bash scripts/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+LOGS=$(mktemp -d)
+# no network there: never let a library try (and wait on) the hub
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+DEVICE=${DEVICE:-cuda} P13=${P13:-wan-1.3b-audio} P18=${P18:-wan-i2v-14b-audio}
+N13=${N13:-40} N18=${N18:-8} COMPILE_BACKEND=${COMPILE_BACKEND:-inductor} BASELINE_STEPS=${BASELINE_STEPS:-50}
+exec > >(tee "$OUT/summary.txt") 2>&1
+
+WHEELS=${WHEELS:-.whl}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
     || { echo "wheel install failed"; exit 1; }
 fi
-# overridable for a dry run on a CPU machine: DEVICE=cpu P13=tiny P18=tiny N=6 bash scripts/gpu_checks.sh
-DEVICE=${DEVICE:-cuda} P13=${P13:-wan-1.3b-audio} P18=${P18:-wan-i2v-14b-audio} N=${N:-100}
+failed=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, keep its log, never stop the script
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  echo "   rc=$rc in $((SECONDS - t0)) s"; tail -n 3 "$OUT/$name.log"
-  grep -h '^{' "$OUT/$name.log" | sed "s/^{/{\"step\": \"$name\", /" >> "$OUT/gpu.jsonl" || true
+  echo "   rc=$rc in $((SECONDS - t0)) s"; grep -v '^{' "$LOGS/$name.log" | tail -n 3
+  [ $rc -eq 0 ] || failed=$((failed + 1))
+  grep -h '^{' "$LOGS/$name.log" | sed "s/^{/{\"step\": \"$name\", /" >> "$OUT/gpu.jsonl" || true
+  tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
 }
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi";
-  python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"; } | tee "$OUT/env.log"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  "$PY" -c "import sys, torch, diffusers, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } > "$LOGS/env.log" 2>&1
+cat "$LOGS/env.log"
 
-# 1. CUDA-only correctness: streaming == masked forward (fp32, bf16), decode on its own stream == sequential
-step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-# 2. the 1.3B-class preset at 512x512, 2 steps, bf16, random weights: rtf, per-chunk, KV-cache speed-up, disagg
-step bench_13b 120 python3 -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N" --skip-baseline --json --plot "$OUT/latency_13b.png"
-# 3. the same with torch.compile of the blocks' chunk step
-step bench_13b_compile 150 python3 -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N" --skip-baseline --compile --json
-# 4. the 18B preset (I2V trunk + audio layers) on this one GPU: per-stage times, and the plan's placement
-step plan_18b 30 python3 -m talkingmachines plan --preset "$P18" --gpus 1 --gpu-mem 139 --dtype bf16
-step bench_18b 120 python3 -m talkingmachines bench --device "$DEVICE" --preset "$P18" --chunks 12 --skip-baseline --json
-echo "== done; figures in $OUT/gpu.jsonl"
+# 1. CUDA-only correctness: streaming == masked (fp32; bf16 tiny and at head size 128), decode stream == sequential
+step cuda_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+# 2. no GPU work: placement and memory of the 18B on this GPU, its predicted fps per GPU kind
+step plan 60 "$PY" -m talkingmachines plan --preset "$P18" --gpus 1 --gpu-mem 139 --speed
+# 3. the 1.3B-class preset at 512x512, 2 steps, bf16, random weights: fps + stage ms, KV-cache
+#    speed-up, one-GPU disaggregation, then the diffusers baseline (last section: the rest is printed by then)
+step bench_13b 150 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" --json \
+  --baseline-steps "$BASELINE_STEPS" --plot "$OUT/latency_13b.png"
+# 4. the 18B preset (I2V trunk + audio layers) on this one GPU
+step bench_18b 150 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P18" --chunks "$N18" --skip-baseline --json
+# 5. the slowest, last: torch.compile of the blocks (once per block shape), then the same bench
+step bench_13b_compile 180 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" \
+  --skip-baseline --json --compile --compile-backend "$COMPILE_BACKEND"
+echo "== done in $SECONDS s, $failed step(s) failed; figures in $OUT/gpu.jsonl, logs in $OUT/logs.tgz"
+rm -rf "$LOGS"
+exit $((failed > 0))

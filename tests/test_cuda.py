@@ -18,9 +18,17 @@ from test_dit import _clip, randomize, tiny_cfg
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _stream_vs_full(m, dtype, n=6, fr=3):
+@pytest.fixture(autouse=True)
+def _keep_tf32_settings():
+    """A test that turns TF32 off must not change what the next one measures."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _stream_vs_full(m, dtype, n=6, fr=3, cfg=None, hw=8, device="cuda"):
     """Max |streaming - full masked forward| (the teacher-forced causal pass), and the scale."""
-    xn, xc, t, au, text = (v.cuda() for v in _clip(n, fr))
+    xn, xc, t, au, text = (v.to(device) for v in _clip(n, fr, hw=hw, cfg=cfg))
     xn, xc, au, text = (v.to(dtype) for v in (xn, xc, au, text))
     with torch.no_grad():
         ctx = m.encode_context(text)
@@ -49,6 +57,19 @@ def test_streaming_matches_masked_forward_bf16_on_cuda():
     m = randomize(AudioDiT(tiny_cfg()), std=0.2).cuda().to(torch.bfloat16).eval()
     err, scale = _stream_vs_full(m, torch.bfloat16)
     assert err < 0.05 * scale + 0.02, (err, scale)
+
+
+def wan13_heads_cfg():
+    """Wan 1.3B's attention geometry (12 heads of 128: the flash/SDPA kernels' real head size),
+    two blocks."""
+    return tiny_cfg(num_attention_heads=12, attention_head_dim=128, ffn_dim=1024, num_layers=2)
+
+
+def test_streaming_matches_masked_forward_bf16_head_size_128_on_cuda():
+    cfg = wan13_heads_cfg()
+    m = randomize(AudioDiT(cfg), std=0.03).cuda().to(torch.bfloat16).eval()
+    err, scale = _stream_vs_full(m, torch.bfloat16, n=3, cfg=cfg, hw=16)
+    assert scale > 0.1 and err < 0.05 * scale + 0.02, (err, scale)
 
 
 def _sequential_and_pipelined(avatar, decode_device=None, n=4):

@@ -79,3 +79,47 @@ def test_compile_makes_one_set_of_graphs_for_all_blocks():
     s.push_audio(speech_like(2.0))
     got = [s.next_chunk().frames for _ in range(3)]
     assert all(np.array_equal(x, y) for x, y in zip(want, got))
+
+
+def test_device_emulation_runs_every_gpu_check(tmp_path):
+    """scripts/gpu_checks.sh as on the lent GPU box, on this CPU: PyAV, aiortc and diffusers
+    unimportable except diffusers from the carried wheel (fetched from PyPI by
+    scripts/fetch_gpu_wheels.sh, installed with --no-index --no-deps), no network for the hub,
+    the tiny preset standing in for the big ones. Every step must succeed, its figures must reach
+    gpu.jsonl, and what comes back ($OUT) must fit the device tool's 8 files."""
+    import tarfile
+
+    repo = SRC.parent
+    wheels = tmp_path / "whl"
+    r = subprocess.run(["bash", str(repo / "scripts" / "fetch_gpu_wheels.sh")], capture_output=True, text=True,
+                       env={**os.environ, "WHEELS": str(wheels), "PYTHON": sys.executable}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [w.name.split("-")[0] for w in wheels.glob("*.whl")] == ["diffusers"]
+    out, site = tmp_path / "out", tmp_path / "site"
+    blocked = blocker(tmp_path / "blocked", "av", "aiortc", "diffusers", "livekit")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(blocked), "PYTHON": sys.executable,
+           "OUT": str(out), "SITE": str(site), "WHEELS": str(wheels), "DEVICE": "cpu", "P13": "tiny", "P18": "tiny",
+           "N13": "4", "N18": "4", "COMPILE_BACKEND": "eager", "BASELINE_STEPS": "2"}
+    r = subprocess.run(["bash", str(repo / "scripts" / "gpu_checks.sh")], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "0 step(s) failed" in r.stdout and (site / "diffusers").is_dir()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    lines = [json.loads(ln) for ln in (out / "gpu.jsonl").read_text().splitlines()]
+    by_step = {}
+    for ln in lines:
+        by_step.setdefault(ln["step"], []).append(ln)
+    assert set(by_step) == {"bench_13b", "bench_18b", "bench_13b_compile"}
+    assert [ln["section"] for ln in by_step["bench_13b"]][-2:] == ["baseline", "all"]
+    for step in by_step.values():
+        res = step[-1]
+        assert res["section"] == "all" and res["chunks"] == 4 and res["fps"] > 0 and res["kv_cache_speedup"] > 0
+    comp = by_step["bench_13b_compile"][-1]
+    assert comp["compiled"] and comp["compile_graphs"] > 0 and comp["recompiled_in_stream"] == 0
+    with tarfile.open(out / "logs.tgz") as t:
+        names = {n.lstrip("./") for n in t.getnames()}
+    assert {"env.log", "cuda_tests.log", "plan.log", "bench_13b.log", "bench_18b.log",
+            "bench_13b_compile.log"} <= names
+    summary = (out / "summary.txt").read_text()
+    assert "0 step(s) failed" in summary

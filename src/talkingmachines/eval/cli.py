@@ -20,7 +20,9 @@ def _extend_bench(subparsers) -> None:
                    help="video frames of the baseline clip (1 + 4k; default 17, Wan's own default is 81)")
     b.add_argument("--baseline-steps", type=int, default=50, help="baseline denoising steps (default 50)")
     b.add_argument("--compile", action="store_true",
-                   help="torch.compile the DiT blocks (max-autotune-no-cudagraphs on CUDA)")
+                   help="torch.compile the DiT blocks, once per block shape (inductor's default mode)")
+    b.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (default inductor; eager: trace only, for dry runs)")
     b.add_argument("--decode-device", default=None,
                    help="device of the VAE decoder in the disaggregated run (default: the DiT's; cuda:1 ...)")
 
@@ -34,5 +36,11 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"], help="DiT dtype")
     p.add_argument("--vae-dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
                    help="VAE dtype (fp32: as load_avatar loads it)")
+    p.add_argument("--speed", action="store_true",
+                   help="also predict per-chunk time and fps per GPU kind (H100, H200, A100, L40S, RTX 4090)")
+    p.add_argument("--realtime", action="store_true",
+                   help="also the GPUs 25 fps needs for wan-1.3b-audio and the 18B at 512x512 and 720x720 (slower)")
+    p.add_argument("--cpu-check", action="store_true",
+                   help="also check the speed model on this CPU: tiny preset, predicted vs measured chunk time")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=cmd_plan)

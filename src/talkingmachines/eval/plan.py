@@ -266,8 +266,24 @@ def run_plan(args) -> int:
         r = plan(args.preset, args.gpus, args.gpu_mem, args.dtype, args.vae_dtype)
     except ValueError as e:
         raise InputError(str(e)) from None
+    if getattr(args, "speed", False) or getattr(args, "realtime", False):
+        from .speed import speed_table
+
+        r["speed"] = speed_table(args.preset, realtime=getattr(args, "realtime", False))
+    if getattr(args, "cpu_check", False):
+        from .speed import cpu_check
+
+        r["cpu_check"] = cpu_check()
     if args.json:
         print(json.dumps(r))
     else:
-        print(format_plan(r))
+        print(format_plan(r), flush=True)
+        if "speed" in r:
+            from .speed import format_speed
+
+            print(format_speed(r["speed"]))
+        if "cpu_check" in r:
+            c = r["cpu_check"]
+            print(f"speed model on this CPU (tiny, {c['threads']} threads): predicted {c['predicted_chunk_ms']} ms "
+                  f"per chunk, measured {c['measured_chunk_ms']} ms (x{c['predicted_over_measured']})")
     return 0
