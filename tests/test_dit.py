@@ -142,6 +142,27 @@ def test_cache_size_is_constant(causal_model):
     assert sizes[3] == sizes[30] == sizes[2] > 0
 
 
+def test_cache_buffers_are_preallocated(causal_model):
+    """The cache's buffers are allocated once (at chunk 1) and written in place: same storage and
+    shape for every later chunk, nothing re-created per pass."""
+    m, fr = causal_model, 3
+    xn, _, _, au, text = _clip(4, fr, seed=3)
+    with torch.no_grad():
+        ctx = m.encode_context(text)
+        cache = m.new_cache()
+        m.prefill_sink(cache, xn[:, :, :1], ctx, au[:, :1])
+        seen = set()
+        for i in range(1, 5):
+            sl = slice(1 + (i - 1) * fr, 1 + i * fr)
+            m.forward_chunk(cache, xn[:, :, sl], 500.0, ctx, au[:, sl], chunk=i)
+            m.forward_chunk(cache, xn[:, :, sl], 0, ctx, au[:, sl], chunk=i, write=True)
+            seen.add((cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape)))
+    assert len(seen) == 1
+    (_, _, shape), = seen
+    assert shape[0] == len(m.blocks) and shape[2] == cache.sink_tokens + 2 * cache.chunk_tokens
+    assert {n for n, _ in cache.named_buffers()} == {"k", "v"}
+
+
 # ============================================================ (3) the sparse-causal mask
 def test_mask_structure():
     n, fr, h, w = 4, 2, 2, 2

@@ -68,7 +68,7 @@ def _worker(rank, port, q):
                 sl = slice(1 + (c - 1) * FR, 1 + c * FR)
                 out[f"chunk{c}"] = sp.forward_chunk(cache, x[:, :, sl], 700.0, ctx, audio[:, sl], chunk=c)
                 sp.forward_chunk(cache, x[:, :, sl], 0.0, ctx, audio[:, sl], chunk=c, write=True)
-            heads = cache.sink_k[0].shape[2]
+            heads = cache.k.shape[3]
             import talkingmachines.model.parallel as par
 
             par._A2A_OK[dist.get_backend()] = False  # the all_gather fallback gives the same result

@@ -23,7 +23,6 @@ rotated copy of the sink's keys.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -165,33 +164,57 @@ class SparseCausal:
 
 
 # ----------------------------------------------------------------------------- KV cache
-@dataclass
-class KVCache:
-    """Per layer: the sink's keys/values (computed once per session) and the previous chunk's.
+class KVCache(torch.nn.Module):
+    """Per layer, fixed-shape key and value buffers [B, S, H, D] written by slot (gpt-fast style):
 
-    Keys are stored already rotated for the re-based window (sink at t=0, previous chunk at
-    t=1..F), so a cached chunk is never touched again. Its size is fixed after chunk 1.
+        [ sink | previous chunk | current chunk ]      S = sink tokens + 2 x chunk tokens
+
+    Keys are stored rotated for the re-based window (sink at t=0, previous chunk at t=1..F,
+    current chunk at t=F+1..2F, or 1..F for chunk 1, whose empty previous slot is masked out),
+    so a cached chunk is never touched again and nothing is concatenated per pass; the shapes
+    never change, as CUDA graphs need. The buffers are allocated at the first chunk, when its
+    size is known (the sink's K/V from the prefill move in then); under sequence parallelism
+    each rank's cache holds its own head slice (`model/parallel.py`).
     """
 
-    num_layers: int
-    sink_k: list = field(default_factory=list)
-    sink_v: list = field(default_factory=list)
-    prev_k: list = field(default_factory=list)
-    prev_v: list = field(default_factory=list)
-    chunks_written: int = 0
+    def __init__(self, num_layers: int):
+        super().__init__()
+        self.num_layers = num_layers
+        self.sink_tokens = self.chunk_tokens = 0
+        self.prev_slot = self.cur_slot = slice(0, 0)  # token ranges of the two chunk slots
+        self._sink: list = [None] * num_layers  # (k, v) of the prefill until the buffers exist
+        self.register_buffer("k", None)  # [layers, B, S, H, D]
+        self.register_buffer("v", None)
+        self.chunks_written = 0
 
-    def __post_init__(self):
-        for name in ("sink_k", "sink_v", "prev_k", "prev_v"):
-            if not getattr(self, name):
-                setattr(self, name, [None] * self.num_layers)
+    def write_sink(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.sink_tokens = k.shape[1]
+        if self.k is not None:
+            self.k[layer, :, : self.sink_tokens] = k
+            self.v[layer, :, : self.sink_tokens] = v
+        else:
+            self._sink[layer] = (k, v)
+
+    def allocate(self, chunk_tokens: int) -> None:
+        """The buffers, for chunks of `chunk_tokens` tokens (once; the sink must be prefilled)."""
+        if self.k is not None:
+            assert chunk_tokens == self.chunk_tokens, "a KV cache serves one chunk size"
+            return
+        k0, v0 = self._sink[0]
+        B, n, H, D = k0.shape
+        self.chunk_tokens = chunk_tokens
+        self.prev_slot, self.cur_slot = slice(n, n + chunk_tokens), slice(n + chunk_tokens, n + 2 * chunk_tokens)
+        shape = (self.num_layers, B, n + 2 * chunk_tokens, H, D)
+        self.k = k0.new_zeros(shape)
+        self.v = v0.new_zeros(shape)
+        for layer, (k, v) in enumerate(self._sink):
+            self.write_sink(layer, k, v)
+        self._sink = [None] * self.num_layers
 
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for name in ("sink_k", "sink_v", "prev_k", "prev_v")
-            for t in getattr(self, name)
-            if t is not None
-        )
+        if self.k is None:
+            return sum(t.numel() * t.element_size() for kv in self._sink if kv is not None for t in kv)
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
 class SinkPrefill:
@@ -203,40 +226,43 @@ class SinkPrefill:
 
     def __call__(self, layer: int, q, k, v):
         k = self.rope.apply(k)
-        self.cache.sink_k[layer], self.cache.sink_v[layer] = k, v
+        self.cache.write_sink(layer, k, v)
         return sdpa(self.rope.apply(q), k, v)
 
 
 class CachedChunk:
-    """One chunk against the cache. With `write=True` (the clean pass at timestep 0) the chunk's
-    keys/values replace the previous chunk's once all layers ran (call `commit`)."""
+    """One chunk against the cache: its keys/values go into the current slot and the queries
+    attend over the whole buffer. With `write=True` (the clean pass at timestep 0) each layer
+    then stores them in the previous slot for the next chunk (keys re-rotated to t = 1..F);
+    the later layers read only their own slots, so this is safe mid-pass. `commit` counts it."""
 
     def __init__(self, cache: KVCache, chunk: int, chunk_frames, height, width, head_dim, write=False, device=None):
         self.cache, self.write = cache, write
         fr = chunk_frames
-        self.has_prev = chunk > 1
-        cur = torch.arange(fr + 1, 2 * fr + 1) if self.has_prev else torch.arange(1, fr + 1)
+        has_prev = chunk > 1
+        cur = torch.arange(fr + 1, 2 * fr + 1) if has_prev else torch.arange(1, fr + 1)
         self.rope_cur = Rope(cur, height, width, head_dim, device)
         self.rope_prev = Rope(torch.arange(1, fr + 1), height, width, head_dim, device)
-        self.pending_k = [None] * cache.num_layers
-        self.pending_v = [None] * cache.num_layers
+        self.mask = None  # chunk >= 2 sees every slot
+        self.has_prev = has_prev
 
     def __call__(self, layer: int, q, k, v):
         c = self.cache
-        keys = [c.sink_k[layer]]
-        vals = [c.sink_v[layer]]
-        if self.has_prev:
-            keys.append(c.prev_k[layer])
-            vals.append(c.prev_v[layer])
-        keys.append(self.rope_cur.apply(k))
-        vals.append(v)
-        if self.write:
-            # stored as "previous chunk" for the next chunk: re-rotated to t = 1..F
-            self.pending_k[layer] = self.rope_prev.apply(k)
-            self.pending_v[layer] = v
-        return sdpa(self.rope_cur.apply(q), torch.cat(keys, 1), torch.cat(vals, 1))
+        if c.k is None:
+            c.allocate(k.shape[1])
+        cur, prev = c.cur_slot, c.prev_slot
+        if not self.has_prev and self.mask is None:  # chunk 1: the previous slot is empty
+            self.mask = torch.ones(1, c.k.shape[2], dtype=torch.bool, device=k.device)  # [1, S]: every query
+            self.mask[:, prev] = False
+        keys, vals = c.k[layer], c.v[layer]
+        keys[:, cur] = self.rope_cur.apply(k)
+        vals[:, cur] = v
+        out = sdpa(self.rope_cur.apply(q), keys, vals, self.mask)
+        if self.write:  # the next chunk's previous chunk, at t = 1..F
+            keys[:, prev] = self.rope_prev.apply(k)
+            vals[:, prev] = v
+        return out
 
     def commit(self):
         assert self.write
-        self.cache.prev_k, self.cache.prev_v = self.pending_k, self.pending_v
         self.cache.chunks_written += 1
