@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU figure in one call of the device tool: about 4.5 minutes on one H200 by estimate
-# (the budget per step is in BENCHMARKS.md), which leaves time to run it again in the window.
+# Every GPU figure in one call of the device tool: about 5.5 minutes on one H200 by estimate
+# (the budget per step is in BENCHMARKS.md; the step limits add up to 9 minutes at worst).
 # Here first:  bash scripts/fetch_gpu_wheels.sh
-# Then:        run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=420)
+# Then:        run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=560)
 # Back in $OUT: gpu.jsonl (one JSON line per finished bench section, tagged with its step),
 # logs.tgz (every step's full log, refreshed after each step, so a killed call still has them),
 # summary.txt (the lines this script printed) and the latency plot. Copy the figures into
 # BENCHMARKS.md with the device and date.
 # A dry run on a CPU (what tests/test_gpu_kit.py does, with PyAV and aiortc unimportable):
-#   DEVICE=cpu P13=tiny P18=tiny N13=6 N18=4 COMPILE_BACKEND=eager BASELINE_STEPS=2 bash scripts/gpu_checks.sh
+#   DEVICE=cpu P13=tiny P18=tiny N13=4 N18=4 COMPILE_BACKEND=eager BASELINE_STEPS=2 BASELINE_FRAMES=5 \
+#     bash scripts/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -20,7 +21,8 @@ LOGS=$(mktemp -d)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 DEVICE=${DEVICE:-cuda} P13=${P13:-wan-1.3b-audio} P18=${P18:-wan-i2v-14b-audio}
-N13=${N13:-40} N18=${N18:-8} COMPILE_BACKEND=${COMPILE_BACKEND:-inductor} BASELINE_STEPS=${BASELINE_STEPS:-50}
+N13=${N13:-40} N18=${N18:-6} COMPILE_BACKEND=${COMPILE_BACKEND:-inductor}
+BASELINE_STEPS=${BASELINE_STEPS:-50} BASELINE_FRAMES=${BASELINE_FRAMES:-17}
 exec > >(tee "$OUT/summary.txt") 2>&1
 
 WHEELS=${WHEELS:-.whl}
@@ -46,18 +48,18 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep its log, never
 cat "$LOGS/env.log"
 
 # 1. CUDA-only correctness: streaming == masked (fp32; bf16 tiny and at head size 128), decode stream == sequential
-step cuda_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 # 2. no GPU work: placement and memory of the 18B on this GPU, its predicted fps per GPU kind
-step plan 60 "$PY" -m talkingmachines plan --preset "$P18" --gpus 1 --gpu-mem 139 --speed
+step plan 45 "$PY" -m talkingmachines plan --preset "$P18" --gpus 1 --gpu-mem 139 --speed
 # 3. the 1.3B-class preset at 512x512, 2 steps, bf16, random weights: fps + stage ms, KV-cache
 #    speed-up, one-GPU disaggregation, then the diffusers baseline (last section: the rest is printed by then)
-step bench_13b 150 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" --json \
-  --baseline-steps "$BASELINE_STEPS" --plot "$OUT/latency_13b.png"
+step bench_13b 120 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" --json \
+  --baseline-steps "$BASELINE_STEPS" --baseline-frames "$BASELINE_FRAMES" --plot "$OUT/latency_13b.png"
 # 4. the 18B preset (I2V trunk + audio layers) on this one GPU
-step bench_18b 150 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P18" --chunks "$N18" --skip-baseline --json
-# 5. the slowest, last: torch.compile of the blocks (once per block shape), then the same bench
-step bench_13b_compile 180 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" \
-  --skip-baseline --json --compile --compile-backend "$COMPILE_BACKEND"
+step bench_18b 130 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P18" --chunks "$N18" --skip-baseline --json
+# 5. the slowest, last: torch.compile of the blocks (once per block shape), then the long stream
+step bench_13b_compile 150 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" \
+  --sections stream --json --compile --compile-backend "$COMPILE_BACKEND"
 echo "== done in $SECONDS s, $failed step(s) failed; figures in $OUT/gpu.jsonl, logs in $OUT/logs.tgz"
 rm -rf "$LOGS"
 exit $((failed > 0))

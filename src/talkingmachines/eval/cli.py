@@ -21,6 +21,9 @@ def _extend_bench(subparsers) -> None:
     b.add_argument("--baseline-steps", type=int, default=50, help="baseline denoising steps (default 50)")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks, once per block shape (inductor's default mode)")
+    b.add_argument("--sections", default=None,
+                   help="comma list of the sections to run: stream,kv_cache,disagg,baseline (default: all; the "
+                        "long stream always runs)")
     b.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (default inductor; eager: trace only, for dry runs)")
     b.add_argument("--decode-device", default=None,
