@@ -96,8 +96,9 @@ def _dit_pass(cfg, p: Preset, device, dtype, hw=None):
     cache = m.new_cache()
     tokens = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     for i in range(cfg.num_layers):
-        for name, n in (("sink_k", tokens), ("sink_v", tokens), ("prev_k", F * tokens), ("prev_v", F * tokens)):
-            getattr(cache, name)[i] = torch.zeros(1, n, cfg.num_attention_heads, cfg.attention_head_dim, **kw)
+        kv = torch.zeros(1, tokens, cfg.num_attention_heads, cfg.attention_head_dim, **kw)
+        cache.write_sink(i, kv, kv)
+    cache.allocate(F * tokens)
     cache.chunks_written = 1
 
     def run():
