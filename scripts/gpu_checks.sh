@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure in one call of the device tool: about 5.5 minutes on one H200 by estimate
+# Every GPU figure in one call of the device tool: about 5 minutes on one H200 by estimate
 # (the budget per step is in BENCHMARKS.md; the step limits add up to 9 minutes at worst).
 # Here first:  bash scripts/fetch_gpu_wheels.sh
 # Then:        run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=560)
