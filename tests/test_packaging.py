@@ -45,3 +45,14 @@ def test_wheel_install_uses_the_shipped_configs(tmp_path):
     smoke = json.loads((shipped / "tiny-smoke.json").read_text())
     assert got["smoke"]["teacher"]["steps"] == smoke["teacher"]["steps"]
     assert got["smoke"]["teacher"]["mouth_weight"] == recipe["teacher"]["mouth_weight"]  # merged onto the recipe
+
+
+def test_config_names_resolve_to_the_shipped_files(tmp_path, monkeypatch):
+    from talkingmachines import configs
+
+    monkeypatch.chdir(tmp_path)
+    for arg in ("tiny-smoke", "tiny-smoke.json", "configs/tiny-smoke.json"):
+        assert configs.resolve(arg) == configs.DIR / "tiny-smoke.json"
+    (tmp_path / "tiny-smoke.json").write_text("{}")  # a file of that name wins
+    assert configs.resolve("tiny-smoke.json") == Path("tiny-smoke.json")
+    assert configs.resolve("elsewhere/x.json") == Path("elsewhere/x.json")  # left to the reader's error

@@ -149,42 +149,25 @@ def _tiny() -> Preset:
     )
 
 
-def _wan_13b_audio() -> Preset:
-    # Wan2.1 1.3B geometry with the I2V 36-channel input and CLIP image tokens.
+def _wan_audio(name: str, heads: int, ffn_dim: int, layers: int) -> Preset:
+    """Wan2.1 geometry (head size 128) with the I2V 36-channel input, CLIP image tokens and an
+    audio cross-attention on 768-d wav2vec2 features in every block, at 512x512."""
     return Preset(
-        name="wan-1.3b-audio",
-        dit=DiTConfig(
-            num_attention_heads=12,
-            attention_head_dim=128,
-            ffn_dim=8960,
-            num_layers=30,
-            in_channels=36,
-            out_channels=16,
-            image_dim=1280,
-            audio_dim=768,
-        ),
+        name=name,
+        dit=DiTConfig(num_attention_heads=heads, attention_head_dim=128, ffn_dim=ffn_dim, num_layers=layers,
+                      in_channels=36, out_channels=16, image_dim=1280, audio_dim=768),
         height=512,
         width=512,
     )
+
+
+def _wan_13b_audio() -> Preset:
+    return _wan_audio("wan-1.3b-audio", heads=12, ffn_dim=8960, layers=30)  # Wan2.1 1.3B geometry
 
 
 def _wan_14b_audio() -> Preset:
     # Wan2.1-I2V-14B plus audio cross-attention in each of its 40 blocks: about 18B.
-    return Preset(
-        name="wan-i2v-14b-audio",
-        dit=DiTConfig(
-            num_attention_heads=40,
-            attention_head_dim=128,
-            ffn_dim=13824,
-            num_layers=40,
-            in_channels=36,
-            out_channels=16,
-            image_dim=1280,
-            audio_dim=768,
-        ),
-        height=512,
-        width=512,
-    )
+    return _wan_audio("wan-i2v-14b-audio", heads=40, ffn_dim=13824, layers=40)
 
 
 PRESETS = {"tiny": _tiny, "wan-1.3b-audio": _wan_13b_audio, "wan-i2v-14b-audio": _wan_14b_audio}

@@ -27,8 +27,9 @@ def names() -> list[str]:
 
 
 def resolve(path_or_name: str | Path) -> Path:
-    """A config file: a path as given, else the shipped config of that name (``--config tiny-smoke``)."""
+    """A config file: a path as given, else the shipped config of that name (``--config tiny-smoke``;
+    ``configs/tiny-smoke.json``, where the configs lived before they were package data, too)."""
     p = Path(path_or_name)
-    if not p.is_file() and p.parent == Path(".") and p.with_suffix("").name in names():
+    if not p.is_file() and str(p.parent) in (".", "configs") and p.with_suffix("").name in names():
         return shipped(p.name)
     return p  # a file (a missing one is reported by the reader)

@@ -62,6 +62,17 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def _chunk_seconds(stream, k: int) -> list[float]:
+    """Wall seconds of each of the stream's next `k` chunks."""
+    out = []
+    for _ in range(k):
+        t = time.perf_counter()
+        stream.next_chunk()
+        _sync(stream.avatar.device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
 class NoCacheStream(StreamingGenerator):
     """The no-cache baseline: the engine with its own loop (`flow.denoise_chunk`) and noise
     draws, but every denoising step reruns [sink, previous clean chunk, current chunk] in one
@@ -200,22 +211,12 @@ def run_bench(args, load_avatar) -> int:
     if "kv_cache" in sections:
         # KV cache vs recomputing the context (same audio, seed and sampler)
         k = min(8, n)
-        cached = []
-        for _ in range(k):
-            t = time.perf_counter()
-            s.next_chunk()
-            _sync(avatar.device)
-            cached.append(time.perf_counter() - t)
+        cached = _chunk_seconds(s, k)
         nc = NoCacheStream(avatar, avatar.default_portrait(), seed=args.seed, steps=args.steps)
         nc.push_audio(audio)
         nc.next_chunk()
         nc.next_chunk()  # from here on the window is the sink + the previous chunk, as in the cached stream
-        recompute = []
-        for _ in range(k):
-            t = time.perf_counter()
-            nc.next_chunk()
-            _sync(avatar.device)
-            recompute.append(time.perf_counter() - t)
+        recompute = _chunk_seconds(nc, k)
         emit("kv_cache", {"kv_cache_speedup": round(statistics.median(recompute) / statistics.median(cached), 3)})
 
     if "disagg" in sections:
