@@ -61,9 +61,9 @@ class CallSession:
         self.playout = Playout(fps=self.fps, sample_rate=self.sr)
         self.video_track = AvatarVideoTrack(self.playout)
         self.audio_track = AgentAudioTrack(self.playout)
-        # The server passes one bounded pool shared by all calls: a fresh thread per call left
-        # glibc a new malloc arena each time and RSS crept up ~2 MB a call. Calls never run two
-        # steps at once (`_gen_loop` awaits each), so sharing keeps the stream single-threaded.
+        # The server passes one bounded pool shared by all calls (no thread made and dropped per
+        # call). A call never runs two steps at once (`_gen_loop` awaits each), so sharing keeps
+        # its stream single-threaded.
         self._own_executor = executor is None
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tm-gen-{self.id}")
         # agent audio not yet handed to the stream (loop side)
