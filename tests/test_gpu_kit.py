@@ -31,9 +31,9 @@ def run_without(tmp_path, names, *args, code=None):
 
 
 def test_commands_without_pyav_and_aiortc_run_and_serve_fails_in_one_line(tmp_path):
-    r = run_without(tmp_path, ["av", "aiortc"], "info", "--preset", "wan-1.3b-audio", "--json")
+    r = run_without(tmp_path, ["av", "aiortc"], "info", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["total"] > 1e9
+    assert json.loads(r.stdout)["total"] > 1e6
     r = run_without(tmp_path, ["av", "aiortc"], "plan", "--preset", "tiny", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["fits"], r.stderr
     r = run_without(tmp_path, ["av", "aiortc"], "serve", "--port", "0")

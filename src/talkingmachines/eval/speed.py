@@ -135,10 +135,10 @@ def _count(run, fused_attention: bool = True) -> dict:
     return {"flops": int(fc.get_total_flops()), "bytes": int(tally.bytes), "kernels": tally.kernels}
 
 
-def _dit_kernels(p: Preset) -> int:
-    """Kernels of one pass, measured on the CPU with narrow 1- and 2-block copies of the preset."""
+def _narrow_passes(p: Preset):
+    """One cached pass of narrow 1- and 2-block copies of the preset on the CPU: the same op
+    sequence and Python path on tiny tensors."""
     narrow = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=32, freq_dim=16)
-    counts = []
     for layers in (1, 2):
         cfg = dataclasses.replace(p.dit, num_layers=layers, **narrow,
                                   text_dim=8, image_dim=8 if p.dit.image_dim else None,
@@ -146,9 +146,32 @@ def _dit_kernels(p: Preset) -> int:
         q = dataclasses.replace(p, text_len=2, image_len=3 if p.dit.image_dim else 0)
         run, _ = _dit_pass(cfg, q, "cpu", torch.float32, hw=(4, 4))
         run()  # first calls build memoised tables (RoPE): not per-chunk work
-        counts.append(_count(run, fused_attention=False)["kernels"])  # the CPU's own fused attention
-    per_block = counts[1] - counts[0]
-    return counts[0] + per_block * (p.dit.num_layers - 1)
+        yield run
+
+
+def _per_layers(p: Preset, one: float, two: float) -> float:
+    return one + (two - one) * (p.dit.num_layers - 1)
+
+
+def _dit_kernels(p: Preset) -> int:
+    """Kernels of one pass, counted on the narrow 1- and 2-block copies, extrapolated."""
+    counts = [_count(run, fused_attention=False)["kernels"] for run in _narrow_passes(p)]  # the CPU's fused attention
+    return round(_per_layers(p, *counts))
+
+
+def host_pass_s(p: Preset, repeats: int = 20) -> float:
+    """Host time of one pass on this CPU: the narrow copies timed (best of 5), extrapolated to the
+    preset's blocks. Their arithmetic is negligible, so this is dispatch + the Python between ops."""
+    times = []
+    for run in _narrow_passes(p):
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            best = min(best, (time.perf_counter() - t) / repeats)
+        times.append(best)
+    return _per_layers(p, *times)
 
 
 def _vae_chunk(p: Preset) -> dict:
@@ -361,16 +384,19 @@ def cpu_calibration(repeats: int = 100) -> dict:
 
 
 def predict_cpu(preset: str = "tiny", calib: dict | None = None) -> dict:
-    """Per-chunk time on this CPU by the same counts: FLOPs x s_per_flop + kernels x s_per_kernel
-    per stage (the CPU runs each op in turn: the two add up)."""
+    """Per-chunk time on this CPU by the same counts: FLOPs x s_per_flop + bytes x s_per_byte +
+    host time per stage (the CPU runs each op in turn: they add up). The DiT's host time is its
+    narrow copy's measured pass (`host_pass_s`); the VAE's and audio's, kernels x s_per_kernel."""
     p = get_preset(preset)
     c = calib or cpu_calibration()
     w = chunk_work(p, torch.float32)  # the CPU runs the DiT in fp32
 
-    def t(x):
-        return x["flops"] * c["s_per_flop"] + x["bytes"] * c["s_per_byte"] + x["kernels"] * c["s_per_kernel"]
+    def t(x, host=None):
+        return (x["flops"] * c["s_per_flop"] + x["bytes"] * c["s_per_byte"]
+                + (x["kernels"] * c["s_per_kernel"] if host is None else host))
 
-    dit = (p.stream.student_steps + 1) * t(w["dit_pass"])
+    c["host_pass_s"] = host_pass_s(p)
+    dit = (p.stream.student_steps + 1) * t(w["dit_pass"], c["host_pass_s"])
     return {"dit_ms": 1e3 * dit, "vae_ms": 1e3 * t(w["vae"]), "audio_ms": 1e3 * t(w["audio"]),
             "chunk_ms": 1e3 * (dit + t(w["vae"]) + t(w["audio"])), **c}
 
@@ -394,4 +420,4 @@ def cpu_check(chunks: int = 14) -> dict:
     return {"measured_chunk_ms": round(measured, 1), "predicted_chunk_ms": round(pred["chunk_ms"], 1),
             "predicted_over_measured": round(pred["chunk_ms"] / measured, 3), "threads": torch.get_num_threads(),
             "predicted_stage_ms": {k: round(pred[f"{k}_ms"], 1) for k in ("audio", "dit", "vae")},
-            **{k: pred[k] for k in ("s_per_flop", "s_per_byte", "s_per_kernel")}}
+            **{k: pred[k] for k in ("s_per_flop", "s_per_byte", "s_per_kernel", "host_pass_s")}}
