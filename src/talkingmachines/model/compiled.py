@@ -7,9 +7,10 @@ self-attention strategy (which keeps the KV cache, Python state) travel through 
 `_EagerAttention` that runs eagerly (a graph break), so each block call compiles into two graphs
 (before and after self-attention) per shape variant: sink prefill, and the chunk passes.
 
-CUDA graphs (`mode="reduce-overhead"`) are not used: the keys and values the blocks produce
-would be graph outputs, overwritten at the next replay, and the KV cache keeps them; they would
-first have to be copied into the cache's own buffers.
+CUDA graphs (`mode="reduce-overhead"`) are not used. Under them the keys and values the blocks
+produce are graph outputs, overwritten at the next replay: whatever keeps them must copy them
+into buffers of its own, as `attention.KVCache` does (fixed-shape buffers written by slot), and
+nothing else may hold on to a block's output between replays.
 """
 
 from __future__ import annotations
