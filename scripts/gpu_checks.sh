@@ -24,6 +24,7 @@ DEVICE=${DEVICE:-cuda} P13=${P13:-wan-1.3b-audio} P18=${P18:-wan-i2v-14b-audio}
 N13=${N13:-40} N18=${N18:-6} COMPILE_BACKEND=${COMPILE_BACKEND:-inductor}
 BASELINE_STEPS=${BASELINE_STEPS:-50} BASELINE_FRAMES=${BASELINE_FRAMES:-17}
 exec > >(tee "$OUT/summary.txt") 2>&1
+TEE=$!
 
 WHEELS=${WHEELS:-.whl}
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
@@ -62,4 +63,6 @@ step bench_13b_compile 150 "$PY" -m talkingmachines bench --device "$DEVICE" --p
   --sections stream --json --compile --compile-backend "$COMPILE_BACKEND"
 echo "== done in $SECONDS s, $failed step(s) failed; figures in $OUT/gpu.jsonl, logs in $OUT/logs.tgz"
 rm -rf "$LOGS"
+exec >&- 2>&-
+wait "$TEE" 2>/dev/null  # summary.txt complete before the call returns
 exit $((failed > 0))
