@@ -191,3 +191,22 @@ def test_data_version_2_head_ignores_speech_and_face_is_closer():
     assert framed(p, 1) is p
     c = make_clip(3, seconds=1.0, speech="babble", version=2)
     assert c.params["data_version"] == 2 and c.params["face"]["face_w"] == pytest.approx(q.face_w)
+
+
+def test_data_version_3_moves_the_head_less_and_opens_the_mouth_wider():
+    """v3: v2's framing with a 1.55x (v1) opening, and head motion that still ignores the speech but
+    at about a third of v2's amplitude (the mouth holds most of the change over time)."""
+    from talkingmachines.train.synth import FaceParams, framed, head_motion
+
+    T = 200
+    quiet, loud = np.zeros(T, bool), np.ones(T, bool)
+    still, open_ = np.zeros(T, np.float32), np.full(T, 0.8, np.float32)
+    a = head_motion(np.random.default_rng(0), quiet, still, 3)
+    b = head_motion(np.random.default_rng(0), loud, open_, 3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    v2 = head_motion(np.random.default_rng(0), quiet, still, 2)
+    for x3, x2 in zip(a[:3], v2[:3]):  # dx, dy, tilt
+        assert np.abs(x3).max() == pytest.approx(np.abs(x2).max() * 0.55 / 1.6, rel=1e-5)
+    p = FaceParams.sample(3)
+    assert framed(p, 3).max_open == pytest.approx(1.55 * p.max_open)
+    assert framed(p, 3).face_w == pytest.approx(framed(p, 2).face_w)
