@@ -1274,12 +1274,22 @@ SPEECH_TEXT = ("Hello! I am a talking machine. I listen, then I answer.",
                "My lips move with the speech I hear.")
 
 
-def make_assets(out_dir: str | Path, portrait_seed: int = PORTRAIT_SEED) -> None:
-    """Re-create the bundled assets: portrait.png (512x512, photo-like) and speech.wav."""
+def default_portrait(version: int = 1, portrait_seed: int = PORTRAIT_SEED, size: int = 512) -> np.ndarray:
+    """The bundled portrait [size, size, 3] uint8: a photo-like human face in the neutral state,
+    framed as data `version` frames its faces (the shipped model's data version)."""
+    p = framed(FaceParams.sample(portrait_seed, style="photo", human=True), version)
+    return FaceRenderer(p, size).render(FaceState())
+
+
+def make_assets(out_dir: str | Path, portrait_seed: int = PORTRAIT_SEED, version: int = 1,
+                speech: bool = True) -> None:
+    """Re-create the bundled assets: portrait.png (512x512, photo-like, framed as data `version`)
+    and, with `speech`, speech.wav."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    p = FaceParams.sample(portrait_seed, style="photo", human=True)
-    Image.fromarray(FaceRenderer(p, 512).render(FaceState())).save(out / "portrait.png")
+    Image.fromarray(default_portrait(version, portrait_seed)).save(out / "portrait.png")
+    if not speech:
+        return
     a = espeak_tts(SPEECH_TEXT[0], "en-us", 165, 45)
     b = espeak_tts(SPEECH_TEXT[1], "en-us", 165, 45)
     a, b = _trim(a), _trim(b)
