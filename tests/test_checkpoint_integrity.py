@@ -14,7 +14,7 @@ import torch
 from train_fixtures import make_clips, make_vae, micro_config
 
 from talkingmachines.errors import InputError
-from talkingmachines.train.common import MANIFEST
+from talkingmachines.train.checkpoint import MANIFEST
 from talkingmachines.train.teacher import TeacherTrainer
 
 
@@ -115,9 +115,8 @@ def test_none_intact_is_a_one_line_error(run_dir, tmp_path):
     _flip(root / "step_00000004" / "model.teacher.safetensors")
     _truncate(root / "step_00000002" / "state.json")
     t = TeacherTrainer(micro_config(work, "teacher", "run", steps=4, ckpt_every=2))
-    t.setup()
-    with pytest.raises(InputError) as e:
-        t.resume()
+    with pytest.raises(InputError) as e:  # found in setup(), before any model is built
+        t.setup()
     msg = str(e.value)
     assert "\n" not in msg and "no intact checkpoint" in msg
     assert "model.teacher.safetensors" in msg and "state.json" in msg
@@ -129,7 +128,7 @@ def test_resumed_run_after_fallback_finishes(run_dir, tmp_path):
     root = work / "run" / "checkpoints"
     _truncate(root / "step_00000004" / "optim.teacher.safetensors")
     TeacherTrainer(micro_config(work, "teacher", "run", steps=4, ckpt_every=2)).run()
-    from talkingmachines.train.common import checkpoint_problem
+    from talkingmachines.train.checkpoint import checkpoint_problem
 
     assert checkpoint_problem(root / "step_00000004") is None
     assert (work / "run" / "final" / "DONE.json").is_file()
@@ -137,11 +136,12 @@ def test_resumed_run_after_fallback_finishes(run_dir, tmp_path):
 
 # ------------------------------------------------------------------ the VAE's checkpoints
 VAE_FAULTS = {
-    "truncated model": ("model.safetensors", _truncate),
-    "0-byte optimizer": ("optimizer.safetensors", _zero),
-    "flipped tensor bytes": ("model.safetensors", _flip),
+    "truncated model": ("model.vae.safetensors", _truncate),
+    "0-byte optimizer": ("optim.vae.safetensors", _zero),
+    "flipped tensor bytes": ("model.vae.safetensors", _flip),
     "truncated state.json": ("state.json", _truncate),
-    "missing optimizer json": ("optimizer.json", _remove),
+    "missing optimizer json": ("optim.vae.json", _remove),
+    "truncated VAE config": ("config.json", _truncate),
 }
 
 
@@ -155,7 +155,7 @@ def vae_run(tmp_path_factory) -> Path:
     train_tiny_vae(MovingPatterns(n=8, frames=5, size=32), out, steps=4, batch_size=2, log_every=0, ckpt_every=2,
                    progress=False, seed=3, config=SMALL, stat_batches=1)
     shutil.rmtree(out / "checkpoints" / "step_00000004")  # as if killed before the end
-    for f in ("model.safetensors", "config.json"):
+    for f in ("model.safetensors", "config.json", "DONE.json"):
         (out / f).unlink()
     (out / "checkpoints" / "latest").write_text("step_00000002")
     return out
@@ -199,8 +199,8 @@ def test_vae_none_intact_is_a_one_line_error(vae_run, tmp_path):
 
     out = tmp_path / "a"
     shutil.copytree(vae_run, out)
-    _flip(out / "checkpoints" / "step_00000002" / "model.safetensors")
+    _flip(out / "checkpoints" / "step_00000002" / "model.vae.safetensors")
     with pytest.raises(InputError) as e:
         train_tiny_vae(MovingPatterns(n=8, frames=5, size=32), out, steps=4, batch_size=2, log_every=0,
                        ckpt_every=0, progress=False, seed=3, config=SMALL, stat_batches=1)
-    assert "\n" not in str(e.value) and "model.safetensors" in str(e.value)
+    assert "\n" not in str(e.value) and "model.vae.safetensors" in str(e.value)

@@ -1,5 +1,5 @@
 """torch.distributed on CPU (gloo, 2 processes): one training step gives the same loss and the
-same (averaged, gathered) gradients as one process on the same global batch, for FSDP2
+same (averaged, clipped, gathered) gradients as one process on the same global batch, for FSDP2
 (`fully_shard`) and DDP."""
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ def _one_step(cfg, stage: str) -> tuple[float, dict]:
     from talkingmachines.train.teacher import TeacherTrainer
 
     tr = (TeacherTrainer if stage == "teacher" else OdeTrainer)(cfg)
-    tr.capture_grads = True
     tr.setup()
     logs = tr.train_step(0)
-    grads = next(iter(tr.captured.values()))
+    # the update's (clipped) gradients stay on the parameters until the next one; gathered
+    # from the shards under FSDP (a collective: every rank calls it)
+    grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone().cpu()
+             for k, p in tr.groups[logs["group"]].module.named_parameters() if p.grad is not None}
     tr.cleanup()
     return logs["loss"], grads
 
@@ -94,7 +96,7 @@ def test_torchrun_cli(work, tmp_path):
                         "--dist-mode", "fsdp", "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     from talkingmachines.model.weights import load_dit
-    from talkingmachines.train.common import latest_checkpoint
+    from talkingmachines.train.checkpoint import latest_checkpoint
 
     state = json.loads((latest_checkpoint(out) / "state.json").read_text())
     assert len(state["history"]) == cfg["steps"] and state["world_size"] == 2

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from talkingmachines.diffusion import dmd, flow
-from talkingmachines.train.common import TrainConfig, sample_generator
+from talkingmachines.train.config import TrainConfig
+from talkingmachines.train.rng import sample_generator
 from talkingmachines.train.student import SALT_DMD, DmdTrainer
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from train_fixtures import make_clips, make_vae, micro_config
 
-from talkingmachines.train.common import latest_checkpoint
+from talkingmachines.train.checkpoint import latest_checkpoint
 from talkingmachines.train.teacher import TeacherTrainer
 
 STEPS, EVERY = 40, 4

@@ -242,7 +242,7 @@ def test_init_reproduces_wan_transformer(world, prepared, tmp_path):
     latents, reference, mask, umT5 text and CLIP image tokens, per-frame timesteps."""
     from diffusers import WanTransformer3DModel
 
-    from talkingmachines.train.common import load_config
+    from talkingmachines.train.config import load_config
     from talkingmachines.pipeline import dit_input
     from talkingmachines.train.real_data import RealBatch
     from talkingmachines.train.teacher import TeacherTrainer
@@ -281,7 +281,7 @@ def test_train_teacher_on_real_cache(world, prepared, tmp_path):
     from talkingmachines.cli import main
     from talkingmachines.model.dit import AudioDiT
     from talkingmachines.model.weights import load_dit, load_pretrained
-    from talkingmachines.train.common import latest_checkpoint
+    from talkingmachines.train.checkpoint import latest_checkpoint
 
     _, wan, _ = world
     out = tmp_path / "run"
@@ -308,7 +308,7 @@ def test_guards(world, prepared, tmp_path):
     import dataclasses
 
     from talkingmachines.errors import InputError
-    from talkingmachines.train.common import load_config
+    from talkingmachines.train.config import load_config
     from talkingmachines.train.teacher import new_dit
 
     _, wan, _ = world
@@ -328,7 +328,8 @@ def test_student_stages_on_real_cache(world, prepared, tmp_path):
     from talkingmachines.cli import main
     from talkingmachines.config import Preset
     from talkingmachines.model.weights import load_dit
-    from talkingmachines.train.common import Handle, latest_checkpoint
+    from talkingmachines.train.checkpoint import latest_checkpoint
+    from talkingmachines.train.distributed import Handle
     from talkingmachines.train.real_data import RealClips
     from talkingmachines.pipeline import causal_x0
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from train_fixtures import make_clips, make_vae, micro_config
 
-from talkingmachines.train.common import latest_checkpoint
+from talkingmachines.train.checkpoint import latest_checkpoint
 from talkingmachines.pipeline import rollout
 from talkingmachines.train.student import DmdTrainer, OdeTrainer, train_ode
 from talkingmachines.train.teacher import TeacherTrainer, train_teacher
@@ -72,6 +72,23 @@ def test_dmd_fake_loss_falls_and_generator_moves(work):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+class Killed(Exception):
+    pass
+
+
+def killed_before(cls, step: int):
+    """``cls`` as if killed when it starts update ``step`` (0-based), after the earlier ones
+    and their checkpoints."""
+
+    class KilledTrainer(cls):
+        def train_step(self, s: int) -> dict:
+            if s >= step:
+                raise Killed()
+            return super().train_step(s)
+
+    return KilledTrainer
+
+
 def _params(ckpt: Path, group: str) -> dict:
     return load_file(str(ckpt / f"model.{group}.safetensors"))
 
@@ -83,9 +100,9 @@ def test_resume_after_kill_equals_uninterrupted(work, stage):
     group = "teacher" if stage == "teacher" else "student"
     a = cls(micro_config(work, stage, f"{stage}_a", steps=4, ckpt_every=2, **extra))
     a.run()
-    b = cls(micro_config(work, stage, f"{stage}_b", steps=4, ckpt_every=2, **extra))
-    b.stop_after = 3  # "killed" after step 3: the last checkpoint is step 2
-    b.run()
+    b = killed_before(cls, 3)(micro_config(work, stage, f"{stage}_b", steps=4, ckpt_every=2, **extra))
+    with pytest.raises(Killed):  # "killed" after step 3: the last checkpoint is step 2
+        b.run()
     ck = latest_checkpoint(work / f"{stage}_b")
     st = json.loads((ck / "state.json").read_text())
     assert st["step"] == 2 and st["data_position"]["samples_seen"] == 4
@@ -122,7 +139,8 @@ def test_rollout_matches_streaming_kv_cache(work):
     """The DMD rollout (whole-clip sparse-causal forwards) equals the streaming generator's path
     (sink prefill, chunk against the KV cache, clean pass writing the cache)."""
     from talkingmachines.diffusion import flow
-    from talkingmachines.train.common import Handle, sample_generator
+    from talkingmachines.train.distributed import Handle
+    from talkingmachines.train.rng import sample_generator
     from talkingmachines.pipeline import dit_input
     from talkingmachines.train.teacher import new_dit
 

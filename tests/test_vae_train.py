@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from talkingmachines.model.vae import TinyVAEConfig, load_vae
-from talkingmachines.train.vae_train import latest_checkpoint, train_tiny_vae
+from talkingmachines.train.checkpoint import latest_checkpoint
+from talkingmachines.train.vae_train import train_tiny_vae
 
 
 class MovingPatterns:
@@ -60,14 +61,14 @@ def test_loss_falls_and_outputs(tmp_path):
     assert last < first / 1.7  # stated factor: at least 1.7x lower after 40 steps (measured ~2.6x)
 
     out = tmp_path / "vae"
-    for name in ("model.safetensors", "config.json", "loss.png", "losses.json"):
+    for name in ("model.safetensors", "config.json", "loss.png", "losses.json", "DONE.json"):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(json.loads((out / "losses.json").read_text())) == 40
     ck = latest_checkpoint(out)
     assert ck is not None and ck.name == "step_00000040"
-    assert {p.name for p in ck.iterdir()} >= {"model.safetensors", "config.json", "optimizer.safetensors",
-                                              "optimizer.json", "state.json"}
+    assert {p.name for p in ck.iterdir()} >= {"model.vae.safetensors", "config.json", "optim.vae.safetensors",
+                                              "optim.vae.json", "state.json", "manifest.json"}
     assert not any(p.name.startswith(".") for p in (out / "checkpoints").iterdir())
 
     # latent statistics are stored: encoded training clips are ~unit variance per channel
@@ -155,3 +156,23 @@ def test_temporal_term_and_decoder_only_finetune(tmp_path):
     assert any(not torch.equal(da[k], db[k]) for k in da)
     with pytest.raises(ValueError, match="init_from"):
         train_tiny_vae(clips, tmp_path / "bad", steps=1, freeze_encoder=True, progress=False)
+
+
+def test_older_vae_checkpoint_is_refused_in_one_line(tmp_path):
+    """Checkpoints of the VAE trainer before it used the stages' Trainer (model.safetensors +
+    optimizer.safetensors) are not resumed: one line says why and what to do."""
+    from talkingmachines.errors import InputError
+    from talkingmachines.model.vae import TinyVAE
+    from talkingmachines.train.checkpoint import write_checkpoint
+
+    def old_format(tmp):
+        TinyVAE(SMALL).save_pretrained(tmp)
+        (tmp / "optimizer.safetensors").write_bytes(b"")
+        (tmp / "optimizer.json").write_text("{}")
+        (tmp / "state.json").write_text(json.dumps({"step": 2, "seed": 0, "losses": [[1, 0.5], [2, 0.4]]}))
+
+    write_checkpoint(tmp_path / "a" / "checkpoints", "step_00000002", old_format, keep=2)
+    with pytest.raises(InputError) as e:
+        train_tiny_vae(MovingPatterns(n=4, frames=5, size=32), tmp_path / "a", steps=4, batch_size=2,
+                       progress=False, config=SMALL)
+    assert "\n" not in str(e.value) and "older VAE trainer" in str(e.value) and "step_00000002" in str(e.value)

@@ -51,7 +51,7 @@ def make_vae(path: Path) -> Path:
 
 
 def micro_config(tmp: Path, stage: str, out: str, **kw):
-    from talkingmachines.train.common import TrainConfig
+    from talkingmachines.train.config import TrainConfig
 
     base = dict(stage=stage, preset="tiny", preset_overrides=MICRO_PRESET, data=str(tmp / "data"),
                 vae=str(tmp / "vae"), out=str(tmp / out), steps=4, batch_size=2, clip_chunks=2, lr=1e-3,

@@ -3,7 +3,7 @@ the destination's folder and `os.replace`, so a crash or ``kill -9`` leaves eith
 file or the new one, never half of one (the guide's "loses no data").
 
 Checkpoint *folders* are built the same way one level up (a temp folder renamed into place,
-`train.common`); the streaming MP4 writer keeps its own temp file (`media.Mp4Writer`)."""
+`train.checkpoint`); the streaming MP4 writer keeps its own temp file (`media.Mp4Writer`)."""
 
 from __future__ import annotations
 

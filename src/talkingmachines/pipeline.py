@@ -9,7 +9,7 @@ One place for each way the DiT is called:
   generation with the few-step schedule (`diffusion.flow.denoise_chunk`), which the streaming
   engine (`stream.generator`) reproduces with its KV cache.
 
-``model`` arguments are a DiT or anything that calls one (`train.common.Handle` under FSDP/DDP):
+``model`` arguments are a DiT or anything that calls one (`train.distributed.Handle` under FSDP/DDP):
 ``model(...)`` is the forward, ``model.call("forward_causal", ...)`` (or the plain method) the
 sparse-causal one.
 """
@@ -54,7 +54,7 @@ def text_for(preset, batch: int, device) -> torch.Tensor:
 
 
 def _call(model, method: str, *args, **kwargs):
-    if hasattr(model, "call"):  # a train.common.Handle (FSDP / DDP wrapping)
+    if hasattr(model, "call"):  # a train.distributed.Handle (FSDP / DDP wrapping)
         return model.call(method, *args, **kwargs)
     return getattr(model, method)(*args, **kwargs)
 

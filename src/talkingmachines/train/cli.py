@@ -36,7 +36,8 @@ def _stage_args(p: argparse.ArgumentParser, stage: str) -> None:
 
 
 def _stage_config(args, stage: str):
-    from .common import latest_checkpoint, load_config
+    from .checkpoint import latest_checkpoint
+    from .config import load_config
 
     from .. import configs
 

@@ -28,7 +28,7 @@ streaming generator sees it:
   broadcast over frames]`` (`pipeline.dit_input`), the timestep of the sink is 0.
 
 Crops, references and noise depend only on ``(seed, clip, epoch)`` and ``(seed, step,
-sample)`` (see `common.sample_generator`), so a resumed or distributed run sees the same data
+sample)`` (see `rng.sample_generator`), so a resumed or distributed run sees the same data
 as a single uninterrupted one.
 """
 

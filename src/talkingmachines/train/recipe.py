@@ -30,7 +30,8 @@ import torch
 from .. import configs
 from ..errors import InputError
 from ..fileio import atomic_write_text
-from .common import TrainConfig, final_done, read_config_file
+from .checkpoint import final_done
+from .config import TrainConfig, read_config_file
 
 STAGES = ("synth", "vae", "teacher", "ode", "dmd", "export")
 DEFAULT_CONFIG = "tiny-recipe"  # the shipped talkingmachines/configs/tiny-recipe.json: the one source of defaults
@@ -223,17 +224,13 @@ def run_vae(r: dict, out: Path, steps: int) -> None:
         def __getitem__(self, i):
             return train[i]["video"]
 
-    t0 = time.time()
-    dev = "cuda" if (r["device"] == "auto" and torch.cuda.is_available()) else ("cpu" if r["device"] == "auto" else r["device"])
     from ..model.vae import TinyVAEConfig
 
     vcfg = TinyVAEConfig(latent_channels=int(v.get("latent_channels", TinyVAEConfig.latent_channels)))
-    res = train_tiny_vae(Videos(), vdir, steps=steps, batch_size=v["batch_size"], lr=v["lr"], seed=r["seed"],
-                         device=dev, ckpt_every=max(50, steps // 10), temporal_weight=v.get("temporal_weight", 0.0),
-                         config=vcfg)
-    last = res.losses[-1][1] if res.losses else None
-    atomic_write_text(vdir / "DONE.json", json.dumps({"steps": steps, "wall_seconds": time.time() - t0,
-                                                      "last_loss": last}))
+    # writes OUT/vae/DONE.json (steps, wall_seconds, the last step's losses) when it has finished
+    train_tiny_vae(Videos(), vdir, steps=steps, batch_size=v["batch_size"], lr=v["lr"], seed=r["seed"],
+                   device=r["device"], ckpt_every=max(50, steps // 10), temporal_weight=v.get("temporal_weight", 0.0),
+                   config=vcfg)
 
 
 def export_model(r: dict, out: Path, dest: Path, timings: dict) -> Path:
@@ -285,7 +282,8 @@ def model_card(r: dict, out: Path, preset, timings: dict, folder: Path | None = 
     mb = sum(f.stat().st_size for f in (folder or out / "model").rglob("*.safetensors")) / 1e6
     from ..model.dit import count_parameters
 
-    rows = [f"| VAE (TinyVAE) | {vae.get('steps', '?')} | {vae.get('wall_seconds', 0) / 60:.1f} | last loss {vae.get('last_loss', float('nan')):.4f} |"]
+    last = vae.get("last_loss", (vae.get("last") or {}).get("loss", float("nan")))  # last_loss: older runs' DONE.json
+    rows = [f"| VAE (TinyVAE) | {vae.get('steps', '?')} | {vae.get('wall_seconds', 0) / 60:.1f} | last loss {last:.4f} |"]
     for s, label in (("teacher", "teacher (bidirectional, flow matching)"), ("ode", "student init (ODE pairs)"),
                      ("dmd", "student (asymmetric DMD)")):
         d = st[s]

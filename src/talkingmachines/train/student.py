@@ -37,7 +37,10 @@ import torch
 from ..diffusion import dmd as D
 from ..diffusion import flow
 from ..errors import InputError
-from .common import FINAL, GlobalOrder, Handle, TrainConfig, sample_generator
+from .checkpoint import FINAL
+from .config import TrainConfig
+from .distributed import Handle
+from .rng import GlobalOrder, sample_generator
 from ..pipeline import bidirectional_v, causal_x0, guided_v, rollout
 from .latents import Batch
 from .teacher import DiTStage, new_dit

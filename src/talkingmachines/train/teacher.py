@@ -1,6 +1,6 @@
 """Stage 1: the bidirectional teacher (flow matching over whole clips, CFG dropout).
 
-Per sample (all randomness from `common.sample_generator(seed, step, j)`): a level
+Per sample (all randomness from `rng.sample_generator(seed, step, j)`): a level
 ``s`` (uniform or logit-normal, then Wan's shift ``preset.stream.flow_shift``), noise ``e``,
 ``x_s = (1 - s) z + s e`` on frames >= 1 while the sink (frame 0) stays the clean reference
 latent at timestep 0; the audio is dropped (zero windows) with ``p_drop_audio`` and the
@@ -25,7 +25,11 @@ from ..diffusion import flow
 from ..errors import InputError
 from ..model.dit import AudioDiT
 from ..fileio import atomic_write_text
-from .common import FINAL, Handle, Trainer, TrainConfig, GlobalOrder, sample_generator
+from .checkpoint import FINAL
+from .config import TrainConfig
+from .distributed import Handle
+from .rng import GlobalOrder, sample_generator
+from .trainer import Trainer
 from ..pipeline import bidirectional_v
 from .latents import Batch, LatentClips, build_latent_cache
 

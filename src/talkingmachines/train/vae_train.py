@@ -1,38 +1,35 @@
-"""Training of the `tiny` preset's video VAE (`TinyVAE`).
+"""Training of the `tiny` preset's video VAE (`TinyVAE`), by the training stages' own `Trainer`.
 
 `train_tiny_vae(videos, out_dir, ...)` trains on uint8 clips ``[T, H, W, 3]`` with
 ``T = 1 + 4k``: L1 + a small MSE + an edge (spatial gradient) L1 that keeps mouths and eyes
 sharp + a tiny KL, and optionally (``temporal_weight``) an L1 on the frame-to-frame change, so
 the 4 frames decoded from one latent do not wobble where the video is still. AdamW, warmup
-then cosine decay, gradient clipping.
+then cosine decay, gradient clipping, in fp32.
 
 ``init_from`` + ``freeze_encoder`` fine-tune only the decoder of a trained VAE: the encoder,
 its latent statistics and so every latent a DiT was trained on stay exactly as they were, so
 the new decoder drops into an existing model folder.
 
-Reproducible and resumable:
-* the batch of step ``s`` depends only on ``(seed, s)`` (random indices into an indexable data
-  set, a flip, the posterior noise), so a run killed and resumed equals an uninterrupted one;
-  a plain iterable is consumed in order (and fast-forwarded on resume);
-* checkpoints ``out_dir/checkpoints/step_XXXXXXXX/`` hold ``model.safetensors`` +
-  ``config.json`` (a loadable TinyVAE folder), ``optimizer.safetensors`` and ``state.json``
-  (step, loss history) and ``manifest.json`` (every file's sha256), written and verified by the
-  training stages' own functions (`common.write_checkpoint`, `common.intact_checkpoint`): a
-  hidden temp folder renamed into place, ``checkpoints/latest`` replaced atomically, and a
-  damaged latest checkpoint skipped with a warning for the newest intact one. Nothing is pickled.
+Reproducible and resumable as every stage (`trainer.Trainer`): an indexable data set is read
+in the `rng.GlobalOrder` of ``(seed, step)`` (a plain iterable is consumed in order, and
+fast-forwarded on resume), the flip and posterior noise of step ``s`` come from
+`rng.sample_generator`; checkpoints ``out_dir/checkpoints/step_XXXXXXXX/`` are the stages'
+(``model.vae.safetensors``, ``optim.vae.*``, ``state.json``, ``manifest.json``) plus the
+TinyVAE's ``config.json``, written and verified by `checkpoint`. Checkpoints of the VAE trainer
+before it used `Trainer` (``model.safetensors`` + ``optimizer.safetensors``) are refused with
+one line.
 
 When training ends, the per-channel latent mean/std over a few batches are stored in the
-config (so `encode_video` gives ~unit-variance latents), the model is saved to ``out_dir``
-(``load_vae("tiny", out_dir)``) with ``losses.json`` and a loss curve ``loss.png``.
+config (so `encode_video` gives ~unit-variance latents), and the model is saved to ``out_dir``
+(``load_vae("tiny", out_dir)``) with ``losses.json``, ``DONE.json`` and the loss curves ``loss.png``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -40,13 +37,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..fileio import atomic_save_safetensors, atomic_write
+from ..errors import InputError
+from ..fileio import atomic_write_text
 from ..model.vae import TinyVAE, TinyVAEConfig, video_to_tensor
-from .common import CKPT_DIR, intact_checkpoint, latest_checkpoint, write_checkpoint
+from .config import TrainConfig
+from .rng import GlobalOrder, sample_generator
+from .trainer import Trainer
 
-__all__ = ["train_tiny_vae", "VAETrainResult", "vae_loss", "latest_checkpoint", "load_checkpoint"]
+__all__ = ["train_tiny_vae", "VAETrainer", "VAEOptions", "VAETrainResult", "vae_loss"]
 
-_SEED_MUL = 1_000_003
+SALT_VAE = 21
+STATS_STEP = 10**9  # the latent statistics read "steps" far past training: other clips' order
 
 
 @dataclass
@@ -56,6 +57,22 @@ class VAETrainResult:
     start_step: int = 0
     step: int = 0
     out_dir: Path | None = None
+
+
+@dataclass
+class VAEOptions:
+    """What the VAE stage adds to `TrainConfig`: its model, loss weights and fine-tuning."""
+
+    config: TinyVAEConfig | None = None  # None: the resumed checkpoint's, else TinyVAEConfig()
+    mse_weight: float = 0.25
+    edge_weight: float = 0.5
+    kl_weight: float = 1e-4
+    temporal_weight: float = 0.0
+    init_from: str | None = None  # a trained TinyVAE folder
+    freeze_encoder: bool = False  # train the decoder only (needs init_from)
+    flip: bool = True  # random horizontal flips
+    stat_batches: int = 4  # batches for the latent statistics
+    resume: bool = True
 
 
 # ----------------------------------------------------------------------------- loss
@@ -96,38 +113,6 @@ def _gen(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * _SEED_MUL + int(step)) % (2**63 - 1))
 
 
-class _Batches:
-    """Batch of step s: indexable data -> indices drawn from (seed, s); iterable -> in order."""
-
-    def __init__(self, videos: Any, batch_size: int, seed: int, start_step: int) -> None:
-        self.videos = videos
-        self.batch_size = batch_size
-        self.seed = seed
-        self.indexable = _is_indexable(videos)
-        if self.indexable and len(videos) == 0:
-            raise ValueError("empty video data set")
-        if not self.indexable:
-            self.it = iter(videos)
-            for _ in range(start_step * batch_size):  # fast-forward a plain iterable
-                self._next()
-
-    def _next(self) -> Any:
-        try:
-            return next(self.it)
-        except StopIteration:
-            self.it = iter(self.videos)
-            try:
-                return next(self.it)
-            except StopIteration:
-                raise ValueError("empty video iterable") from None
-
-    def get(self, step: int) -> list:
-        if self.indexable:
-            idx = torch.randint(len(self.videos), (self.batch_size,), generator=_gen(self.seed, step))
-            return [self.videos[int(i)] for i in idx]
-        return [self._next() for _ in range(self.batch_size)]
-
-
 def _clip_array(c: Any) -> torch.Tensor:
     if isinstance(c, dict):  # tolerate data sets that yield dicts
         c = c.get("video", c.get("frames"))
@@ -151,119 +136,124 @@ def _to_batch(clips: list, device: torch.device, flip: torch.Tensor | None) -> t
     return x
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- the stage
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{pid}.{k}"] = v.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+class VAETrainer(Trainer):
+    """One trainable group, ``vae``, without EMA; the product is the model folder ``OUT``."""
 
+    stage = "vae"
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    for pid, st in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(st)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    def __init__(self, cfg: TrainConfig, videos: Iterable | Any, opts: VAEOptions):
+        super().__init__(cfg)
+        if opts.freeze_encoder and opts.init_from is None:
+            raise InputError("freeze_encoder needs init_from (a trained VAE folder)")
+        self.videos, self.opts = videos, opts
+        self.final = self.out  # a loadable TinyVAE folder: load_vae("tiny", OUT)
+        self._it = None
 
+    def find_checkpoint(self) -> Path | None:
+        return super().find_checkpoint() if self.opts.resume else None
 
-def _save_checkpoint(out_dir: Path, model: TinyVAE, opt: torch.optim.Optimizer, state: dict, keep: int) -> Path:
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tensors, meta = _flatten_optimizer(opt)
-        atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
-        (tmp / "state.json").write_text(json.dumps(state))
+    def make_data(self) -> None:
+        self.indexable = _is_indexable(self.videos)
+        if self.indexable:
+            self.order = GlobalOrder(len(self.videos), self.cfg.batch_size, self.cfg.seed)
 
-    return write_checkpoint(out_dir / CKPT_DIR, f"step_{state['step']:08d}", write, keep)
+    def build(self) -> None:
+        opts, ck = self.opts, self.resume_from
+        if ck is not None and not (ck / "model.vae.safetensors").is_file() and (ck / "model.safetensors").is_file():
+            raise InputError(f"{ck}: a checkpoint of the older VAE trainer (model.safetensors, optimizer.safetensors), "
+                             "which this version does not resume; move the checkpoints folder away to train again")
+        config = opts.config
+        if config is None and ck is not None:
+            config = TinyVAEConfig.from_dict(json.loads((ck / "config.json").read_text()))
+        if opts.init_from is not None:
+            model = TinyVAE.from_pretrained(opts.init_from, device=self.device)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)  # the initial weights depend on the seed only
+                model = TinyVAE(config or TinyVAEConfig()).to(self.device)
+        if opts.freeze_encoder:
+            model.encoder.requires_grad_(False)
+        self.vae = model
+        self.add_group("vae", model, self.cfg.lr, ema=False)
 
+    def clips(self, step: int) -> list:
+        """The clips of ``step``: from the global order, or the iterable's next ones."""
+        if self.indexable:
+            return [self.videos[i] for i, _ in self.order.global_batch(step)]
+        if self._it is None:  # consumed in order: skip what the steps before a resume read
+            self._it = iter(self.videos)
+            for _ in range(self.step * self.cfg.batch_size):
+                self._next()
+        return [self._next() for _ in range(self.cfg.batch_size)]
 
-def load_checkpoint(ckpt: str | os.PathLike, model: TinyVAE | None = None,
-                    opt: torch.optim.Optimizer | None = None) -> tuple[TinyVAE, dict]:
-    """Load a checkpoint folder into ``model`` (or a new TinyVAE) and ``opt``; returns (model, state)."""
-    from safetensors.torch import load_file
+    def _next(self) -> Any:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = iter(self.videos)
+            try:
+                return next(self._it)
+            except StopIteration:
+                raise InputError("empty video iterable") from None
 
-    ckpt = Path(ckpt)
-    if model is None:
-        model = TinyVAE.from_pretrained(ckpt)
-    else:
-        dev = model.device
-        model.load_state_dict({k: v.to(dev) for k, v in load_file(str(ckpt / "model.safetensors")).items()})
-        cfg = json.loads((ckpt / "config.json").read_text())
-        model.set_latent_stats(cfg["latents_mean"], cfg["latents_std"])
-    if opt is not None:
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
-        meta = json.loads((ckpt / "optimizer.json").read_text())
-        opt.load_state_dict(_unflatten_optimizer(tensors, meta))
-    return model, json.loads((ckpt / "state.json").read_text())
+    def batch(self, step: int):
+        g = sample_generator(self.cfg.seed, step, 0, SALT_VAE)
+        clips = self.clips(step)
+        flip = torch.rand(len(clips), generator=g) < 0.5 if self.opts.flip else None
+        return _to_batch(clips, self.device, flip), g
 
+    def autocast(self):
+        return nullcontext()  # fp32: a VAE's fine detail is what bf16 rounds away
 
-# ----------------------------------------------------------------------------- training
+    def loss(self, batch, step: int):
+        x, g = batch
+        model, o = self.vae, self.opts
+        if o.freeze_encoder:  # the decoder learns to decode what `encode_video` gives: the mean
+            with torch.no_grad():
+                model.encoder.eval()
+                mean, logvar = model.encode_moments(x)
+            rec = model.decode_raw(mean)
+        else:
+            mean, logvar = model.encode_moments(x)
+            eps = torch.randn(mean.shape, generator=g).to(device=x.device, dtype=mean.dtype)
+            rec = model.decode_raw(mean + eps * torch.exp(0.5 * logvar))
+        loss, parts = vae_loss(rec, x, mean, logvar, o.mse_weight, o.edge_weight, o.kl_weight, o.temporal_weight)
+        return "vae", loss, parts
 
+    def save_extra(self, folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps(self.vae.config.to_dict()))
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if warmup > 0 and step < warmup:
-        return lr * (step + 1) / warmup
-    if steps <= warmup:
-        return lr
-    p = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * p)))
+    def state_json(self) -> dict:
+        opts = {k: v for k, v in asdict(self.opts).items() if k != "config"}
+        return {**super().state_json(), "vae": opts}
 
+    @torch.no_grad()
+    def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean/std of the encoder's raw latent means over a few batches."""
+        model = self.vae
+        c = model.latent_channels
+        s1 = torch.zeros(c, dtype=torch.float64)
+        s2 = torch.zeros(c, dtype=torch.float64)
+        n = 0
+        for i in range(self.opts.stat_batches):
+            mean, _ = model.encode_moments(_to_batch(self.clips(STATS_STEP + i), self.device, None))
+            m = mean.double().transpose(0, 1).reshape(c, -1).cpu()
+            s1 += m.sum(1)
+            s2 += (m * m).sum(1)
+            n += m.shape[1]
+        mu = s1 / n
+        std = (s2 / n - mu * mu).clamp_min(1e-12).sqrt().clamp_min(1e-4)
+        return mu.float(), std.float()
 
-@torch.no_grad()
-def compute_latent_stats(model: TinyVAE, batches: _Batches, n_batches: int, seed: int,
-                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean/std of the encoder's raw latent means over a few batches."""
-    c = model.latent_channels
-    s1 = torch.zeros(c, dtype=torch.float64)
-    s2 = torch.zeros(c, dtype=torch.float64)
-    n = 0
-    for i in range(n_batches):
-        x = _to_batch(batches.get(10**9 + i), device, None)
-        mean, _ = model.encode_moments(x)
-        m = mean.double().transpose(0, 1).reshape(c, -1).cpu()
-        s1 += m.sum(1)
-        s2 += (m * m).sum(1)
-        n += m.shape[1]
-    mu = s1 / n
-    std = (s2 / n - mu * mu).clamp_min(1e-12).sqrt().clamp_min(1e-4)
-    return mu.float(), std.float()
-
-
-def _plot_losses(losses: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not losses:
-        return
-    steps = np.array([s for s, _ in losses])
-    vals = np.array([v for _, v in losses])
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, vals, lw=0.6, alpha=0.4, label="loss")
-    k = max(1, len(vals) // 50)
-    if k > 1:
-        sm = np.convolve(vals, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], sm, lw=1.5, label=f"mean of {k}")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("TinyVAE training")
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
+    def export(self, final: Path) -> None:
+        self.vae.eval()
+        if not self.opts.freeze_encoder:  # a frozen encoder keeps its statistics: the latents stay the same
+            self.vae.set_latent_stats(*self.latent_stats())
+        self.vae.save_pretrained(final)
+        atomic_write_text(final / "losses.json", json.dumps([[h["step"], h["loss"]] for h in self.history]))
 
 
 def train_tiny_vae(
@@ -274,7 +264,7 @@ def train_tiny_vae(
     lr: float = 1e-3,
     resume: bool = True,
     log_every: int = 50,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     *,
     config: TinyVAEConfig | None = None,
     seed: int = 0,
@@ -295,97 +285,24 @@ def train_tiny_vae(
 ) -> VAETrainResult:
     """Train a TinyVAE on uint8 clips ``[T, H, W, 3]`` (``T = 1 + 4k``, H and W divisible by 8).
 
-    ``videos``: an indexable data set (``len`` + ``[i]``; sampled by ``(seed, step)``) or any
-    iterable (consumed in order, restarted when exhausted). With ``resume=True`` training
-    continues from ``out_dir/checkpoints/latest``; a finished run returns at once. The final
-    model (with latent statistics) is saved to ``out_dir``.
+    ``videos``: an indexable data set (``len`` + ``[i]``; read in the global order of
+    ``(seed, step)``) or any iterable (consumed in order, restarted when exhausted). With
+    ``resume=True`` training continues from the newest intact checkpoint in
+    ``out_dir/checkpoints``; a finished run only exports again. The final model (with latent
+    statistics) is saved to ``out_dir``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
-    ckpt = intact_checkpoint(out) if resume else None
-    if config is None and ckpt is not None:
-        config = TinyVAEConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    if freeze_encoder and init_from is None:
-        raise ValueError("freeze_encoder needs init_from (a trained VAE folder)")
-    if init_from is not None:
-        model = TinyVAE.from_pretrained(init_from, device=device)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the initial weights depend on the seed only
-            model = TinyVAE(config or TinyVAEConfig()).to(device)
-    if freeze_encoder:
-        model.encoder.requires_grad_(False)
-    if warmup is None:
-        warmup = min(200, steps // 10)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99),
-                            weight_decay=weight_decay)
-
-    start, history = 0, []
-    if ckpt is not None:
-        _, state = load_checkpoint(ckpt, model, opt)
-        if state.get("seed", seed) != seed:
-            raise ValueError(f"checkpoint {ckpt} was trained with seed {state.get('seed')}, not {seed}")
-        start = int(state["step"])
-        history = [tuple(x) for x in state.get("losses", [])]
-
-    batches = _Batches(videos, batch_size, seed, start)
-    run_losses: list[tuple[int, float]] = []
-
-    def state_dict(step: int) -> dict:
-        return {"step": step, "seed": seed, "losses": history, "time": time.time(),
-                "batch_size": batch_size, "lr": lr, "steps": steps}
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc="tiny-vae", dynamic_ncols=True)
-    model.train()
-    step = start
+    cfg = TrainConfig(stage="vae", out=str(out_dir), steps=steps, batch_size=batch_size, lr=lr, lr_schedule="cosine",
+                      warmup=min(200, steps // 10) if warmup is None else warmup, weight_decay=weight_decay,
+                      betas=(0.9, 0.99), grad_clip=grad_clip, ema_decay=0.0, ckpt_every=ckpt_every,
+                      keep_checkpoints=keep_checkpoints, log_every=log_every, seed=seed, device=str(device),
+                      progress=progress)
+    opts = VAEOptions(config=config, mse_weight=mse_weight, edge_weight=edge_weight, kl_weight=kl_weight,
+                      temporal_weight=temporal_weight, init_from=None if init_from is None else str(init_from),
+                      freeze_encoder=freeze_encoder, flip=flip, stat_batches=stat_batches, resume=resume)
+    tr = VAETrainer(cfg, videos, opts)
     try:
-        while step < steps:
-            g = _gen(seed, step)
-            clips = batches.get(step)
-            fl = torch.rand(len(clips), generator=g) < 0.5 if flip else None
-            x = _to_batch(clips, device, fl)
-            for pg in opt.param_groups:
-                pg["lr"] = _lr_at(step, steps, lr, warmup)
-            eps = None
-            if freeze_encoder:  # the decoder learns to decode what `encode_video` gives: the mean
-                with torch.no_grad():
-                    model.encoder.eval()
-                    mean, logvar = model.encode_moments(x)
-                rec = model.decode_raw(mean)
-            else:
-                mean, logvar = model.encode_moments(x)
-                eps = torch.randn(mean.shape, generator=g).to(device=device, dtype=mean.dtype)
-                rec = model.decode_raw(mean + eps * torch.exp(0.5 * logvar))
-            loss, parts = vae_loss(rec, x, mean, logvar, mse_weight, edge_weight, kl_weight, temporal_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            step += 1
-            lv = float(loss.item())
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"non-finite VAE loss at step {step}")
-            history.append((step, lv))
-            run_losses.append((step, lv))
-            bar.update(1)
-            if log_every and (step % log_every == 0 or step == steps):
-                bar.set_postfix(loss=f"{lv:.4f}", l1=f"{parts['l1']:.4f}", edge=f"{parts['edge']:.4f}")
-            if ckpt_every and step % ckpt_every == 0 and step < steps:
-                _save_checkpoint(out, model, opt, state_dict(step), keep_checkpoints)
+        tr.run()
     finally:
-        bar.close()
-
-    model.eval()
-    if run_losses or not (out / "model.safetensors").is_file():
-        if not freeze_encoder:  # a frozen encoder keeps its statistics: the latents stay the same
-            mu, std = compute_latent_stats(model, batches, stat_batches, seed, device)
-            model.set_latent_stats(mu, std)
-        _save_checkpoint(out, model, opt, state_dict(step), keep_checkpoints)
-        model.save_pretrained(out)
-        atomic_write(out / "losses.json", lambda p: Path(p).write_text(json.dumps(history)))
-        _plot_losses(history, out / "loss.png")
-    return VAETrainResult(vae=model, losses=run_losses, start_step=start, step=step, out_dir=out)
+        tr.cleanup()
+    run = [(h["step"], h["loss"]) for h in tr.history if h["step"] > tr.start_step]
+    return VAETrainResult(vae=tr.vae, losses=run, start_step=tr.start_step, step=tr.step, out_dir=tr.out)
