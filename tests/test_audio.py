@@ -10,6 +10,7 @@ from talkingmachines.model.audio import (
     Wav2Vec2FrontEnd,
     audio_windows,
     build_frontend,
+    frame_rms,
     frame_rms_db,
     is_silence,
     lookahead_ms,
@@ -132,6 +133,13 @@ def test_silence_helpers():
     assert is_silence(np.zeros(0)) and rms_db(torch.zeros(10)) == -200.0
     fr = frame_rms_db(np.concatenate([np.zeros(1280), 0.1 * np.ones(700)]))
     assert fr.shape == (4,) and fr[0] < -100 and abs(fr[2] + 20) < 0.01 and fr[3] < -30
+    # a fixed frame count: audio past it is ignored, missing audio is silence
+    x = np.concatenate([np.zeros(640), 0.5 * np.ones(640), 0.2 * np.ones(100)])
+    r = frame_rms(x, 2)
+    assert r.shape == (2,) and r[0] == 0.0 and abs(r[1] - 0.5) < 1e-12
+    r = frame_rms(x, 5)
+    assert r.shape == (5,) and abs(r[2] - 0.2 * np.sqrt(100 / 640)) < 1e-12 and r[3] == r[4] == 0.0
+    assert np.array_equal(frame_rms_db(x, 5), 20 * np.log10(np.maximum(r, 1e-10)))
 
 
 def test_lookahead_and_build(logmel):

@@ -8,6 +8,7 @@ import pytest
 
 from talkingmachines.config import SAMPLES_PER_FRAME, VAE_TEMPORAL
 from talkingmachines.errors import InputError
+from talkingmachines.model.audio import frame_rms
 from talkingmachines.train import synth
 from talkingmachines.train.synth import (
     STYLES, FaceParams, FaceRenderer, FaceState, babble_tts, espeak_available, make_clip,
@@ -16,10 +17,6 @@ from talkingmachines.train.synth import (
 
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
 SPEECH = "espeak" if espeak_available() else "babble"
-
-
-def _frame_rms(audio, T):
-    return np.sqrt((audio[: T * SAMPLES_PER_FRAME].reshape(T, SAMPLES_PER_FRAME).astype(np.float64) ** 2).mean(1))
 
 
 def test_params_deterministic_and_varied():
@@ -82,7 +79,7 @@ def _check_clip(c, seconds):
     assert c.audio.dtype == np.float32 and len(c.audio) == T * SAMPLES_PER_FRAME
     assert c.mouth_open.shape == c.mouth_round.shape == c.speaking.shape == (T,)
     assert c.speaking.any() and (~c.speaking).any()
-    rms = _frame_rms(c.audio, T)
+    rms = frame_rms(c.audio, T)
     corr = np.corrcoef(c.mouth_open, rms)[0, 1]
     assert corr > 0.8, corr
     assert np.abs(c.mouth_open[~c.speaking]).max() < 0.05

@@ -51,6 +51,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from ..model.audio import frame_rms, frame_rms_db
 # the renderer owns the synthetic faces' geometry; re-exported here because every metric uses it
 from ..train.synth import clip_box as _clip_roi, mouth_roi_from_face
 
@@ -229,19 +230,12 @@ def mouth_signal(frames, roi: Roi | None = None, face=None, motion: bool = True,
 # ----------------------------------------------------------------------------- audio
 
 
-def _frame_rms(audio: np.ndarray, n_frames: int) -> np.ndarray:
-    a = np.asarray(audio, np.float64).reshape(-1)
-    need = n_frames * SAMPLES_PER_FRAME
-    a = np.pad(a[:need], (0, max(0, need - a.size)))
-    return np.sqrt((a.reshape(n_frames, SAMPLES_PER_FRAME) ** 2).mean(1))
-
-
 def speech_envelope(audio, n_frames: int | None = None, smooth: int = 3) -> np.ndarray:
     """Per-video-frame speech energy: RMS of each 640-sample frame (linear), box-smoothed
     over `smooth` frames. Audio past `n_frames` is ignored, missing audio counts as silence."""
     a = np.asarray(audio, np.float64).reshape(-1)
     n = n_frames if n_frames is not None else -(-a.size // SAMPLES_PER_FRAME)
-    e = _frame_rms(a, n)
+    e = frame_rms(a, n)
     if smooth > 1:
         e = np.convolve(np.pad(e, (smooth // 2, smooth - 1 - smooth // 2), mode="edge"),
                         np.ones(smooth) / smooth, mode="valid")
@@ -259,7 +253,7 @@ def speech_frames(audio, n_frames: int | None = None, threshold_db: float | None
     percentile within 12 dB, 95th below -35 dBFS) is all silence."""
     a = np.asarray(audio, np.float64).reshape(-1)
     n = n_frames if n_frames is not None else -(-a.size // SAMPLES_PER_FRAME)
-    db = 20 * np.log10(np.maximum(_frame_rms(a, n), 1e-10))
+    db = frame_rms_db(a, n)
     if threshold_db is None:
         if n:
             p5, p95 = np.percentile(db, [5, 95])

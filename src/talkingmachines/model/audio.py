@@ -48,6 +48,7 @@ __all__ = [
     "num_latent_frames",
     "rms_db",
     "is_silence",
+    "frame_rms",
     "frame_rms_db",
 ]
 
@@ -506,9 +507,16 @@ def is_silence(audio, threshold_db: float = -45.0) -> bool:
     return rms_db(audio) < threshold_db
 
 
-def frame_rms_db(audio) -> np.ndarray:
-    """Per-video-frame RMS level in dBFS, [ceil(len / 640)] (last frame zero-padded)."""
+def frame_rms(audio, n_frames: int | None = None) -> np.ndarray:
+    """Per-video-frame RMS (640 samples each), linear, float64 [n_frames]; by default
+    ``ceil(len / 640)`` frames. Audio past ``n_frames`` is ignored, missing audio is silence."""
     a = np.asarray(audio.detach().cpu() if isinstance(audio, torch.Tensor) else audio, dtype=np.float64).reshape(-1)
-    T = num_video_frames(a.size)
-    a = np.pad(a, (0, T * SAMPLES_PER_FRAME - a.size)).reshape(T, SAMPLES_PER_FRAME)
-    return 20.0 * np.log10(np.maximum(np.sqrt((a * a).mean(1)), 1e-10))
+    T = num_video_frames(a.size) if n_frames is None else int(n_frames)
+    need = T * SAMPLES_PER_FRAME
+    a = np.pad(a[:need], (0, max(0, need - a.size))).reshape(T, SAMPLES_PER_FRAME)
+    return np.sqrt((a * a).mean(1))
+
+
+def frame_rms_db(audio, n_frames: int | None = None) -> np.ndarray:
+    """`frame_rms` in dBFS (floor -200 dB)."""
+    return 20.0 * np.log10(np.maximum(frame_rms(audio, n_frames), 1e-10))

@@ -311,8 +311,7 @@ def speaking_flags(audio: np.ndarray, n_frames: int) -> np.ndarray:
     """Per video frame: RMS above ``max(-45 dBFS, noise floor + 12 dB)`` (floor: 5th percentile)."""
     from ..model.audio import frame_rms_db
 
-    db = frame_rms_db(audio[: n_frames * SAMPLES_PER_FRAME])
-    db = np.pad(db, (0, max(0, n_frames - len(db))), constant_values=-200.0)[:n_frames]
+    db = frame_rms_db(audio, n_frames)  # missing audio: silence (-200 dB)
     thr = max(-45.0, float(np.percentile(db, 5)) + 12.0) if len(db) else -45.0
     return db > thr
 

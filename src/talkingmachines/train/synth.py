@@ -874,10 +874,6 @@ def _cut_quiet(x: np.ndarray, max_len: int) -> np.ndarray:
     return y
 
 
-def _frame_rms(x: np.ndarray, T: int) -> np.ndarray:
-    return np.sqrt((x[: T * SAMPLES_PER_FRAME].reshape(T, SAMPLES_PER_FRAME).astype(np.float64) ** 2).mean(1))
-
-
 # level that opens the mouth fully (RMS of a 40 ms frame); utterances are normalised to
 # an RMS of 0.05..0.11 over their voiced part
 MOUTH_REF_RMS = 0.13
