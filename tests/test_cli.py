@@ -150,3 +150,56 @@ def test_demo_face_is_found_and_talks(demo_eval):
     assert f["face_found"] >= 0.98, f
     assert f["lag"] is not None and abs(f["lag"]) <= 2 and f["confidence"] >= 0.6, f
     assert f["open_ratio"] is not None and f["open_ratio"] >= 2.0, f
+
+
+def _commands(parser, prefix=()):
+    """(command path, its parser) for every (sub-)command."""
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, p in a.choices.items():
+                yield prefix + (name,), p
+                yield from _commands(p, prefix + (name,))
+
+
+def test_commands_share_one_device_default():
+    """Every `--device` means the same by default: auto (the GPU when there is one); the training
+    stages' default comes from their config, whose default is auto too. `bench` has all its
+    options on its own parser (no options added from elsewhere and read back with defaults)."""
+    from talkingmachines.cli import build_parser
+    from talkingmachines.train.config import TrainConfig
+
+    cmds = dict(_commands(build_parser()))
+    assert {("generate",), ("demo",), ("bench",), ("eval-model",), ("serve",), ("plan",), ("data", "synth")} <= set(cmds)
+    devices = {path: next((a.default for a in p._actions if a.dest == "device"), "-") for path, p in cmds.items()}
+    with_device = {k: v for k, v in devices.items() if v != "-"}
+    assert {("generate",), ("demo",), ("bench",), ("eval-model",), ("serve",)} <= set(with_device)
+    assert all(v in ("auto", None) for v in with_device.values()), with_device
+    assert TrainConfig().device == "auto"
+    bench = {a.dest for a in cmds[("bench",)]._actions}  # bench's own options, all on its parser
+    assert {"sections", "compile", "compile_backend", "skip_baseline", "baseline_frames", "decode_device",
+            "device", "steps", "seed"} <= bench
+
+
+def test_device_auto_and_errors():
+    import torch
+
+    from talkingmachines.devices import resolve_device
+    from talkingmachines.errors import InputError
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto") and resolve_device("cpu") == "cpu"
+    with pytest.raises(InputError, match="not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_data_synth_preview_and_out_required(tmp_path):
+    r = run("data", "synth", "--preview", str(tmp_path / "faces.png"), "--size", "64")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "faces.png").read_bytes()[:4] == b"\x89PNG"
+    r = run("data", "synth", "--n", "1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "--out" in r.stderr

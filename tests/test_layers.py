@@ -12,7 +12,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "src" / "talkingmachines"
 
 # modules anything may import (they hold no engine, model or training logic)
-LEAVES = {"config", "configs", "errors", "fileio", "media", "audio_io", "dataset"}
+LEAVES = {"config", "configs", "devices", "errors", "fileio", "media", "audio_io", "dataset"}
 # bottom to top; units on one line are siblings and do not import each other
 LAYERS = [{"model"}, {"diffusion"}, {"pipeline"}, {"stream"}, {"train", "eval", "serve"}, {"cli"}, {"__main__"}]
 # (importer, imported) pairs allowed against the rule, each with its reason

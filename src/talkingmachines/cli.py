@@ -27,43 +27,6 @@ PIP_NAMES = {"av": "av", "aiortc": "aiortc", "aiohttp": "aiohttp", "diffusers": 
              "matplotlib": "matplotlib", "transformers": "transformers", "safetensors": "safetensors"}
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="model preset (default: tiny, the shipped model)")
-    p.add_argument("--model", default=None, help="a talkingmachines model folder (default: the shipped tiny model)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the student's 2)")
-
-
-def _preset(args):
-    from .config import Preset, get_preset
-
-    if args.model:
-        f = Path(args.model) / "preset.json"
-        if not f.is_file():
-            raise InputError(f"{args.model}: not a talkingmachines model folder (no preset.json)")
-        return Preset.load(f)
-    try:
-        return get_preset(args.preset)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-
-
-def _load(args):
-    import torch
-
-    from .stream.generator import load_avatar
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: CUDA is not available on this machine")
-    _preset(args)  # clear error for a bad --model / --preset
-    avatar = load_avatar(args.model, args.preset, args.device)
-    if avatar.random_weights:
-        print(f"NOTE: preset {avatar.preset.name!r} has no trained weights here: using RANDOM weights "
-              "(the video will be noise-like; speed figures are still real).", file=sys.stderr)
-    return avatar
-
-
 class _Signalled(KeyboardInterrupt):
     """SIGTERM or SIGHUP during `generate`: unwinds like Ctrl-C, so the temp file goes too."""
 
@@ -121,6 +84,7 @@ def _generate(args, out: Path) -> int:
     from .config import SAMPLES_PER_FRAME
     from .media import Mp4Writer, audio_duration, iter_audio, load_image
     from .model.audio import is_silence
+    from .stream.options import load_from_args, preset_from_args
 
     check_output_path(out)
     if args.steps is not None and args.steps < 1:
@@ -129,9 +93,9 @@ def _generate(args, out: Path) -> int:
     # piece (here only up to its first sound), so memory stays flat at any length
     if all(is_silence(a) for a in iter_audio(args.audio)):
         raise InputError(f"{args.audio}: the audio is silent; nothing to lip-sync")
-    p = _preset(args)
+    p = preset_from_args(args)
     portrait = load_image(args.image or ASSETS / "portrait.png", (p.height, p.width))
-    avatar = _load(args)
+    avatar = load_from_args(args)
     stream = avatar.new_stream(portrait, seed=args.seed, steps=args.steps)
     dur = audio_duration(args.audio)
     est = math.ceil(dur * 25 / stream.chunk_video_frames) if dur else None
@@ -185,13 +149,9 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .eval.bench import run_bench
-
-    return run_bench(args, _load)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .stream.options import add_model_args
+
     ap = argparse.ArgumentParser(prog="talkingmachines", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -200,13 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", default=None, help="portrait image (default: the bundled portrait)")
     g.add_argument("--audio", required=True, help="speech: wav, mp3, flac, ogg, m4a")
     g.add_argument("-o", "--output", required=True, help="output .mp4")
-    _add_model_args(g)
+    add_model_args(g)
     g.set_defaults(fn=cmd_generate)
 
     d = sub.add_parser("demo", help="the bundled portrait speaks the bundled speech -> demo.mp4")
     d.add_argument("-o", "--output", default="demo.mp4")
     d.add_argument("--image", default=None)
-    _add_model_args(d)
+    add_model_args(d)
     d.set_defaults(fn=cmd_demo)
 
     i = sub.add_parser("info", help="preset summary and parameter count (meta device, no memory)")
@@ -214,17 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
 
-    b = sub.add_parser("bench", help="real-time factor, latency, KV-cache speedup, memory over a long stream")
-    _add_model_args(b)
-    b.add_argument("--json", action="store_true", help="print one JSON line")
-    b.add_argument("--chunks", type=int, default=300, help="length of the long stream")
-    b.add_argument("--plot", default=None, help="write a PNG of per-chunk latency")
-    b.set_defaults(fn=cmd_bench)
-
     import importlib
     import importlib.util
 
-    # optional command groups, each registering its own sub-commands
+    # the other commands, each registered once, by the package that holds its code
     for name in ("serve.cli", "train.cli", "eval.cli", "eval.quality_cli"):
         if importlib.util.find_spec(f"talkingmachines.{name}") is not None:
             importlib.import_module(f"talkingmachines.{name}").register(sub)

@@ -130,21 +130,22 @@ def _emit(res: dict, section: str, part: dict, as_json: bool) -> None:
             print(f"{key:<18} {v}", flush=True)
 
 
-def run_bench(args, load_avatar) -> int:
-    """The bench for the CLI's ``args``; ``load_avatar(args)`` loads the model (timed as ``load_s``)."""
+def run_bench(args) -> int:
+    """The bench for the CLI's ``args`` (`eval.cli`); loading the model is timed as ``load_s``."""
     from ..errors import InputError
+    from ..stream.options import load_from_args
 
     if args.chunks < 4:
         raise InputError("--chunks must be >= 4 (the steady state starts at chunk 3)")
     known = ("stream", "kv_cache", "disagg", "baseline")
-    sections = set((getattr(args, "sections", None) or ",".join(known)).split(","))
+    sections = set((args.sections or ",".join(known)).split(","))
     if sections - set(known):
         raise InputError(f"--sections: unknown {', '.join(sorted(sections - set(known)))} "
                          f"(choose from {', '.join(known)}; the long stream always runs)")
     torch.manual_seed(args.seed)
     res: dict = {}
     t0 = time.perf_counter()
-    avatar = load_avatar(args)
+    avatar = load_from_args(args)
     _sync(avatar.device)
     emit = functools.partial(_emit, res, as_json=args.json)
     emit("load", {"preset": avatar.preset.name, "device": str(avatar.device), "dtype": str(avatar.dtype)[6:],
@@ -152,11 +153,11 @@ def run_bench(args, load_avatar) -> int:
                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                   "load_s": round(time.perf_counter() - t0, 2)})
     graphs = None
-    if getattr(args, "compile", False):
+    if args.compile:
         from ..model.compiled import compile_dit, graph_count
 
         emit("compile", compile_dit(avatar.dit, avatar.device, warm=avatar,
-                                    backend=getattr(args, "compile_backend", "inductor")))
+                                    backend=args.compile_backend))
         graphs = graph_count()
     else:
         res["compiled"] = False
@@ -221,10 +222,10 @@ def run_bench(args, load_avatar) -> int:
 
     if "disagg" in sections:
         emit("disagg", disagg_bench(avatar, args, min(n, 40)))
-    if "baseline" in sections and not getattr(args, "skip_baseline", False):
+    if "baseline" in sections and not args.skip_baseline:
         ours_s_per_video_s = 1.0 / res["rtf"]
-        b = baseline_bench(avatar.preset, avatar.device, avatar.dtype, getattr(args, "baseline_frames", 17),
-                           getattr(args, "baseline_steps", 50))
+        b = baseline_bench(avatar.preset, avatar.device, avatar.dtype, args.baseline_frames,
+                           args.baseline_steps)
         ours_dit = res["dit_ms_median"] / 1e3 / chunk_s
         emit("baseline", {"baseline_s_per_video_s": round(b["s_per_video_s"], 3),
                           "baseline_speedup": round(b["s_per_video_s"] / ours_s_per_video_s, 2),
@@ -290,7 +291,7 @@ def disagg_bench(avatar, args, m: int = 40) -> dict:
 
     old = torch.get_num_threads()
     s = avatar.new_stream(seed=args.seed, steps=args.steps)
-    p = PipelinedStream(s, decode_device=getattr(args, "decode_device", None), depth=2, threads=stage_threads)
+    p = PipelinedStream(s, decode_device=args.decode_device, depth=2, threads=stage_threads)
     p.push_audio(audio)
     p.end_audio()
     it = p.chunks(m + 1)

@@ -1,4 +1,5 @@
-"""`talkingmachines plan`: stage placement and memory per GPU (registered by the main CLI)."""
+"""`talkingmachines bench` (speed of the streaming engine) and `talkingmachines plan` (stage placement
+and memory per GPU); registered by the main CLI."""
 
 from __future__ import annotations
 
@@ -9,11 +10,20 @@ def cmd_plan(args) -> int:
     return run_plan(args)
 
 
-def _extend_bench(subparsers) -> None:
-    """Issue 4's options on the main CLI's `bench` command."""
-    b = subparsers.choices.get("bench")
-    if b is None:
-        return
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def _bench_parser(subparsers) -> None:
+    from ..stream.options import add_model_args
+
+    b = subparsers.add_parser("bench", help="real-time factor, latency, KV-cache speedup, memory over a long stream")
+    add_model_args(b)
+    b.add_argument("--json", action="store_true", help="print one JSON line")
+    b.add_argument("--chunks", type=int, default=300, help="length of the long stream")
+    b.add_argument("--plot", default=None, help="write a PNG of per-chunk latency")
     b.add_argument("--skip-baseline", action="store_true",
                    help="do not time diffusers' WanImageToVideoPipeline (baseline_speedup)")
     b.add_argument("--baseline-frames", type=int, default=17,
@@ -28,10 +38,11 @@ def _extend_bench(subparsers) -> None:
                    help="torch.compile backend (default inductor; eager: trace only, for dry runs)")
     b.add_argument("--decode-device", default=None,
                    help="device of the VAE decoder in the disaggregated run (default: the DiT's; cuda:1 ...)")
+    b.set_defaults(fn=cmd_bench)
 
 
 def register(subparsers) -> None:
-    _extend_bench(subparsers)
+    _bench_parser(subparsers)
     p = subparsers.add_parser("plan", help="placement of DiT / VAE / audio encoder on N GPUs and memory per GPU")
     p.add_argument("--preset", default="wan-i2v-14b-audio")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs")

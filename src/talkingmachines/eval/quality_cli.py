@@ -175,10 +175,8 @@ def fill_card(card: Path, r: dict, command: str) -> None:
 def cmd_eval_model(args) -> int:
     import json
 
-    import torch
-
-    from ..stream.generator import load_avatar
     from ..dataset import ClipDataset, held_out_split
+    from ..stream.options import load_from_args
     from . import face_judge
     from . import quality as q
 
@@ -191,18 +189,13 @@ def cmd_eval_model(args) -> int:
         held = ds.subset([ds.indices.index(i) for i in idx if i in ds.indices])
     else:
         _, held = held_out_split(ds, args.held_out, args.seed)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: CUDA is not available on this machine")
-    avatar = load_avatar(args.model, args.preset, args.device)
+    avatar = load_from_args(args)
     if args.vae:
         from ..model.vae import TinyVAE
 
         if not (Path(args.vae) / "config.json").is_file():
             raise InputError(f"--vae {args.vae}: not a TinyVAE folder (no config.json)")
         avatar.vae = TinyVAE.from_pretrained(args.vae, device=avatar.device)
-    if avatar.random_weights:
-        print(f"NOTE: no trained weights for preset {avatar.preset.name!r}: evaluating RANDOM weights",
-              file=sys.stderr)
     teacher = _load_teacher(args.teacher, avatar)
     r = q.evaluate_model(avatar, held, long_seconds=args.long_seconds, teacher=teacher, n=args.n, seed=args.seed,
                          progress=not args.json, student=not args.vae)
@@ -257,6 +250,8 @@ def cmd_eval_model(args) -> int:
 
 
 def register(sub) -> None:
+    from ..stream.options import add_model_args
+
     e = sub.add_parser("eval", help="lip-sync, listening stillness and drift of a talking-head video")
     e.add_argument("video", help="an MP4 (or any video PyAV reads) with its speech track")
     e.add_argument("--audio", default=None, help="use this audio instead of the video's own track")
@@ -268,13 +263,10 @@ def register(sub) -> None:
 
     m = sub.add_parser("eval-model", help="student (and teacher) vs ground truth on held-out synthetic clips, "
                                           "and drift over a long stream")
-    m.add_argument("--model", default=None, help="a talkingmachines model folder (default: the shipped tiny model)")
-    m.add_argument("--preset", default="tiny")
-    m.add_argument("--device", default="cpu")
+    add_model_args(m, steps=False)  # --seed: the held-out split's and the generation's
     m.add_argument("--data", default="runs/data", help="the synthetic data set (index.json + clip_*.npz)")
     m.add_argument("--held-out", type=float, default=0.1, help="held-out fraction (as in training)")
     m.add_argument("--held-out-json", default=None, help="a held_out.json written by a training stage")
-    m.add_argument("--seed", type=int, default=0)
     m.add_argument("--n", type=int, default=8, help="held-out clips to evaluate")
     m.add_argument("--long-seconds", type=float, default=120.0, help="length of the drift stream (0: skip)")
     m.add_argument("--teacher", default=None, metavar="MODULE:FACTORY",

@@ -9,6 +9,7 @@ import os
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from ..stream.options import add_model_args
     from .agents import AGENTS
 
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; others need --token)")
@@ -19,9 +20,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=None, help="portrait image (default: the model's shipped portrait)")
     p.add_argument("--max-sessions", type=int, default=2, help="concurrent calls; more get HTTP 503 busy")
     p.add_argument("--token", default=os.environ.get("TM_TOKEN"), help="required bearer token (env TM_TOKEN)")
-    p.add_argument("--model", default=None, help="model directory (default: the shipped tiny model)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--device", default="cpu")
+    add_model_args(p, seed=False, steps=False)
     p.add_argument("--idle-timeout", type=float, default=4.0, help="seconds without any sign of the client before its call is freed")
     p.add_argument("--connect-timeout", type=float, default=6.0,
                    help="seconds an answered offer may take to connect before its slot is freed")

@@ -176,10 +176,12 @@ def _random_wav2vec2() -> Path:
 def load_avatar(model: str | Path | None = None, preset: str = "tiny", device: str = "cpu",
                 dtype: torch.dtype | None = None) -> Avatar:
     """Load a model folder (ours: preset.json, dit/, vae/), the shipped tiny model by default, or
-    random weights for `preset` when no trained weights exist (benchmarks; said loudly)."""
+    random weights for `preset` when no trained weights exist (benchmarks; said loudly).
+    ``device``: as `devices.resolve_device` reads it (``auto``: CUDA when there is a GPU)."""
+    from ..devices import resolve_device
     from ..model import vae as vae_mod
 
-    dev = torch.device(device)
+    dev = torch.device(resolve_device(device))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     folder = Path(model) if model else (SHIPPED_MODEL if preset == "tiny" else None)
     random_weights = folder is None or not (folder / "preset.json").exists()

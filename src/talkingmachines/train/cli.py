@@ -79,8 +79,13 @@ def cmd_recipe(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .synth import synth_dataset
+    from .synth import preview, synth_dataset
 
+    if args.preview:
+        print(preview(args.preview, n=16, seed=args.seed, size=args.size))
+        return 0
+    if not args.out:
+        raise InputError("--out is required (or --preview PNG)")
     if args.n < 1:
         raise InputError("--n must be >= 1")
     idx = synth_dataset(args.n, args.out, seed=args.seed, size=args.size, seconds=(args.min_seconds, args.max_seconds),
@@ -120,7 +125,7 @@ def register(sub) -> None:
         if hasattr(synth, "synth_dataset"):
             s = ds.add_parser("synth", help="procedural talking-face clips (video + audio)")
             s.add_argument("--n", type=int, default=100, help="number of clips")
-            s.add_argument("--out", required=True)
+            s.add_argument("--out", default=None, help="data folder to write")
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--size", type=int, default=128)
             s.add_argument("--min-seconds", type=float, default=4.0)
@@ -129,7 +134,10 @@ def register(sub) -> None:
             s.add_argument("--speech", choices=["auto", "espeak", "babble"], default="auto")
             s.add_argument("--no-video", action="store_true", help="npz only (no mp4)")
             s.add_argument("--data-version", type=int, default=1, choices=synth.DATA_VERSIONS,
-                           help="1: the original clips; 2: close-up faces whose head and brows ignore the speech")
+                           help="1: the original clips; 2: close-up faces whose head and brows ignore the speech; "
+                                "3: as 2 with a wider opening and less head motion")
+            s.add_argument("--preview", metavar="PNG", default=None,
+                           help="only write a contact sheet of 16 random faces (--seed, --size)")
             s.set_defaults(fn=cmd_synth)
     if find_spec("talkingmachines.train.preprocess") is not None:
         from .preprocess import add_prep_parser

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..devices import resolve_device
 from ..errors import InputError
 
 
@@ -56,12 +57,8 @@ def init_distributed(device: str = "auto", dist_mode: str = "auto") -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch.device(resolve_device(device))
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {device}: CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import configs
+from ..devices import resolve_device
 from ..errors import InputError
 from ..fileio import atomic_write_text
 from .checkpoint import final_done
@@ -86,8 +87,7 @@ def calibrate(r: dict, out: Path) -> dict:
 
     tc = stage_config(r, "teacher", out)
     p = tc.make_preset()
-    dev = torch.device("cuda" if (tc.device == "auto" and torch.cuda.is_available()) else
-                       ("cpu" if tc.device == "auto" else tc.device))
+    dev = torch.device(resolve_device(tc.device))
     d = p.dit
     B = tc.batch_size
     F = tc.clip_chunks * p.stream.chunk_frames
@@ -375,7 +375,7 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
         timings["calibration"] = time.time() - t0
         atomic_write_text(pfile, json.dumps(plan, indent=1))
         _log(f"plan: {json.dumps({k: v for k, v in plan.items() if k != 'calibration'})}")
-    r["_device"] = plan.get("calibration", {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    r["_device"] = plan.get("calibration", {}).get("device") or resolve_device(r["device"])
     if plan:
         r["vae"]["steps"] = plan["vae_steps"]
         r["teacher"]["steps"] = plan["teacher_steps"]

@@ -28,7 +28,6 @@ Run `python -m talkingmachines.train.synth --help` for the command line.
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import dataclasses
 import functools
@@ -1294,29 +1293,3 @@ def make_assets(out_dir: str | Path, portrait_seed: int = PORTRAIT_SEED, version
     x = np.concatenate([pad, a, gap, b, pad])
     x = x * (0.5 / max(1e-6, float(np.abs(x).max())))
     write_wav(out / "speech.wav", x)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m talkingmachines.train.synth",
-                                 description="Generate the procedural talking-face data set.")
-    ap.add_argument("--n", type=int, default=100, help="number of clips")
-    ap.add_argument("--out", default="data/synth", help="output folder")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--min-seconds", type=float, default=4.0)
-    ap.add_argument("--max-seconds", type=float, default=8.0)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--speech", choices=["auto", "espeak", "babble"], default="auto")
-    ap.add_argument("--no-video", action="store_true", help="skip the mp4 files (npz only)")
-    ap.add_argument("--data-version", type=int, default=1, choices=DATA_VERSIONS)
-    ap.add_argument("--preview", metavar="PNG", help="only write a contact sheet of random faces")
-    a = ap.parse_args(argv)
-    if a.preview:
-        print(preview(a.preview, n=16, seed=a.seed, size=a.size))
-        return
-    print(synth_dataset(a.n, a.out, seed=a.seed, size=a.size, seconds=(a.min_seconds, a.max_seconds),
-                        workers=a.workers, speech=a.speech, video=not a.no_video, version=a.data_version))
-
-
-if __name__ == "__main__":
-    main()
