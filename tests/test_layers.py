@@ -17,7 +17,7 @@ LEAVES = {"config", "configs", "devices", "errors", "fileio", "media", "audio_io
 LAYERS = [{"model"}, {"diffusion"}, {"pipeline"}, {"stream"}, {"train", "eval", "serve"}, {"cli"}, {"__main__"}]
 # (importer, imported) pairs allowed against the rule, each with its reason
 EXCEPTIONS = {
-    ("eval.quality", "train.synth"): "the synthetic face's mouth geometry (mouth_roi_from_face, clip_box) is the "
+    ("eval.mouth", "train.synth"): "the synthetic face's mouth geometry (mouth_roi_from_face, clip_box) is the "
                                      "renderer's, and eval measures synthetic clips with it",
 }
 

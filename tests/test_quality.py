@@ -187,3 +187,30 @@ def test_long_stream_audio_ends_as_it_starts():
     b = q.long_stream_audio(clips, 30.0, seed=1)
     np.testing.assert_array_equal(a[: 20 * 16000], b[: 20 * 16000])  # same loop until the repeat
     assert not np.array_equal(b[-5 * 16000:], b[:5 * 16000])
+
+
+def test_lipsync_pooled_and_gated_in_one_place():
+    """The pixel metrics and the face judge pool per-clip lip-sync the same way (one
+    `metrics.pool_lipsync`), and both report no lag when there is too little speech or too
+    few readable frames (`metrics.lipsync_in_speech`)."""
+    from talkingmachines.eval import face_judge, metrics
+
+    a = {"frames": 100, "corr_by_lag": {-1: 0.2, 0: 0.5, 1: 0.3}, "lag": 0, "confidence": 0.5}
+    b = {"frames": 300, "corr_by_lag": {-1: 0.1, 0: 0.2, 1: 0.6}, "lag": 1, "confidence": 0.6}
+    pixel = metrics.summarize_signals([dict(m, stillness_ratio=2.0, stillness={}) for m in (a, b)])
+    face = face_judge.summarize([dict(m, face_found=1.0) for m in (a, b)])
+    want = {"lag": 1, "confidence": (30 + 180) / 400, "corr_at_0": (50 + 60) / 400, "mean_clip_confidence": 0.55,
+            "clips_lag_within_2": 1.0, "clips_with_lipsync": 2}
+    for k, v in want.items():
+        assert pixel[k] == pytest.approx(v) and face[k] == pytest.approx(v), k
+
+    t = np.arange(200)
+    env = np.where((t // 20) % 2 == 0, 1.0, 0.1) + 0.05 * np.sin(t)
+    mouth = np.roll(env, 2)
+    speech = env > 0.5
+    assert metrics.lipsync_in_speech(mouth, env, speech)["lag"] == 2
+    few = speech & (t < 9)  # 9 speech frames
+    assert metrics.lipsync_in_speech(mouth, env, few)["lag"] is None
+    unread = np.where(t < 191, np.nan, mouth)  # the judge read 9 frames
+    ls = metrics.lipsync_in_speech(unread, env, speech)
+    assert ls["lag"] is None and all(np.isnan(v) for v in ls["corr_by_lag"].values())

@@ -116,7 +116,7 @@ def _mean(x: np.ndarray) -> float:
 
 def face_metrics_from_signals(found: np.ndarray, opening: np.ndarray, audio) -> dict:
     """The judge's figures from per-frame (found, opening) and the video's audio."""
-    from .quality import lipsync, speech_envelope, speech_frames
+    from .metrics import lipsync_in_speech, speech_envelope, speech_frames
 
     T = len(found)
     out: dict = {"frames": T, "face_found": float(np.mean(found)) if T else float("nan")}
@@ -126,10 +126,7 @@ def face_metrics_from_signals(found: np.ndarray, opening: np.ndarray, audio) -> 
     speech, silence, _ = speech_frames(audio, T)
     out["face_found_speech"] = float(found[speech].mean()) if speech.any() else float("nan")
     out["face_found_silence"] = float(found[silence].mean()) if silence.any() else float("nan")
-    ls = lipsync(opening, env)
-    if speech.sum() < 10 or np.isfinite(opening).sum() < 10:
-        ls = {"lag": None, "confidence": float("nan"), "corr_at_0": float("nan"),
-              "corr_by_lag": {k: float("nan") for k in ls["corr_by_lag"]}}
+    ls = lipsync_in_speech(opening, env, speech)
     osp, osi = _mean(opening[speech]), _mean(opening[silence])
     ratio = None
     if math.isfinite(osp) and math.isfinite(osi):
@@ -151,9 +148,8 @@ def face_metrics(frames, audio, judge: FaceJudge | None = None) -> dict:
 
 def summarize(per_clip: list[dict]) -> dict:
     """Pool per-clip judge figures: face-found rate over all frames (and in speech / silence),
-    the lag of the frame-weighted mean correlation-vs-lag curve and its correlation, the mean
-    of per-clip best correlations, the fraction of clips with a best lag within 2 frames,
-    and the median opening ratio speech / silence."""
+    the lip-sync pooled as the pixel metrics pool it (`metrics.pool_lipsync`), and the median
+    opening ratio speech / silence."""
     per_clip = [m for m in per_clip if m]
     if not per_clip:
         return {}
@@ -165,24 +161,13 @@ def summarize(per_clip: list[dict]) -> dict:
         out[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals) if vals else float("nan")
     with_curve = [m for m in per_clip if "corr_by_lag" in m]
     if with_curve:
-        lags = sorted(with_curve[0]["corr_by_lag"])
-        curve = {}
-        for L in lags:
-            vals = [(m["corr_by_lag"][L], m["frames"]) for m in with_curve if math.isfinite(m["corr_by_lag"][L])]
-            curve[L] = sum(v * w for v, w in vals) / sum(w for _, w in vals) if vals else float("nan")
-        valid = {k: v for k, v in curve.items() if math.isfinite(v)}
-        best = max(valid, key=lambda k: (valid[k], -abs(k))) if valid else None
-        conf = [m["confidence"] for m in with_curve if m.get("confidence") is not None and math.isfinite(m["confidence"])]
-        clags = [m["lag"] for m in with_curve if m.get("lag") is not None]
+        from .metrics import pool_lipsync
+
         ratios = [m["open_ratio"] for m in with_curve if m.get("open_ratio") is not None]
         osp = [m["open_speech"] for m in with_curve if math.isfinite(m.get("open_speech", float("nan")))]
         osi = [m["open_silence"] for m in with_curve if math.isfinite(m.get("open_silence", float("nan")))]
         out.update({
-            "lag": best, "confidence": valid.get(best, float("nan")) if best is not None else float("nan"),
-            "corr_at_0": curve.get(0, float("nan")),
-            "mean_clip_confidence": float(np.mean(conf)) if conf else float("nan"),
-            "clips_lag_within_2": float(np.mean([abs(v) <= 2 for v in clags])) if clags else float("nan"),
-            "clips_with_lipsync": len(clags),
+            **pool_lipsync(with_curve),
             "open_ratio_median": float(np.median(ratios)) if ratios else None,
             "open_speech": float(np.mean(osp)) if osp else float("nan"),
             "open_silence": float(np.mean(osi)) if osi else float("nan"),

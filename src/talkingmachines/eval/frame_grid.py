@@ -2,7 +2,7 @@
 and one second of silence, with what the face judge saw drawn on top.
 
 `frame_grid(frames, audio)` picks the 25-frame window with the most speech frames and the one
-with the most silence frames (`quality.speech_frames`), takes every 2nd frame of each (13 a
+with the most silence frames (`metrics.speech_frames`), takes every 2nd frame of each (13 a
 row) and draws, when the face judge is installed, its 68 landmarks in green on frames where it
 found a face and a red corner mark where it did not."""
 
@@ -27,7 +27,7 @@ def _best_window(mask: np.ndarray, n: int) -> int:
 def frame_grid(frames: np.ndarray, audio, scale: int = 2, judge=True) -> Image.Image:
     """uint8 frames [T, H, W, 3] and their 16 kHz audio -> a PIL image: a row of speech frames,
     a row of silence frames (every 2nd frame over 1 s each), each cell `scale`x enlarged."""
-    from .quality import speech_frames
+    from .metrics import speech_frames
 
     frames = np.asarray(frames)
     T, H, W = frames.shape[:3]
