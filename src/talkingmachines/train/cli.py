@@ -27,7 +27,8 @@ def _stage_args(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="global batch size")
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--device", default=None, help="auto, cpu, cuda")
+    p.add_argument("--device", default=None, help="auto (CUDA when there is a GPU, else CPU), cpu, cuda, cuda:1, ... "
+                                                   "(default: the config's, auto)")
     p.add_argument("--dist-mode", default=None, choices=["auto", "fsdp", "ddp"])
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true",
@@ -112,7 +113,8 @@ def register(sub) -> None:
     r.add_argument("--data", default=None, help="use this clip folder (default: OUT/data, synthesised)")
     r.add_argument("--export", default=None, help="where to write the model folder (default: OUT/model)")
     r.add_argument("--stages", default=None, help="comma list, e.g. synth,vae (default: all)")
-    r.add_argument("--device", default=None)
+    r.add_argument("--device", default=None, help="auto (CUDA when there is a GPU, else CPU), cpu, cuda, ... "
+                                                   "(default: the config's, auto)")
     r.set_defaults(fn=cmd_recipe)
 
     from importlib.util import find_spec

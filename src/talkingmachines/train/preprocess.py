@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from ..config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, VAE_TEMPORAL
+from ..devices import resolve_device
 from ..errors import InputError
 from ..fileio import atomic_save_safetensors, atomic_write_text
 
@@ -343,15 +344,6 @@ def pick_refs(speaking: np.ndarray, n: int, rng: np.random.Generator) -> list[in
 
 
 # ============================================================================ encoders
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(name)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available")
-    return d
-
-
 def _need_dir(p: Path, what: str) -> Path:
     if not p.is_dir():
         raise InputError(f"{p}: no {what} folder (expected a diffusers-format Wan2.1-I2V folder)")
@@ -580,7 +572,7 @@ def prep_dataset(cfg: PrepConfig) -> Path:
         raise InputError(f"{amodel}: no wav2vec2 model folder (pass --audio-model PATH, a saved Wav2Vec2Model)")
     _need_dir(wan / "vae", "vae")
     _need_dir(wan / "image_encoder", "image_encoder")
-    device = _device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     ids = {"vae": _file_id(wan / "vae"), "image_encoder": _file_id(wan / "image_encoder"), "audio": _file_id(amodel),
            "text_encoder": _file_id(wan / "text_encoder") if (wan / "text_encoder").is_dir() else ""}
     settings = cfg.settings(ids)
@@ -698,7 +690,7 @@ def add_prep_parser(ds) -> None:
     p.add_argument("--refs", type=int, default=4, help="reference frames (sinks) per video")
     p.add_argument("--text-len", type=int, default=512, help="umT5 tokens (Wan: 512)")
     p.add_argument("--face-scale", type=float, default=1.8, help="crop side / detected face side")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_prep)
