@@ -27,7 +27,6 @@ from ..model.dit import AudioDiT
 from ..fileio import atomic_write_text
 from .checkpoint import FINAL
 from .config import TrainConfig
-from .distributed import Handle
 from .rng import GlobalOrder, sample_generator
 from .trainer import Trainer
 from ..pipeline import bidirectional_v

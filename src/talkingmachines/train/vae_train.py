@@ -109,10 +109,6 @@ def _is_indexable(videos: Any) -> bool:
     return hasattr(videos, "__getitem__") and hasattr(videos, "__len__")
 
 
-def _gen(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((int(seed) * _SEED_MUL + int(step)) % (2**63 - 1))
-
-
 def _clip_array(c: Any) -> torch.Tensor:
     if isinstance(c, dict):  # tolerate data sets that yield dicts
         c = c.get("video", c.get("frames"))
