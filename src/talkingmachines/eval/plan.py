@@ -266,11 +266,11 @@ def run_plan(args) -> int:
         r = plan(args.preset, args.gpus, args.gpu_mem, args.dtype, args.vae_dtype)
     except ValueError as e:
         raise InputError(str(e)) from None
-    if getattr(args, "speed", False) or getattr(args, "realtime", False):
+    if args.speed or args.realtime:
         from .speed import speed_table
 
-        r["speed"] = speed_table(args.preset, realtime=getattr(args, "realtime", False))
-    if getattr(args, "cpu_check", False):
+        r["speed"] = speed_table(args.preset, realtime=args.realtime)
+    if args.cpu_check:
         from .speed import cpu_check
 
         r["cpu_check"] = cpu_check()

@@ -550,10 +550,9 @@ def serve_main(args: argparse.Namespace) -> int:
         from ..errors import InputError
 
         raise InputError("--max-sessions must be >= 1")
-    kw = {k: getattr(args, k, None) for k in ("voice", "greeting", "realtime_url", "realtime_key",
-                                               "realtime_protocol", "instructions")}
+    kw = {k: getattr(args, k) for k in ("voice", "greeting", "realtime_url", "realtime_key",
+                                         "realtime_protocol", "instructions")}
     run_server(host=args.host, port=args.port, agent=args.agent, image=args.image, max_sessions=args.max_sessions,
                token=args.token, model=args.model, preset=args.preset, device=args.device, agent_kwargs=kw,
-               idle_timeout=args.idle_timeout, connect_timeout=getattr(args, "connect_timeout", 6.0),
-               allow_origins=getattr(args, "allow_origin", None))
+               idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout, allow_origins=args.allow_origin)
     return 0
