@@ -203,3 +203,23 @@ def test_data_synth_preview_and_out_required(tmp_path):
     assert (tmp_path / "faces.png").read_bytes()[:4] == b"\x89PNG"
     r = run("data", "synth", "--n", "1")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "--out" in r.stderr
+
+
+def test_bench_disagg_under_torchrun_and_alone(tmp_path):
+    """`torchrun --nproc_per_node 2 -m talkingmachines bench-disagg`: rank 0 the DiT, rank 1 the
+    decoder, one JSON line each; run alone it says how to run it, in one line."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+                        "-m", "talkingmachines", "bench-disagg", "--device", "cpu", "--chunks", "3"],
+                       capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = sorted((json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")), key=lambda d: d["rank"])
+    assert [(d["rank"], d["stage"], d["chunks"]) for d in lines] == [(0, "dit", 3), (1, "vae", 3)]
+    assert all(d["median_ms"] > 0 for d in lines)
+    r = run("bench-disagg")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "torchrun" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

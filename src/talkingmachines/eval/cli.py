@@ -1,5 +1,5 @@
-"""`talkingmachines bench` (speed of the streaming engine) and `talkingmachines plan` (stage placement
-and memory per GPU); registered by the main CLI."""
+"""`talkingmachines bench` (speed of the streaming engine), `bench-disagg` (its two-process pipeline,
+under torchrun) and `plan` (stage placement and memory per GPU); registered by the main CLI."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
 
     return run_bench(args)
+
+
+def cmd_bench_disagg(args) -> int:
+    from ..stream.disagg import torchrun_main
+
+    return torchrun_main(args)
 
 
 def _bench_parser(subparsers) -> None:
@@ -39,6 +45,14 @@ def _bench_parser(subparsers) -> None:
     b.add_argument("--decode-device", default=None,
                    help="device of the VAE decoder in the disaggregated run (default: the DiT's; cuda:1 ...)")
     b.set_defaults(fn=cmd_bench)
+
+    d = subparsers.add_parser("bench-disagg", help="the DiT and the VAE decoder as two processes: run it as "
+                                                   "torchrun --nproc_per_node 2 -m talkingmachines bench-disagg")
+    add_model_args(d, steps=False)
+    d.add_argument("--decode-device", default=None, help="device of the VAE decoder's process (default: --device)")
+    d.add_argument("--chunks", type=int, default=50)
+    d.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    d.set_defaults(fn=cmd_bench_disagg)
 
 
 def register(subparsers) -> None:

@@ -12,7 +12,8 @@ score-network / VAE disaggregation):
   GPUs cannot reach each other) or on a second CUDA stream of the same GPU; the latent copy
   runs on its own stream, ordered by events, `non_blocking=True`.
 - `run_two_process` / `disagg_worker` (two processes over torch.distributed: gloo on CPU,
-  NCCL on GPUs; `torch.multiprocessing` or torchrun, see `main`): rank 0 runs the DiT and
+  NCCL on GPUs; spawned by `run_two_process`, or by torchrun for `talkingmachines bench-disagg`,
+  see `torchrun_main`): rank 0 runs the DiT and
   `isend`s each chunk's latents (at most `depth` sends in flight), rank 1 has posted the
   `irecv` of chunk i+1 before it decodes chunk i. Each process sets its own thread count.
 
@@ -465,22 +466,23 @@ def run_two_process(n_chunks: int, audio: np.ndarray | None, frames_dir: str | N
     return sorted(res, key=lambda r: r["rank"])
 
 
-def main(argv=None) -> int:
-    """torchrun entry point: `torchrun --nproc_per_node 2 -m talkingmachines.stream.disagg --chunks 50`."""
-    import argparse
+def torchrun_main(args) -> int:
+    """`talkingmachines bench-disagg` under torchrun (``--nproc_per_node 2``): this process is
+    rank 0 (the DiT) or rank 1 (the VAE decoder); prints its rank's timings as one JSON line."""
     import json
 
     import torch.distributed as dist
 
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--chunks", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--devices", default="cpu,cpu", help="device of rank 0 (DiT) and rank 1 (VAE), e.g. cuda:0,cuda:1")
-    args = ap.parse_args(argv)
-    devices = tuple(args.devices.split(","))
+    from ..devices import resolve_device
+    from ..errors import InputError
+
+    if os.environ.get("WORLD_SIZE") != "2" or "RANK" not in os.environ:
+        raise InputError("bench-disagg runs as two processes: torchrun --nproc_per_node 2 -m talkingmachines "
+                         "bench-disagg ...")
+    if args.chunks < 1:
+        raise InputError("--chunks must be >= 1")
+    dit_dev = resolve_device(args.device)
+    devices = (dit_dev, resolve_device(args.decode_device) if args.decode_device else dit_dev)
     rank = int(os.environ["RANK"])
     dist.init_process_group(_backend_for(torch.device(devices[rank])))
     from ..audio_io import speech_like
@@ -497,7 +499,3 @@ def main(argv=None) -> int:
                       "chunk_period_ms": res["chunk_period_ms"] and round(res["chunk_period_ms"], 2),
                       "wall_s": round(res["wall_s"], 3)}))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
