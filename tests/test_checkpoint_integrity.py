@@ -204,3 +204,56 @@ def test_vae_none_intact_is_a_one_line_error(vae_run, tmp_path):
         train_tiny_vae(MovingPatterns(n=8, frames=5, size=32), out, steps=4, batch_size=2, log_every=0,
                        ckpt_every=0, progress=False, seed=3, config=SMALL, stat_batches=1)
     assert "\n" not in str(e.value) and "model.vae.safetensors" in str(e.value)
+
+
+# ------------------------------------------------------------------ pruning
+def _small_checkpoint(tmp: Path) -> None:
+    (tmp / "model.safetensors").write_bytes(bytes(range(256)))
+    (tmp / "state.json").write_text(json.dumps({"step": 0}))
+
+
+def _damaged_on_landing(monkeypatch, root: Path) -> None:
+    """The next checkpoint written is damaged between its rename and pruning (a storage fault)."""
+    from talkingmachines.train import checkpoint as ckmod
+
+    real = ckmod.atomic_write_text
+
+    def write_latest(path, name):
+        _flip(root / name / "model.safetensors")
+        real(path, name)
+
+    monkeypatch.setattr(ckmod, "atomic_write_text", write_latest)
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_pruning_keeps_the_newest_intact_checkpoint(tmp_path, monkeypatch, capsys, keep):
+    from talkingmachines.train.checkpoint import checkpoint_problem, intact_checkpoint, write_checkpoint
+
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root, "step_00000002", _small_checkpoint, keep)
+    if keep == 2:  # a newer checkpoint, damaged on disk later: it counts as kept but cannot be resumed
+        write_checkpoint(root, "step_00000004", _small_checkpoint, keep)
+        _truncate(root / "step_00000004" / "model.safetensors")
+    good = _digests(root / "step_00000002")
+    _damaged_on_landing(monkeypatch, root)
+    write_checkpoint(root, "step_00000006", _small_checkpoint, keep)
+
+    assert checkpoint_problem(root / "step_00000006") is not None
+    assert _digests(root / "step_00000002") == good
+    assert "keeping step_00000002" in capsys.readouterr().err
+    assert intact_checkpoint(tmp_path) == root / "step_00000002"
+
+
+def test_pruning_still_removes_old_checkpoints(tmp_path, capsys):
+    """Intact or damaged, checkpoints beyond ``keep`` go once a newer intact one is kept."""
+    from talkingmachines.train.checkpoint import write_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        write_checkpoint(root, f"step_{step:08d}", _small_checkpoint, keep=2)
+    _truncate(root / "step_00000004" / "model.safetensors")
+    write_checkpoint(root, "step_00000006", _small_checkpoint, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"]
+    write_checkpoint(root, "step_00000008", _small_checkpoint, keep=1)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000008"]
+    assert capsys.readouterr().err == ""

@@ -8,7 +8,8 @@ renames it into place (`os.replace`); ``checkpoints/latest`` names the newest on
 replaced atomically. A ``kill -9`` at any moment leaves the previous checkpoint intact. Resume
 verifies the manifest (`intact_checkpoint`): a damaged checkpoint (truncated, flipped bytes, a
 file missing) is named in a warning and the newest intact one is used; with none intact it
-refuses with one line.
+refuses with one line. Pruning old checkpoints never removes the newest intact one, even when
+every newer checkpoint is damaged (`prune_checkpoints`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _sha256(path: Path) -> str:
 def write_checkpoint(root: Path, name: str, write: Callable[[Path], object], keep: int) -> Path:
     """Build checkpoint ``root/name`` atomically: ``write(tmp_folder)`` fills a temp folder, a
     manifest of every file's sha256 is added, the files are synced, the folder is renamed into
-    place and ``latest`` points at it; then all but the newest ``keep`` checkpoints go."""
+    place and ``latest`` points at it; then old checkpoints are pruned (`prune_checkpoints`)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp_{name}_{os.getpid()}"
@@ -93,12 +94,36 @@ def write_checkpoint(root: Path, name: str, write: Callable[[Path], object], kee
         shutil.rmtree(path)
     os.replace(tmp, path)
     atomic_write_text(root / LATEST, name)
-    olds = sorted(p for p in root.glob("step_*") if p != path)
-    for old in olds[: max(0, len(olds) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, path, keep)
     for stale in root.glob(".tmp_*"):
         shutil.rmtree(stale, ignore_errors=True)
     return path
+
+
+def prune_checkpoints(root: Path, newest: Path, keep: int) -> list[Path]:
+    """Remove all but ``newest`` and the ``keep - 1`` checkpoints before it in step order; the
+    removed folders are returned. When none of those kept passes `checkpoint_problem` (say the
+    newest was damaged on its way to disk), the newest older one that does is kept too, so
+    pruning never removes the last checkpoint a resume could use. Verifying reads files, so it
+    happens only when something is to be removed, and stops at the first intact one."""
+    olds = sorted((p for p in Path(root).glob("step_*") if p.is_dir() and p != newest), reverse=True)
+    kept, drop = [newest, *olds[: max(0, keep - 1)]], olds[max(0, keep - 1):]
+    if drop:
+        problems = {}
+        for ck in kept:
+            problems[ck] = checkpoint_problem(ck)
+            if problems[ck] is None:
+                break
+        else:  # nothing kept is intact: spare the newest intact older one
+            rescue = next((ck for ck in drop if checkpoint_problem(ck) is None), None)
+            if rescue is not None:
+                drop.remove(rescue)
+            print(f"warning: checkpoint {newest.name} is damaged ({problems[newest]}); "
+                  + (f"keeping {rescue.name}, the newest intact one" if rescue else "no intact checkpoint is left"),
+                  file=sys.stderr, flush=True)
+    for old in drop:
+        shutil.rmtree(old, ignore_errors=True)
+    return drop
 
 
 def checkpoint_problem(ck: Path) -> str | None:
