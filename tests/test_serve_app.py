@@ -12,7 +12,7 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from serve_fakes import FakeAvatar
-from test_serve_webrtc import Server
+from serve_helpers import Server
 from talkingmachines.errors import InputError
 from talkingmachines.serve.app import add_serve_args, check_bind, decode_portrait, is_loopback
 

@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 
 from serve_fakes import FakeAvatar
-from test_serve_webrtc import (ROOT, Server, _free_port, make_wav, real_engine_or_skip, start_server_process,
-                               stop, wait_healthy)
+from serve_helpers import (ROOT, Server, free_port, make_wav, popen_logged, real_engine_or_skip, server_log,
+                           start_server, stop, wait_healthy)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 SCREENSHOT = ROOT / "docs" / "screenshot_call.png"
@@ -67,7 +67,7 @@ def launch_chromium(wav: str, profile: str, width: int = 1100, height: int = 720
             "--autoplay-policy=no-user-gesture-required", "--allow-loopback-in-peer-connection",
             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
             f"--window-size={width},{height}", "about:blank"]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return popen_logged(args, Path(profile) / "chromium.log")
 
 
 async def browser_call(base: str, wav: str, screenshot: Path | None, seconds: float = 6.0) -> dict:
@@ -78,7 +78,7 @@ async def browser_call(base: str, wav: str, screenshot: Path | None, seconds: fl
         t0 = time.monotonic()
         while not port_file.exists() or not port_file.read_text().strip():
             if proc.poll() is not None:
-                raise RuntimeError("chromium exited: " + (proc.stderr.read() if proc.stderr else ""))
+                raise RuntimeError("chromium exited: " + server_log(proc))
             if time.monotonic() - t0 > 30:
                 raise TimeoutError("chromium did not open its DevTools port")
             await asyncio.sleep(0.1)
@@ -121,11 +121,7 @@ async def browser_call(base: str, wav: str, screenshot: Path | None, seconds: fl
                 cdp.task.cancel()
         return {"samples": samples, "first_frame_s": first_frame}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         shutil.rmtree(profile, ignore_errors=True)
 
 
@@ -172,9 +168,9 @@ def test_browser_call_real_engine(tmp_path):
     """Must show: the page in headless Chromium places a call to `serve --agent mirror` (real engine)."""
     real_engine_or_skip()
     wav = str(make_wav(tmp_path / "mic.wav"))
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_server_process(port, "mirror")
+    proc = start_server(port, tmp_path / "serve.log", "mirror")
     try:
         async def main():
             await wait_healthy(base, proc)

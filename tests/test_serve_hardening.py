@@ -19,7 +19,7 @@ from aiortc import RTCPeerConnection
 
 from serve_fakes import FakeAvatar
 from test_serve_app import client_offer
-from test_serve_webrtc import Server
+from serve_helpers import Server
 
 
 def run(coro):

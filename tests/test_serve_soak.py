@@ -7,35 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 
 import aiohttp
 import pytest
 
-from test_serve_webrtc import ROOT, _free_port, aiortc_call, make_wav, real_engine_or_skip, wait_healthy
+from serve_helpers import aiortc_call, free_port, make_wav, real_engine_or_skip, server_log, start_server, stop, wait_healthy
 
 WARMUP, CYCLES = int(os.environ.get("TM_SOAK_WARMUP", 20)), int(os.environ.get("TM_SOAK_CYCLES", 200))
-
-
-def start_server(port: int, log_path) -> subprocess.Popen:
-    """`serve` with its log going to a file: a pipe nobody reads fills after ~64 KB (some 50
-    calls of aioice INFO lines) and then blocks the server's event loop on its next log line."""
-    code = ("import sys; from talkingmachines.cli import main; sys.exit(main(['serve'] + sys.argv[1:]))")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, "-c", code, "--port", str(port), "--agent", "mirror",
-                                 "--max-sessions", "1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def rss_mb(pid: int) -> float:
@@ -51,10 +30,9 @@ def rss_mb(pid: int) -> float:
 def test_real_engine_rss_flat_over_200_calls(tmp_path):
     real_engine_or_skip()
     wav = str(make_wav(tmp_path / "speech.wav"))
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "serve.log"
-    proc = start_server(port, log_path)
+    proc = start_server(port, tmp_path / "serve.log", "mirror", ["--max-sessions", "1"])
     series = []
     try:
         async def main():
@@ -84,7 +62,7 @@ def test_real_engine_rss_flat_over_200_calls(tmp_path):
         asyncio.run(main())
     except BaseException:
         stop(proc)
-        print("server log:", log_path.read_text()[-4000:])
+        print("server log:", server_log(proc)[-4000:])
         raise
     stop(proc)
     print("server RSS MB (calls, RSS):", json.dumps(series))

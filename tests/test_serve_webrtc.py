@@ -10,120 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import wave
-from pathlib import Path
 
 import aiohttp
-import numpy as np
 import pytest
-from aiohttp import web
-from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.contrib.media import MediaPlayer
 
 from serve_fakes import FakeAvatar
-
-from talkingmachines.serve.app import RUNNER_KW, STATE, create_app
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_wav(path: Path, seconds: float = 6.0, sr: int = 16_000) -> Path:
-    """Speech if espeak-ng is here, else a syllable-like modulated tone."""
-    if shutil.which("espeak-ng"):
-        text = ("Hello there. I am a talking machine, and this is a test of the real time avatar. "
-                "The quick brown fox jumps over the lazy dog, again and again.")
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True)
-        return path
-    t = np.arange(int(seconds * sr)) / sr
-    x = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes((x * 32767).astype("<i2").tobytes())
-    return path
-
-
-async def aiortc_call(base: str, wav: str, seconds: float, *, token: str | None = None,
-                      close: bool = True) -> dict:
-    """Place a call like any aiortc user would; count what comes back."""
-    pc = RTCPeerConnection()
-    player = MediaPlayer(wav)
-    pc.addTrack(player.audio)
-    pc.addTransceiver("video", direction="recvonly")
-    res: dict = {"video_t": [], "audio_frames": 0, "audio_rms": [], "size": None, "tracks": []}
-    tasks = []
-
-    @pc.on("track")
-    def on_track(track):
-        res["tracks"].append(track.kind)
-
-        async def consume():
-            while True:
-                try:
-                    f = await track.recv()
-                except Exception:
-                    return
-                if track.kind == "video":
-                    res["video_t"].append(time.monotonic())
-                    res["size"] = (f.width, f.height)
-                else:
-                    res["audio_frames"] += 1
-                    a = f.to_ndarray().astype(np.float32) / 32768
-                    res["audio_rms"].append(float(np.sqrt(np.mean(a ** 2))))
-
-        tasks.append(asyncio.ensure_future(consume()))
-
-    await pc.setLocalDescription(await pc.createOffer())
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    t0 = time.monotonic()
-    async with aiohttp.ClientSession() as s:
-        async with s.post(base + "/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"},
-                          headers=headers) as r:
-            ans = await r.json()
-            assert r.status == 200, ans
-    res["id"] = ans["id"]
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=ans["sdp"], type=ans["type"]))
-    res["t0"] = t0
-    await asyncio.sleep(seconds)
-    res["pc"] = pc
-    if close:
-        await pc.close()
-        for t in tasks:
-            t.cancel()
-    if res["video_t"]:
-        res["first_frame_s"] = res["video_t"][0] - t0
-        vt = np.array(res["video_t"])
-        # steady-state fps over the last part of the call (after the first second of video)
-        tail = vt[vt > vt[0] + 1.0]
-        res["fps"] = (len(tail) - 1) / (tail[-1] - tail[0]) if len(tail) > 2 else 0.0
-    return res
-
-
-class Server:
-    """The app on a real loopback port inside the test's event loop."""
-
-    def __init__(self, **kw):
-        self.kw = kw
-
-    async def __aenter__(self):
-        self.app = create_app(**self.kw)
-        self.runner = web.AppRunner(self.app, **RUNNER_KW)
-        await self.runner.setup()
-        self.site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await self.site.start()
-        port = self.runner.addresses[0][1]
-        self.base = f"http://127.0.0.1:{port}"
-        self.state = self.app[STATE]
-        return self
-
-    async def __aexit__(self, *a):
-        await self.runner.cleanup()
+from serve_helpers import Server, aiortc_call, free_port, make_wav, real_engine_or_skip, start_server, stop, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -191,61 +84,13 @@ def test_vanished_client_freed_within_5s(wav):
 # ------------------------------------------------------------------------------------------
 # must show: the real engine, `serve --agent mirror` as its own process
 # ------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def real_engine_or_skip():
-    try:
-        from talkingmachines.stream.generator import load_avatar  # noqa: F401
-    except ImportError:
-        pytest.skip("engine not built yet")
-    return load_avatar
-
-
-def start_server_process(port: int, agent: str = "mirror", extra: list[str] | None = None) -> subprocess.Popen:
-    code = ("import sys; from talkingmachines.serve.app import add_serve_args, serve_main; import argparse; "
-            "p = argparse.ArgumentParser(); add_serve_args(p); sys.exit(serve_main(p.parse_args(sys.argv[1:])))")
-    cmd = [sys.executable, "-c", code, "--port", str(port), "--agent", agent] + (extra or [])
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-async def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    t0 = time.monotonic()
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() - t0 < timeout:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + (proc.stdout.read() if proc.stdout else ""))
-            try:
-                async with s.get(base + "/health") as r:
-                    if r.status == 200 and (await r.json())["status"] == "ok":
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.3)
-    raise TimeoutError("server did not become healthy")
-
-
-def stop(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out or ""
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_must_show_aiortc_client_real_engine(wav):
+def test_must_show_aiortc_client_real_engine(wav, tmp_path):
     real_engine_or_skip()
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_server_process(port, "mirror")
+    proc = start_server(port, tmp_path / "serve.log", "mirror")
     log = ""
     try:
         async def main():
