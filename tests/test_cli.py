@@ -223,3 +223,41 @@ def test_bench_disagg_under_torchrun_and_alone(tmp_path):
     r = run("bench-disagg")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "torchrun" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_serve_shows_its_info_log_without_v(tmp_path):
+    """`talkingmachines serve` is a server: what it logs at INFO (here: a refused offer) reaches
+    its user without -v (the root level is WARNING for every command)."""
+    import urllib.error
+    import urllib.request
+
+    from serve_helpers import free_port, start_server, stop, wait_for_log
+
+    port = free_port()
+    proc = start_server(port, tmp_path / "serve.log")
+    try:
+        wait_for_log(proc, f"http://127.0.0.1:{port}/")  # listening (the model may still be loading)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/offer", data=json.dumps(
+            {"sdp": "v=0\r\n", "type": "offer"}).encode(), headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 400
+        log = wait_for_log(proc, "offer refused", timeout=30)
+    finally:
+        stop(proc)
+    assert "INFO talkingmachines.serve: offer refused: " in log, log
+
+
+@pytest.mark.parametrize("argv,shown", [
+    (["info"], {"talkingmachines.serve": False, "talkingmachines.train": False, "aioice": False}),
+    (["-v", "info"], {"talkingmachines.serve": True, "talkingmachines.train": True, "aioice": True}),
+    (["serve"], {"talkingmachines.serve": True, "talkingmachines.serve.session": True,
+                 "talkingmachines.train": False, "aioice": False}),
+])
+def test_info_logs_shown_for_serve_or_with_v_only(argv, shown):
+    code = ("import json, logging, sys; from talkingmachines.cli import build_parser, configure_logging; "
+            "configure_logging(build_parser().parse_args(sys.argv[1:])); "
+            f"print(json.dumps({{n: logging.getLogger(n).isEnabledFor(logging.INFO) for n in {sorted(shown)!r}}}))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == shown

@@ -184,10 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def configure_logging(args: argparse.Namespace) -> None:
+    """Warnings and errors only (the libraries' INFO chatter, aioice's say, stays hidden), or
+    everything from INFO up with -v. A command that reports to its user through logging names its
+    loggers in ``info_loggers`` (serve: connections, refused offers), shown at INFO without -v."""
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=getattr(args, "log_format", "%(message)s"))
+    for name in getattr(args, "info_loggers", ()):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    configure_logging(args)
     try:
         return int(args.fn(args) or 0)
     except InputError as e:

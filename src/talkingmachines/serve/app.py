@@ -545,7 +545,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, agent: str = "mirror",
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """`talkingmachines serve` (its logging is set up by `cli.main`)."""
     if args.max_sessions < 1:
         from ..errors import InputError
 

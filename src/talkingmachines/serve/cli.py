@@ -46,4 +46,6 @@ def serve_main(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("serve", help="FaceTime-style WebRTC page and server")
     add_serve_args(p)
-    p.set_defaults(fn=serve_main)
+    # a server's log is for its user: its own INFO lines show without -v, with times
+    p.set_defaults(fn=serve_main, info_loggers=("talkingmachines.serve",),
+                   log_format="%(asctime)s %(levelname)s %(name)s: %(message)s")
