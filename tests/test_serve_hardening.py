@@ -198,3 +198,40 @@ def test_port_in_use_is_a_one_line_error():
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and str(port) in lines[0], r.stderr
     assert "in use" in lines[0]
+
+
+def test_offer_rate_limit_per_address_slides():
+    from talkingmachines.serve.ratelimit import OfferRateLimit
+
+    now = [100.0]
+    lim = OfferRateLimit(3, clock=lambda: now[0])
+    for _ in range(3):
+        assert lim.retry_after("10.0.0.1") is None
+        now[0] += 10
+    assert lim.retry_after("10.0.0.1") == pytest.approx(30.0)  # the first offer leaves the window at 160
+    assert lim.retry_after("10.0.0.2") is None  # another address has its own budget
+    now[0] = 160.0
+    assert lim.retry_after("10.0.0.1") is None  # the refused offer was not counted
+    assert lim.retry_after("10.0.0.1") == pytest.approx(10.0)
+    unlimited = OfferRateLimit(0, clock=lambda: now[0])
+    assert all(unlimited.retry_after("10.0.0.1") is None for _ in range(1000))
+
+
+def test_too_many_offers_from_one_address_get_429():
+    async def main():
+        async with Server(avatar=FakeAvatar(), offers_per_minute=3) as srv, aiohttp.ClientSession() as s:
+            for _ in range(3):  # every attempt counts, bad ones too
+                async with s.post(srv.base + "/offer", json={"sdp": "v=0\r\n", "type": "offer"}) as r:
+                    assert r.status == 400
+            pc, sdp = await client_offer()
+            async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer"}) as r:
+                j = await r.json()
+                assert r.status == 429, j
+                assert "too many offers from 127.0.0.1" in j["message"] and "3 a minute" in j["message"], j
+                assert 0 < int(r.headers["Retry-After"]) <= 60
+            assert not srv.state.sessions
+            async with s.get(srv.base + "/metrics") as m:
+                assert "tm_offers_rate_limited_total 1" in await m.text()
+            await pc.close()
+
+    run(main())

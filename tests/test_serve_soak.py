@@ -32,7 +32,7 @@ def test_real_engine_rss_flat_over_200_calls(tmp_path):
     wav = str(make_wav(tmp_path / "speech.wav"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_server(port, tmp_path / "serve.log", "mirror", ["--max-sessions", "1"])
+    proc = start_server(port, tmp_path / "serve.log", "mirror", ["--max-sessions", "1", "--offers-per-minute", "0"])
     series = []
     try:
         async def main():

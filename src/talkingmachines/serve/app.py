@@ -34,6 +34,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -48,6 +49,7 @@ from aiohttp import web
 from .agents import agent_factory
 from .cli import add_serve_args  # noqa: F401  (its home is the light cli module; kept importable here)
 from .metrics import Metrics
+from .ratelimit import OFFERS_PER_MINUTE, OfferRateLimit
 from .session import CallSession
 
 log = logging.getLogger("talkingmachines.serve")
@@ -68,7 +70,8 @@ STATE = web.AppKey("state", object)
 class ServerState:
     def __init__(self, *, agent: str, agent_kwargs: dict, max_sessions: int, token: str | None,
                  portrait: np.ndarray | None, idle_timeout: float, connect_timeout: float = 6.0,
-                 allow_origins: list[str] | None = None, host_names: list[str] | None = None):
+                 allow_origins: list[str] | None = None, host_names: list[str] | None = None,
+                 offers_per_minute: int = OFFERS_PER_MINUTE):
         self.agent_name = agent
         self.make_agent = agent_factory(agent, **agent_kwargs)
         self.max_sessions = max_sessions
@@ -82,6 +85,7 @@ class ServerState:
         self.sessions: dict[str, CallSession] = {}
         self.reserved = 0
         self.reserved_by: dict[str, int] = {}  # offers being set up, per client address
+        self.offer_limit = OfferRateLimit(offers_per_minute)
         # one bounded pool of generation threads, reused by every call (see CallSession)
         self.executor = ThreadPoolExecutor(max_sessions, thread_name_prefix="tm-gen")
         self.metrics = Metrics()
@@ -292,6 +296,16 @@ async def offer(request: web.Request) -> web.Response:
     t_offer = time.monotonic()
     if not _authorized(request, st.token):
         return web.json_response({"error": "unauthorized", "message": "missing or wrong token"}, status=401)
+    client = request.remote or "?"
+    wait = st.offer_limit.retry_after(client)
+    if wait is not None:  # before the body is read: a refused offer costs next to nothing
+        st.metrics.offers_limited += 1
+        resp = web.json_response(
+            {"error": "rate limited", "message": f"too many offers from {client}: at most "
+             f"{st.offer_limit.per_minute} a minute per address; try again in {math.ceil(wait)} s"},
+            status=429, headers={"Retry-After": str(math.ceil(wait))})
+        resp.force_close()
+        return resp
     if request.content_length is not None and request.content_length > MAX_BODY:
         resp = _bad(f"offer too large ({request.content_length} bytes > {MAX_BODY})", st)
         resp.force_close()  # do not linger reading a body we refuse
@@ -334,7 +348,6 @@ async def offer(request: web.Request) -> web.Response:
         return web.json_response(
             {"error": "busy", "message": f"all {st.max_sessions} call slots are in use; try again later",
              "max_sessions": st.max_sessions}, status=503, headers={"Retry-After": "5"})
-    client = request.remote or "?"
     connecting = st.reserved_by.get(client, 0) + sum(
         1 for s in st.sessions.values() if s.client == client and s.connected_at is None)
     if connecting >= MAX_CONNECTING_PER_CLIENT:
@@ -389,14 +402,16 @@ def create_app(*, avatar: Any = None, avatar_loader: Callable[[], Any] | None = 
                agent_kwargs: dict | None = None, image: str | np.ndarray | None = None, max_sessions: int = 2,
                token: str | None = None, idle_timeout: float = 4.0, warmup: bool = True,
                connect_timeout: float = 6.0, allow_origins: list[str] | None = None,
-               host: str | None = None) -> web.Application:
+               host: str | None = None, offers_per_minute: int = OFFERS_PER_MINUTE) -> web.Application:
     """The aiohttp application. Pass a loaded `avatar` (tests) or an `avatar_loader` run at startup.
     ``allow_origins``: other web origins whose pages may place calls (and whose host names this
-    server answers to); ``host``: the name it was started with (--host)."""
+    server answers to); ``host``: the name it was started with (--host); ``offers_per_minute``: per
+    client address, more get HTTP 429 (0: no limit)."""
     portrait = load_image(image) if isinstance(image, str) else image
     st = ServerState(agent=agent, agent_kwargs=agent_kwargs or {}, max_sessions=max_sessions, token=token,
                      portrait=portrait, idle_timeout=idle_timeout, connect_timeout=connect_timeout,
-                     allow_origins=allow_origins, host_names=[host] if host else None)
+                     allow_origins=allow_origins, host_names=[host] if host else None,
+                     offers_per_minute=offers_per_minute)
     st.avatar = avatar
     app = web.Application(client_max_size=MAX_BODY + 1024, middlewares=[same_origin_only])
     app[STATE] = st
@@ -526,7 +541,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 def run_server(host: str = "127.0.0.1", port: int = 8000, agent: str = "mirror", image: str | None = None,
                max_sessions: int = 2, token: str | None = None, model: str | None = None, preset: str = "tiny",
                device: str = "cpu", agent_kwargs: dict | None = None, idle_timeout: float = 4.0,
-               connect_timeout: float = 6.0, allow_origins: list[str] | None = None) -> None:
+               connect_timeout: float = 6.0, allow_origins: list[str] | None = None,
+               offers_per_minute: int = OFFERS_PER_MINUTE) -> None:
     check_bind(host, token)
     from ..errors import InputError
 
@@ -535,7 +551,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, agent: str = "mirror",
         app = create_app(avatar_loader=default_loader(model, preset, device), agent=agent,
                          agent_kwargs=agent_kwargs, image=image, max_sessions=max_sessions, token=token,
                          idle_timeout=idle_timeout, connect_timeout=connect_timeout, allow_origins=allow_origins,
-                         host=host)
+                         host=host, offers_per_minute=offers_per_minute)
     except (ValueError, RuntimeError) as e:
         raise InputError(str(e)) from None
     sock = listen_socket(host, port)
@@ -550,9 +566,14 @@ def serve_main(args: argparse.Namespace) -> int:
         from ..errors import InputError
 
         raise InputError("--max-sessions must be >= 1")
+    if args.offers_per_minute < 0:
+        from ..errors import InputError
+
+        raise InputError("--offers-per-minute must be >= 0 (0: no limit)")
     kw = {k: getattr(args, k) for k in ("voice", "greeting", "realtime_url", "realtime_key",
                                          "realtime_protocol", "instructions")}
     run_server(host=args.host, port=args.port, agent=args.agent, image=args.image, max_sessions=args.max_sessions,
                token=args.token, model=args.model, preset=args.preset, device=args.device, agent_kwargs=kw,
-               idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout, allow_origins=args.allow_origin)
+               idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout, allow_origins=args.allow_origin,
+               offers_per_minute=args.offers_per_minute)
     return 0

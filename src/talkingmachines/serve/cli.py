@@ -11,6 +11,7 @@ import os
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     from ..stream.options import add_model_args
     from .agents import AGENTS
+    from .ratelimit import OFFERS_PER_MINUTE
 
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; others need --token)")
     p.add_argument("--port", type=int, default=8000)
@@ -24,6 +25,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-timeout", type=float, default=4.0, help="seconds without any sign of the client before its call is freed")
     p.add_argument("--connect-timeout", type=float, default=6.0,
                    help="seconds an answered offer may take to connect before its slot is freed")
+    p.add_argument("--offers-per-minute", type=int, default=OFFERS_PER_MINUTE, metavar="N",
+                   help="offers one client address may send in a minute; more get HTTP 429 (0: no limit; behind "
+                        "a proxy every client shares its address)")
     p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="a web origin (scheme://host[:port]) whose pages may place calls, and whose host name "
                         "this server answers to (e.g. behind a proxy); repeatable. Other origins and DNS names "

@@ -14,6 +14,7 @@ class Metrics:
         self.sessions_total = 0
         self.sessions_rejected = 0
         self.offers_bad = 0
+        self.offers_limited = 0
         self.chunks = 0
         self.chunk_seconds_sum = 0.0
         self.rtf_last = 0.0
@@ -45,6 +46,8 @@ class Metrics:
                 ("tm_sessions_total", "counter", "Calls accepted", self.sessions_total),
                 ("tm_sessions_rejected_total", "counter", "Calls refused as busy", self.sessions_rejected),
                 ("tm_offers_bad_total", "counter", "Malformed or oversized offers", self.offers_bad),
+                ("tm_offers_rate_limited_total", "counter", "Offers refused: too many from one address",
+                 self.offers_limited),
                 ("tm_chunks_total", "counter", "Chunks generated", self.chunks),
                 ("tm_chunk_compute_seconds_sum", "counter", "Compute time of all chunks", round(self.chunk_seconds_sum, 6)),
                 ("tm_rtf", "gauge", "Real-time factor of the last chunk (compute / duration)", round(self.rtf_last, 4)),
