@@ -9,6 +9,7 @@ project's code) with a WAV as its mic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -25,6 +26,7 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 
+from serve_fakes import FakeAvatar
 from talkingmachines.serve.app import RUNNER_KW, STATE, create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +124,29 @@ class Server:
 
     async def __aexit__(self, *a):
         await self.runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def fake_server(**kw):
+    """`Server` with the fake engine, and an HTTP client session: ``(srv, session)``."""
+    async with Server(avatar=FakeAvatar(), **kw) as srv, aiohttp.ClientSession() as s:
+        yield srv, s
+
+
+async def client_offer() -> tuple[RTCPeerConnection, str]:
+    """An aiortc peer (audio both ways, video to receive) and its offer's SDP."""
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio", direction="sendrecv")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+async def post_offer(s: aiohttp.ClientSession, srv: Server, sdp: str, headers: dict | None = None,
+                     **fields) -> tuple[int, dict]:
+    """POST ``{"sdp", "type": "offer", **fields}`` to /offer: its status and JSON body."""
+    async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer", **fields}, headers=headers) as r:
+        return r.status, await r.json()
 
 
 def free_port() -> int:

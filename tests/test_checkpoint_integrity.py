@@ -14,7 +14,8 @@ import torch
 from train_fixtures import make_clips, make_vae, micro_config
 
 from talkingmachines.errors import InputError
-from talkingmachines.train.checkpoint import MANIFEST
+from talkingmachines.train import checkpoint as ckmod
+from talkingmachines.train.checkpoint import MANIFEST, checkpoint_problem, intact_checkpoint, write_checkpoint
 from talkingmachines.train.teacher import TeacherTrainer
 
 
@@ -66,15 +67,21 @@ def run_dir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("ckpt")
     make_clips(work / "data")
     make_vae(work / "vae")
-    TeacherTrainer(micro_config(work, "teacher", "run", steps=4, ckpt_every=2, keep_checkpoints=2)).run()
+    _teacher(work, keep_checkpoints=2).run()
     return work
 
 
-def _copy(run_dir: Path, tmp_path: Path) -> Path:
+def _teacher(work: Path, **kw) -> TeacherTrainer:
+    """The micro teacher run of these tests: 4 steps, a checkpoint every 2."""
+    return TeacherTrainer(micro_config(work, "teacher", "run", steps=4, ckpt_every=2, **kw))
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the run (data, VAE, checkpoints) to damage: its folder and its checkpoints folder."""
     shutil.copytree(run_dir / "data", tmp_path / "data")
     shutil.copytree(run_dir / "vae", tmp_path / "vae")
     shutil.copytree(run_dir / "run" / "checkpoints", tmp_path / "run" / "checkpoints")
-    return tmp_path
+    return tmp_path, tmp_path / "run" / "checkpoints"
 
 
 def test_manifest_lists_every_file_with_its_sha256(run_dir):
@@ -88,13 +95,12 @@ def test_manifest_lists_every_file_with_its_sha256(run_dir):
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_damaged_latest_falls_back_to_intact(run_dir, tmp_path, capsys, fault):
-    work = _copy(run_dir, tmp_path)
-    root = work / "run" / "checkpoints"
+    work, root = _copy(run_dir, tmp_path)
     fname, damage = FAULTS[fault]
     good = _digests(root / "step_00000002")
     damage(root / "step_00000004" / fname)
 
-    t = TeacherTrainer(micro_config(work, "teacher", "run", steps=4, ckpt_every=2))
+    t = _teacher(work)
     t.setup()
     assert t.resume()
     assert t.step == 2
@@ -110,11 +116,10 @@ def test_damaged_latest_falls_back_to_intact(run_dir, tmp_path, capsys, fault):
 
 
 def test_none_intact_is_a_one_line_error(run_dir, tmp_path):
-    work = _copy(run_dir, tmp_path)
-    root = work / "run" / "checkpoints"
+    work, root = _copy(run_dir, tmp_path)
     _flip(root / "step_00000004" / "model.teacher.safetensors")
     _truncate(root / "step_00000002" / "state.json")
-    t = TeacherTrainer(micro_config(work, "teacher", "run", steps=4, ckpt_every=2))
+    t = _teacher(work)
     with pytest.raises(InputError) as e:  # found in setup(), before any model is built
         t.setup()
     msg = str(e.value)
@@ -124,12 +129,9 @@ def test_none_intact_is_a_one_line_error(run_dir, tmp_path):
 
 def test_resumed_run_after_fallback_finishes(run_dir, tmp_path):
     """Training goes on from the fallback and writes a fresh, verified step 4 over the damaged one."""
-    work = _copy(run_dir, tmp_path)
-    root = work / "run" / "checkpoints"
+    work, root = _copy(run_dir, tmp_path)
     _truncate(root / "step_00000004" / "optim.teacher.safetensors")
-    TeacherTrainer(micro_config(work, "teacher", "run", steps=4, ckpt_every=2)).run()
-    from talkingmachines.train.checkpoint import checkpoint_problem
-
+    _teacher(work).run()
     assert checkpoint_problem(root / "step_00000004") is None
     assert (work / "run" / "final" / "DONE.json").is_file()
 
@@ -145,15 +147,36 @@ VAE_FAULTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def vae_run(tmp_path_factory) -> Path:
+def _train_vae(out: Path, **kw):
+    """The small VAE run of these tests (4 steps), resumed from ``out`` when it has checkpoints."""
     from test_vae_train import SMALL, MovingPatterns
 
     from talkingmachines.train.vae_train import train_tiny_vae
 
+    kw = {"steps": 4, "batch_size": 2, "log_every": 0, "ckpt_every": 0, "progress": False, "seed": 3,
+          "config": SMALL, "stat_batches": 1, **kw}
+    return train_tiny_vae(MovingPatterns(n=8, frames=5, size=32), out, **kw)
+
+
+def _copy_as_step(root: Path, src: str, step: int) -> Path:
+    """Checkpoint ``src`` copied as ``step`` (state.json and its manifest entry say so) and made latest."""
+    ck = root / f"step_{step:08d}"
+    shutil.copytree(root / src, ck)
+    st = json.loads((ck / "state.json").read_text())
+    st["step"] = step
+    (ck / "state.json").write_text(json.dumps(st))
+    man = json.loads((ck / MANIFEST).read_text())
+    man["files"]["state.json"] = {"sha256": hashlib.sha256((ck / "state.json").read_bytes()).hexdigest(),
+                                  "bytes": (ck / "state.json").stat().st_size}
+    (ck / MANIFEST).write_text(json.dumps(man))
+    (root / "latest").write_text(ck.name)
+    return ck
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vae") / "a"
-    train_tiny_vae(MovingPatterns(n=8, frames=5, size=32), out, steps=4, batch_size=2, log_every=0, ckpt_every=2,
-                   progress=False, seed=3, config=SMALL, stat_batches=1)
+    _train_vae(out, ckpt_every=2)
     shutil.rmtree(out / "checkpoints" / "step_00000004")  # as if killed before the end
     for f in ("model.safetensors", "config.json", "DONE.json"):
         (out / f).unlink()
@@ -163,29 +186,15 @@ def vae_run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("fault", list(VAE_FAULTS))
 def test_vae_damaged_latest_falls_back(vae_run, tmp_path, capsys, fault):
-    from test_vae_train import SMALL, MovingPatterns
-
-    from talkingmachines.train.vae_train import train_tiny_vae
-
     out = tmp_path / "a"
     shutil.copytree(vae_run, out)
-    # a newer checkpoint beside the intact one: a copy of it, then damaged
     root = out / "checkpoints"
-    shutil.copytree(root / "step_00000002", root / "step_00000003")
-    st = json.loads((root / "step_00000003" / "state.json").read_text())
-    st["step"] = 3
-    (root / "step_00000003" / "state.json").write_text(json.dumps(st))
-    man = json.loads((root / "step_00000003" / MANIFEST).read_text())
-    man["files"]["state.json"] = {"sha256": hashlib.sha256((root / "step_00000003" / "state.json").read_bytes())
-                                  .hexdigest(), "bytes": (root / "step_00000003" / "state.json").stat().st_size}
-    (root / "step_00000003" / MANIFEST).write_text(json.dumps(man))
-    (root / "latest").write_text("step_00000003")
+    newer = _copy_as_step(root, "step_00000002", 3)  # a newer checkpoint beside the intact one, then damaged
     good = _digests(root / "step_00000002")
     fname, damage = VAE_FAULTS[fault]
-    damage(root / "step_00000003" / fname)
+    damage(newer / fname)
 
-    res = train_tiny_vae(MovingPatterns(n=8, frames=5, size=32), out, steps=4, batch_size=2, log_every=0,
-                         ckpt_every=0, keep_checkpoints=3, progress=False, seed=3, config=SMALL, stat_batches=1)
+    res = _train_vae(out, keep_checkpoints=3)
     assert res.start_step == 2 and res.step == 4
     err = capsys.readouterr().err
     assert "warning:" in err and "step_00000003" in err and fname in err, err
@@ -193,16 +202,11 @@ def test_vae_damaged_latest_falls_back(vae_run, tmp_path, capsys, fault):
 
 
 def test_vae_none_intact_is_a_one_line_error(vae_run, tmp_path):
-    from test_vae_train import SMALL, MovingPatterns
-
-    from talkingmachines.train.vae_train import train_tiny_vae
-
     out = tmp_path / "a"
     shutil.copytree(vae_run, out)
     _flip(out / "checkpoints" / "step_00000002" / "model.vae.safetensors")
     with pytest.raises(InputError) as e:
-        train_tiny_vae(MovingPatterns(n=8, frames=5, size=32), out, steps=4, batch_size=2, log_every=0,
-                       ckpt_every=0, progress=False, seed=3, config=SMALL, stat_batches=1)
+        _train_vae(out)
     assert "\n" not in str(e.value) and "model.vae.safetensors" in str(e.value)
 
 
@@ -214,8 +218,6 @@ def _small_checkpoint(tmp: Path) -> None:
 
 def _damaged_on_landing(monkeypatch, root: Path) -> None:
     """The next checkpoint written is damaged between its rename and pruning (a storage fault)."""
-    from talkingmachines.train import checkpoint as ckmod
-
     real = ckmod.atomic_write_text
 
     def write_latest(path, name):
@@ -227,8 +229,6 @@ def _damaged_on_landing(monkeypatch, root: Path) -> None:
 
 @pytest.mark.parametrize("keep", [1, 2])
 def test_pruning_keeps_the_newest_intact_checkpoint(tmp_path, monkeypatch, capsys, keep):
-    from talkingmachines.train.checkpoint import checkpoint_problem, intact_checkpoint, write_checkpoint
-
     root = tmp_path / "checkpoints"
     write_checkpoint(root, "step_00000002", _small_checkpoint, keep)
     if keep == 2:  # a newer checkpoint, damaged on disk later: it counts as kept but cannot be resumed
@@ -246,8 +246,6 @@ def test_pruning_keeps_the_newest_intact_checkpoint(tmp_path, monkeypatch, capsy
 
 def test_pruning_still_removes_old_checkpoints(tmp_path, capsys):
     """Intact or damaged, checkpoints beyond ``keep`` go once a newer intact one is kept."""
-    from talkingmachines.train.checkpoint import write_checkpoint
-
     root = tmp_path / "checkpoints"
     for step in (2, 4):
         write_checkpoint(root, f"step_{step:08d}", _small_checkpoint, keep=2)

@@ -12,17 +12,9 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from serve_fakes import FakeAvatar
-from serve_helpers import Server
+from serve_helpers import Server, client_offer
 from talkingmachines.errors import InputError
 from talkingmachines.serve.app import add_serve_args, check_bind, decode_portrait, is_loopback
-
-
-async def client_offer() -> tuple[RTCPeerConnection, str]:
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="sendrecv")
-    pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, pc.localDescription.sdp
 
 
 def run(coro):

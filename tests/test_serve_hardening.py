@@ -6,20 +6,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import socket
 import subprocess
 import sys
 import time
 
-import aiohttp
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
 
 from serve_fakes import FakeAvatar
-from test_serve_app import client_offer
-from serve_helpers import Server
+from serve_helpers import client_offer, fake_server, post_offer
 
 
 def run(coro):
@@ -41,11 +40,10 @@ def big_portrait_data_url() -> str:
 def test_big_portrait_offer_is_read_whole():
     async def main():
         url = big_portrait_data_url()
-        async with Server(avatar=FakeAvatar()) as srv, aiohttp.ClientSession() as s:
+        async with fake_server() as (srv, s):
             pc, sdp = await client_offer()
-            async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer", "portrait": url}) as r:
-                j = await r.json()
-                assert r.status == 200, j
+            status, j = await post_offer(s, srv, sdp, portrait=url)
+            assert status == 200, j
             assert j["id"] in srv.state.sessions
             await pc.close()
 
@@ -54,10 +52,8 @@ def test_big_portrait_offer_is_read_whole():
 
 def test_cross_origin_post_is_refused():
     async def main():
-        async with Server(avatar=FakeAvatar()) as srv, aiohttp.ClientSession() as s:
+        async with fake_server() as (srv, s):
             pc, sdp = await client_offer()
-            import json
-
             body = json.dumps({"sdp": sdp, "type": "offer"})
             # what a web page elsewhere can send without a CORS preflight
             async with s.post(srv.base + "/offer", data=body, headers={"Content-Type": "text/plain",
@@ -77,27 +73,24 @@ def test_cross_origin_post_is_refused():
 
 def test_dns_rebinding_host_is_refused_unless_allowed():
     async def main():
-        async with Server(avatar=FakeAvatar()) as srv, aiohttp.ClientSession() as s:
+        async with fake_server() as (srv, s):
             port = srv.base.rsplit(":", 1)[1]
             evil = {"Host": f"rebind.evil.example:{port}"}
             for path in ("/", "/config", "/health"):
                 async with s.get(srv.base + path, headers=evil) as r:
                     assert r.status == 403, path
             pc, sdp = await client_offer()
-            async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer"}, headers=evil) as r:
-                assert r.status == 403
+            assert (await post_offer(s, srv, sdp, headers=evil))[0] == 403
             for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
                 async with s.get(srv.base + "/config", headers={"Host": host}) as r:
                     assert r.status == 200, host
             assert not srv.state.sessions
             await pc.close()
-        async with Server(avatar=FakeAvatar(), allow_origins=["https://avatar.example.com"]) as srv, \
-                aiohttp.ClientSession() as s:
+        async with fake_server(allow_origins=["https://avatar.example.com"]) as (srv, s):
             pc, sdp = await client_offer()
-            async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer"},
-                              headers={"Host": "avatar.example.com",
-                                       "Origin": "https://avatar.example.com"}) as r:
-                assert r.status == 200, await r.text()
+            status, j = await post_offer(s, srv, sdp, headers={"Host": "avatar.example.com",
+                                                               "Origin": "https://avatar.example.com"})
+            assert status == 200, j
             await pc.close()
 
     run(main())
@@ -105,10 +98,9 @@ def test_dns_rebinding_host_is_refused_unless_allowed():
 
 def test_hangup_needs_the_calls_secret():
     async def main():
-        async with Server(avatar=FakeAvatar()) as srv, aiohttp.ClientSession() as s:
+        async with fake_server() as (srv, s):
             pc, sdp = await client_offer()
-            async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer"}) as r:
-                ans = await r.json()
+            _, ans = await post_offer(s, srv, sdp)
             assert len(ans["secret"]) >= 16
             for body in ({"id": ans["id"]}, {"id": ans["id"], "secret": "guess"}):
                 async with s.post(srv.base + "/hangup", json=body) as r:
@@ -124,21 +116,17 @@ def test_hangup_needs_the_calls_secret():
 
 def test_never_connected_offer_is_reclaimed_and_limited_per_client():
     async def main():
-        async with Server(avatar=FakeAvatar(), max_sessions=2, connect_timeout=1.5) as srv, \
-                aiohttp.ClientSession() as s:
+        async with fake_server(max_sessions=2, connect_timeout=1.5) as (srv, s):
             pc1, sdp1 = await client_offer()
-            async with s.post(srv.base + "/offer", json={"sdp": sdp1, "type": "offer"}) as r:
-                assert r.status == 200  # the answer is never applied: it never connects
+            assert (await post_offer(s, srv, sdp1))[0] == 200  # the answer is never applied: it never connects
             pc2, sdp2 = await client_offer()
-            async with s.post(srv.base + "/offer", json={"sdp": sdp2, "type": "offer"}) as r:
-                j = await r.json()
-                assert r.status == 429 and "connecting" in j["message"], j  # one pending offer per client
+            status, j = await post_offer(s, srv, sdp2)
+            assert status == 429 and "connecting" in j["message"], j  # one pending offer per client
             t0 = time.monotonic()
             while srv.state.sessions and time.monotonic() - t0 < 6:
                 await asyncio.sleep(0.1)
             assert not srv.state.sessions  # reclaimed after connect_timeout
-            async with s.post(srv.base + "/offer", json={"sdp": sdp2, "type": "offer"}) as r:
-                assert r.status == 200
+            assert (await post_offer(s, srv, sdp2))[0] == 200
             for pc in (pc1, pc2):
                 await pc.close()
 
@@ -154,7 +142,7 @@ def test_default_connect_timeout_is_short():
 
 def test_health_says_less_with_a_token():
     async def main():
-        async with Server(avatar=FakeAvatar(), token="s3cret") as srv, aiohttp.ClientSession() as s:
+        async with fake_server(token="s3cret") as (srv, s):
             async with s.get(srv.base + "/health") as r:
                 assert r.status == 200 and await r.json() == {"status": "ok"}
             async with s.get(srv.base + "/health", headers={"Authorization": "Bearer s3cret"}) as r:
@@ -172,12 +160,11 @@ def _sdp_without(sdp: str, prefix: str) -> str:
                                         ("a=ice-ufrag", "ice")])
 def test_broken_sdp_clear_400_and_no_traceback(caplog, drop, words):
     async def main():
-        async with Server(avatar=FakeAvatar()) as srv, aiohttp.ClientSession() as s:
+        async with fake_server() as (srv, s):
             pc, sdp = await client_offer()
-            async with s.post(srv.base + "/offer", json={"sdp": _sdp_without(sdp, drop), "type": "offer"}) as r:
-                j = await r.json()
-                assert r.status == 400, j
-                assert words in j["message"].lower() and "Error" not in j["message"], j
+            status, j = await post_offer(s, srv, _sdp_without(sdp, drop))
+            assert status == 400, j
+            assert words in j["message"].lower() and "Error" not in j["message"], j
             await asyncio.sleep(1.0)  # give any background task the time to fail
             assert not srv.state.sessions
             await pc.close()
@@ -219,10 +206,9 @@ def test_offer_rate_limit_per_address_slides():
 
 def test_too_many_offers_from_one_address_get_429():
     async def main():
-        async with Server(avatar=FakeAvatar(), offers_per_minute=3) as srv, aiohttp.ClientSession() as s:
+        async with fake_server(offers_per_minute=3) as (srv, s):
             for _ in range(3):  # every attempt counts, bad ones too
-                async with s.post(srv.base + "/offer", json={"sdp": "v=0\r\n", "type": "offer"}) as r:
-                    assert r.status == 400
+                assert (await post_offer(s, srv, "v=0\r\n"))[0] == 400
             pc, sdp = await client_offer()
             async with s.post(srv.base + "/offer", json={"sdp": sdp, "type": "offer"}) as r:
                 j = await r.json()
