@@ -94,3 +94,36 @@ def test_eval_reports_the_judge_first(photo_clip, tmp_path, capsys):
     px = np.asarray(g.convert("RGB"))
     green = (px[..., 0] == 0) & (px[..., 1] == 255) & (px[..., 2] == 0)
     assert green.sum() > 26 * 40  # the judge's landmarks are drawn on (nearly) every cell
+
+
+def test_eval_grid_decodes_and_judges_once(photo_clip, tmp_path, monkeypatch, capsys):
+    """`eval --grid` decodes the video once and runs the judge once per frame, and its grid is
+    the one `frame_grid` draws from the decoded video running the judge on the drawn cells."""
+    from PIL import Image
+
+    from talkingmachines import media
+    from talkingmachines.cli import main
+    from talkingmachines.eval.frame_grid import frame_grid
+
+    path, grid = tmp_path / "clip.mp4", tmp_path / "grid.png"
+    media.write_mp4(path, photo_clip.frames, photo_clip.audio)
+    frames, track, _ = media.read_video(path)
+    expected = np.asarray(frame_grid(frames, track))
+
+    calls = {"read_video": 0, "landmarks": 0}
+    read_video, landmarks = media.read_video, face_judge.FaceJudge.landmarks
+
+    def counted_read(*a, **kw):
+        calls["read_video"] += 1
+        return read_video(*a, **kw)
+
+    def counted_landmarks(self, rgb):
+        calls["landmarks"] += 1
+        return landmarks(self, rgb)
+
+    monkeypatch.setattr(media, "read_video", counted_read)
+    monkeypatch.setattr(face_judge.FaceJudge, "landmarks", counted_landmarks)
+    assert main(["eval", str(path), "--json", "--grid", str(grid)]) == 0
+    assert calls == {"read_video": 1, "landmarks": len(frames)}
+    assert np.array_equal(np.asarray(Image.open(grid).convert("RGB")), expected)
+    assert json.loads(capsys.readouterr().out)["face"]["face_found"] >= 0.9

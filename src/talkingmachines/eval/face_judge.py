@@ -96,11 +96,18 @@ class FaceJudge:
 
     def video(self, frames) -> tuple[np.ndarray, np.ndarray]:
         """frames uint8 [T, H, W, 3] -> (found bool [T], opening float [T], NaN where no face)."""
-        found = np.zeros(len(frames), bool)
-        opening = np.full(len(frames), np.nan)
-        for t, f in enumerate(frames):
-            found[t], opening[t] = self.frame(f)
-        return found, opening
+        return signals(self.video_landmarks(frames))
+
+    def video_landmarks(self, frames) -> list[np.ndarray | None]:
+        """`landmarks` of every frame (kept, so a picture of them needs no second pass)."""
+        return [self.landmarks(f) for f in frames]
+
+
+def signals(landmarks: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame landmarks (None: no face) -> (found bool [T], lip opening float [T], NaN where no face)."""
+    found = np.array([p is not None for p in landmarks], bool)
+    opening = np.array([lip_opening(p) if p is not None else np.nan for p in landmarks], np.float64)
+    return found, opening
 
 
 def lip_opening(p: np.ndarray) -> float:
@@ -137,10 +144,12 @@ def face_metrics_from_signals(found: np.ndarray, opening: np.ndarray, audio) -> 
     return out
 
 
-def face_metrics(frames, audio, judge: FaceJudge | None = None) -> dict:
-    """Run the judge over uint8 frames [T, H, W, 3] and score them against `audio` (16 kHz)."""
-    judge = judge or FaceJudge.load()
-    found, opening = judge.video(frames)
+def face_metrics(frames, audio, judge: FaceJudge | None = None, landmarks: list | None = None) -> dict:
+    """Run the judge over uint8 frames [T, H, W, 3] and score them against `audio` (16 kHz);
+    ``landmarks``: the judge's per-frame results when it has already run on these frames."""
+    if landmarks is None:
+        landmarks = (judge or FaceJudge.load()).video_landmarks(frames)
+    found, opening = signals(landmarks)
     out = face_metrics_from_signals(found, opening, audio)
     out["opening"] = [None if not math.isfinite(v) else round(float(v), 4) for v in opening]
     return out

@@ -4,7 +4,8 @@ and one second of silence, with what the face judge saw drawn on top.
 `frame_grid(frames, audio)` picks the 25-frame window with the most speech frames and the one
 with the most silence frames (`metrics.speech_frames`), takes every 2nd frame of each (13 a
 row) and draws, when the face judge is installed, its 68 landmarks in green on frames where it
-found a face and a red corner mark where it did not."""
+found a face and a red corner mark where it did not. Given the judge's per-frame results
+(``landmarks``, as `eval` already has them) it draws those instead of running it again."""
 
 from __future__ import annotations
 
@@ -24,16 +25,19 @@ def _best_window(mask: np.ndarray, n: int) -> int:
     return int(np.argmax(counts))
 
 
-def frame_grid(frames: np.ndarray, audio, scale: int = 2, judge=True) -> Image.Image:
+def frame_grid(frames: np.ndarray, audio, scale: int = 2, judge=True,
+               landmarks: list | None = None) -> Image.Image:
     """uint8 frames [T, H, W, 3] and their 16 kHz audio -> a PIL image: a row of speech frames,
-    a row of silence frames (every 2nd frame over 1 s each), each cell `scale`x enlarged."""
+    a row of silence frames (every 2nd frame over 1 s each), each cell `scale`x enlarged.
+    ``landmarks``: the face judge's result for every frame (None: no face), used instead of
+    running the judge (``judge``) on the drawn frames."""
     from .metrics import speech_frames
 
     frames = np.asarray(frames)
     T, H, W = frames.shape[:3]
     speech, silence, _ = speech_frames(audio, T)
     fj = None
-    if judge:
+    if landmarks is None and judge:
         from ..errors import InputError
         from .face_judge import FaceJudge
 
@@ -59,8 +63,8 @@ def frame_grid(frames: np.ndarray, audio, scale: int = 2, judge=True) -> Image.I
             cell = Image.fromarray(frames[t]).resize((cw, ch), Image.NEAREST)
             x0, yy = c * cw, y0 + label_h
             img.paste(cell, (x0, yy))
-            if fj is not None:
-                p = fj.landmarks(frames[t])
+            if landmarks is not None or fj is not None:
+                p = landmarks[t] if landmarks is not None else fj.landmarks(frames[t])
                 if p is None:
                     d.rectangle([x0, yy, x0 + 6, yy + 6], fill=(230, 0, 0))
                 else:

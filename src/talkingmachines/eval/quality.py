@@ -13,7 +13,9 @@ holds:
   stream);
 - `eval.report`: the targets checked and the JSON;
 - here: `evaluate_video(video, audio)`, every metric of one video (with the face judge's when
-  it is installed), and the names above for ``from talkingmachines.eval import quality as q``.
+  it is installed), `frames_for_eval` and `judge_landmarks` (what it reads and what the judge
+  saw, for a caller that also draws them: `eval --grid`), and the names above for
+  ``from talkingmachines.eval import quality as q``.
 
 The metrics' definitions and their limits are in `eval.mouth` and `eval.metrics`.
 """
@@ -54,14 +56,11 @@ __all__ = [
 ]
 
 
-def evaluate_video(video, audio=None, roi: Roi | None = None, face=None, fps: float | None = None,
-                   drift_window: float = 10.0, max_lag: int = MAX_LAG) -> dict:
-    """All metrics of one video.
+def frames_for_eval(video, audio=None, fps: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """What `evaluate_video` measures: uint8 frames [T, H, W, 3] on the 25 fps grid and the audio.
 
-    video: a path (read with `media.read_video`; its audio track is used unless `audio` is
-    given) or uint8 frames [T, H, W, 3]. audio: float32 mono 16 kHz samples or a path.
-    Returns {frames, seconds, fps, roi, lag, confidence, corr_at_0, stillness_ratio,
-    stillness{...}, drift{...}, mouth (list)}; the lip-sync keys are None without audio."""
+    video: a path (decoded once with `media.read_video`; its audio track is used unless `audio`
+    is given) or uint8 frames at ``fps`` (default 25). audio: float32 mono 16 kHz samples or a path."""
     from ..media import load_audio, read_video
 
     if isinstance(video, (str, Path)):
@@ -78,7 +77,31 @@ def evaluate_video(video, audio=None, roi: Roi | None = None, face=None, fps: fl
         # metrics are defined on the 25 fps grid: resample frames by nearest index
         T = int(round(len(frames) * FPS / fps))
         frames = frames[np.minimum((np.arange(T) * fps / FPS).round().astype(int), len(frames) - 1)]
-        fps = float(FPS)
+    return frames, audio
+
+
+def judge_landmarks(frames) -> list | None:
+    """The face judge's landmarks of every frame (`FaceJudge.video_landmarks`), or None when its
+    optional extra is not installed."""
+    from ..errors import InputError
+    from . import face_judge
+
+    try:
+        return face_judge.FaceJudge.load().video_landmarks(frames)
+    except InputError:
+        return None
+
+
+def evaluate_video(video, audio=None, roi: Roi | None = None, face=None, fps: float | None = None,
+                   drift_window: float = 10.0, max_lag: int = MAX_LAG, landmarks: list | None = None) -> dict:
+    """All metrics of one video.
+
+    video, audio, fps: as `frames_for_eval` takes them. landmarks: the face judge's per-frame
+    results on these frames (`judge_landmarks`) when the caller already has them.
+    Returns {frames, seconds, fps, roi, lag, confidence, corr_at_0, stillness_ratio,
+    stillness{...}, drift{...}, mouth (list)}; the lip-sync keys are None without audio."""
+    frames, audio = frames_for_eval(video, audio, fps)
+    fps = float(FPS)
     mouth, info = mouth_signal(frames, roi=roi, face=face, return_info=True)
     out = {"frames": int(len(frames)), "seconds": len(frames) / fps, "fps": fps, "roi": info["roi"],
            "head_shift_px": info["head_shift_px"]}
@@ -89,15 +112,18 @@ def evaluate_video(video, audio=None, roi: Roi | None = None, face=None, fps: fl
                     "stillness": None, "note": "no audio: lip-sync and stillness need the speech track"})
     out["drift"] = drift(frames, fps, drift_window)
     out["mouth"] = [round(float(v), 5) for v in mouth]
-    out["face"] = _judge(frames, audio if audio is not None and len(audio) >= SAMPLES_PER_FRAME else None)
+    out["face"] = _judge(frames, audio if audio is not None and len(audio) >= SAMPLES_PER_FRAME else None,
+                         landmarks)
     return out
 
 
-def _judge(frames, audio) -> dict:
+def _judge(frames, audio, landmarks: list | None = None) -> dict:
     """The face judge's figures, or {"unavailable": why} when its optional extra is missing."""
     from ..errors import InputError
     from . import face_judge
 
+    if landmarks is not None:
+        return face_judge.face_metrics(frames, audio, landmarks=landmarks)
     try:
         judge = face_judge.FaceJudge.load()
     except InputError as e:

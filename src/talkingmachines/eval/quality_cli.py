@@ -41,13 +41,15 @@ def cmd_eval(args) -> int:
     from . import quality as q
 
     p = Path(args.video)
-    r = q.evaluate_video(p, audio=args.audio)
-    if args.grid:
-        from ..media import load_audio, read_video
+    if args.grid:  # decoded and judged once, for the metrics and the picture
         from .frame_grid import save_frame_grid
 
-        frames, track, _ = read_video(p)
-        save_frame_grid(args.grid, frames, load_audio(args.audio) if args.audio else track)
+        frames, audio = q.frames_for_eval(p, args.audio)
+        landmarks = q.judge_landmarks(frames)
+        r = q.evaluate_video(frames, audio, landmarks=landmarks)
+        save_frame_grid(args.grid, frames, audio, judge=False, landmarks=landmarks)
+    else:
+        r = q.evaluate_video(p, audio=args.audio)
     if not args.keep_signal:
         r.pop("mouth", None)
     if args.json:
