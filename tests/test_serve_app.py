@@ -171,6 +171,9 @@ def test_bind_rules_and_cli_args():
 
     with pytest.raises(InputError):
         serve_main(p.parse_args(["--host", "0.0.0.0", "--token", ""]))
+    assert a.offers_per_minute == 30
+    with pytest.raises(InputError, match="--offers-per-minute"):
+        serve_main(p.parse_args(["--offers-per-minute", "-1"]))
 
 
 def test_portrait_upload_decodes():
