@@ -2,9 +2,12 @@
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+import talkingmachines
 
 from talkingmachines.config import SAMPLES_PER_FRAME, VAE_TEMPORAL
 from talkingmachines.errors import InputError
@@ -207,3 +210,18 @@ def test_data_version_3_moves_the_head_less_and_opens_the_mouth_wider():
     p = FaceParams.sample(3)
     assert framed(p, 3).max_open == pytest.approx(1.55 * p.max_open)
     assert framed(p, 3).face_w == pytest.approx(framed(p, 2).face_w)
+
+
+def test_bundled_portrait_is_framed_like_the_shipped_models_data():
+    """The default portrait is the renderer's photo-like face framed as data version 3 frames its
+    faces (the close-up the shipped model was trained on), so `demo` shows the model a face of the
+    size it knows."""
+    from PIL import Image
+
+    from talkingmachines.train.synth import default_portrait
+
+    asset = np.asarray(Image.open(Path(talkingmachines.__file__).parent / "assets" / "portrait.png").convert("RGB"))
+    assert asset.shape == (512, 512, 3)
+    d3 = np.abs(asset.astype(float) - default_portrait(3)).mean()
+    d1 = np.abs(asset.astype(float) - default_portrait(1)).mean()
+    assert d3 < 1.0 < d1, (d3, d1)

@@ -330,10 +330,11 @@ Weights in this folder (student DiT, teacher DiT, VAE): {mb:.1f} MB (safetensors
 
 ## Limits
 Trained for {total:.0f} minutes, only on procedural cartoon-to-shaded faces at {preset.width}x{preset.height}:
-frames are blurry and blocky, with flickering artefacts, and the mouth motion is visible but coarse. A real photo is
-outside the training distribution: it keeps the photo's colours and face layout but turns the face into a blocky,
-flickering texture whose mouth region pulses with the speech, a smeared likeness rather than a talking person. The
-tiny model proves the pipeline; the real presets are for real faces.
+frames are soft and blurry, a few break into blotches, and the mouth opens less than in the data. Judge the
+face with the landmark columns above (a packaged face-landmark model), not the pixel metrics alone, and look at a
+frame grid (`talkingmachines eval VIDEO --grid grid.png`). A real photo is outside the training distribution:
+its face stays recognisable but soft, and its mouth barely follows the speech. The tiny model proves the
+pipeline; the real presets are for real faces.
 
 ## Reproduce
 {reproduce}
