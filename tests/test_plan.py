@@ -81,7 +81,7 @@ def test_counted_work_is_the_engines_work():
 
     a.dit.forward_chunk = counted
     s.next_chunk()
-    w = S.chunk_work("tiny", torch.float32)["dit_pass"]
+    w = S.chunk_work(a.preset, torch.float32)["dit_pass"]  # the loaded model's geometry (preset.json)
     # torch counts no FLOPs for the CPU's attention kernel: add them (QK^T and AV: 4 x queries x
     # keys x dim per layer; keys: sink + previous chunk + the chunk itself, text, audio window)
     p = a.preset
