@@ -175,16 +175,18 @@ def host_pass_s(p: Preset, repeats: int = 20) -> float:
 
 
 def _vae_chunk(p: Preset) -> dict:
-    return _vae_work(p.vae, p.height, p.width, p.stream.chunk_frames)
+    return _vae_work(p.vae, p.height, p.width, p.stream.chunk_frames, p.dit.latent_channels)
 
 
 @functools.lru_cache(maxsize=8)
-def _vae_work(kind: str, height: int, width: int, chunk_frames: int) -> dict:
+def _vae_work(kind: str, height: int, width: int, chunk_frames: int, latent_channels: int | None = None) -> dict:
+    """The VAE's streaming decode of one chunk; a tiny VAE as wide as the DiT's latents."""
     from ..model import vae as vae_mod
 
     with torch.device("meta"):
         if kind == "tiny":
-            vae = vae_mod.TinyVAE()
+            cfg = vae_mod.TinyVAEConfig(**({"latent_channels": latent_channels} if latent_channels else {}))
+            vae = vae_mod.TinyVAE(cfg)
             channels = vae.latent_channels
         else:
             from diffusers import AutoencoderKLWan
@@ -383,11 +385,11 @@ def cpu_calibration(repeats: int = 100) -> dict:
     return {"s_per_flop": s_per_flop, "s_per_byte": s_per_byte, "s_per_kernel": max(rest, 0.0) / c["kernels"]}
 
 
-def predict_cpu(preset: str = "tiny", calib: dict | None = None) -> dict:
+def predict_cpu(preset: str | Preset = "tiny", calib: dict | None = None) -> dict:
     """Per-chunk time on this CPU by the same counts: FLOPs x s_per_flop + bytes x s_per_byte +
     host time per stage (the CPU runs each op in turn: they add up). The DiT's host time is its
     narrow copy's measured pass (`host_pass_s`); the VAE's and audio's, kernels x s_per_kernel."""
-    p = get_preset(preset)
+    p = get_preset(preset) if isinstance(preset, str) else preset
     c = calib or cpu_calibration()
     w = chunk_work(p, torch.float32)  # the CPU runs the DiT in fp32
 
@@ -416,7 +418,7 @@ def cpu_check(chunks: int = 14) -> dict:
         s.next_chunk()
         times.append(time.perf_counter() - t)
     measured = 1e3 * min(times[2:])  # the minimum, as the calibration: what the CPU does unhindered
-    pred = predict_cpu("tiny")
+    pred = predict_cpu(a.preset)  # the loaded model's geometry (its preset.json), not the built-in preset
     return {"measured_chunk_ms": round(measured, 1), "predicted_chunk_ms": round(pred["chunk_ms"], 1),
             "predicted_over_measured": round(pred["chunk_ms"] / measured, 3), "threads": torch.get_num_threads(),
             "predicted_stage_ms": {k: round(pred[f"{k}_ms"], 1) for k in ("audio", "dit", "vae")},
