@@ -23,7 +23,7 @@ Pieces, bottom up:
   (for training) and `index.json`; resumable, atomic writes.
 * `preview(path)`: a contact sheet of random faces.
 
-Run `python -m talkingmachines.train.synth --help` for the command line.
+Run `talkingmachines data synth --help` for the command line.
 """
 
 from __future__ import annotations
@@ -967,6 +967,9 @@ def _utterance(rng: np.random.Generator, source: str, voice: str, rate: int, pit
 
 
 DATA_VERSIONS = (1, 2, 3)
+# per close-up version: head-motion amplitude (v1's varies with speech), max opening x v1's
+_HEAD_AMP = {2: 1.6, 3: 0.55}
+_OPEN_SCALE = {2: 1.3, 3: 1.55}
 
 
 def head_motion(rng: np.random.Generator, speaking: np.ndarray, mouth_open: np.ndarray, version: int = 1):
@@ -978,7 +981,7 @@ def head_motion(rng: np.random.Generator, speaking: np.ndarray, mouth_open: np.n
     of its loss first; in v2 the opening explained 4 % of the latents' change over time)."""
     T = len(speaking)
     spk_s = np.convolve(speaking.astype(np.float32), np.ones(13) / 13, mode="same")
-    amp = 1.0 + 1.2 * spk_s if version == 1 else np.full(T, 1.6 if version == 2 else 0.55, np.float32)
+    amp = 1.0 + 1.2 * spk_s if version == 1 else np.full(T, _HEAD_AMP[version], np.float32)
     head_amp = float(rng.uniform(0.5, 1.5))
     dx = 0.010 * head_amp * _smooth_noise(rng, T, 15) * amp
     dy = 0.007 * head_amp * _smooth_noise(rng, T, 12) * amp
@@ -1002,7 +1005,7 @@ def framed(params: FaceParams, version: int) -> FaceParams:
     if version not in DATA_VERSIONS:
         raise InputError(f"unknown data version {version}; choose one of {', '.join(map(str, DATA_VERSIONS))}")
     return dataclasses.replace(params, face_w=params.face_w * 1.3, cy=params.cy + 0.06,
-                               max_open=params.max_open * (1.3 if version == 2 else 1.55))
+                               max_open=params.max_open * _OPEN_SCALE[version])
 
 
 def make_clip(seed: int, seconds: float = 6.0, size: int = 128, speech: str = "auto",
