@@ -179,14 +179,13 @@ def _vae_chunk(p: Preset) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _vae_work(kind: str, height: int, width: int, chunk_frames: int, latent_channels: int | None = None) -> dict:
+def _vae_work(kind: str, height: int, width: int, chunk_frames: int, latent_channels: int) -> dict:
     """The VAE's streaming decode of one chunk; a tiny VAE as wide as the DiT's latents."""
     from ..model import vae as vae_mod
 
     with torch.device("meta"):
         if kind == "tiny":
-            cfg = vae_mod.TinyVAEConfig(**({"latent_channels": latent_channels} if latent_channels else {}))
-            vae = vae_mod.TinyVAE(cfg)
+            vae = vae_mod.TinyVAE(vae_mod.TinyVAEConfig(latent_channels=latent_channels))
             channels = vae.latent_channels
         else:
             from diffusers import AutoencoderKLWan
