@@ -494,8 +494,11 @@ def torchrun_main(args) -> int:
     finally:
         dist.destroy_process_group()
     st = res["stage_ms"]
-    print(json.dumps({"rank": rank, "stage": "dit" if rank == 0 else "vae", "chunks": len(st),
-                      "median_ms": round(float(np.median(st)), 2) if st else None,
-                      "chunk_period_ms": res["chunk_period_ms"] and round(res["chunk_period_ms"], 2),
-                      "wall_s": round(res["wall_s"], 3)}))
+    line = json.dumps({"rank": rank, "stage": "dit" if rank == 0 else "vae", "chunks": len(st),
+                       "median_ms": round(float(np.median(st)), 2) if st else None,
+                       "chunk_period_ms": res["chunk_period_ms"] and round(res["chunk_period_ms"], 2),
+                       "wall_s": round(res["wall_s"], 3)})
+    # one write per line: the ranks share torchrun's stdout, and print's separate "\n" write let
+    # two ranks' lines run together
+    print(line + "\n", end="", flush=True)
     return 0
