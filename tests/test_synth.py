@@ -107,7 +107,7 @@ def test_clip_espeak():
 
 
 def test_missing_espeak_message(monkeypatch):
-    monkeypatch.setattr(synth.shutil, "which", lambda name: None)
+    monkeypatch.setattr(synth.speech.shutil, "which", lambda name: None)
     assert not espeak_available()
     with pytest.raises(InputError, match="espeak-ng is not installed"):
         synth.espeak_tts("hello")

@@ -1,4 +1,4 @@
-"""The bundled speech as samples, read with the standard library (no PyAV).
+"""The bundled speech as samples, read (and written, `write_wav`) with the standard library (no PyAV).
 
 Benchmarks, the GPU checks and the compile warm-up need a stretch of realistic speech on
 machines that have PyTorch but not PyAV (a lent GPU box); the asset is a plain 16 kHz mono
@@ -26,6 +26,16 @@ def read_wav(path: str | Path) -> np.ndarray:
                              f"at {w.getframerate()} Hz (use media.load_audio for other audio)")
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, w.getnchannels())
     return (pcm.astype(np.float32) / 32768.0).mean(axis=1)
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sr: int = SAMPLE_RATE) -> None:
+    """16-bit PCM mono wav (the format `read_wav` reads)."""
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
 
 
 def speech_like(seconds: float, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:

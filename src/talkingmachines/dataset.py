@@ -33,7 +33,7 @@ class ClipDataset:
         idx = self.root / "index.json"
         if not idx.is_file():
             raise InputError(f"no index.json in {self.root} (make a data set with "
-                             f"`python -m talkingmachines.train.synth --out {self.root}`)")
+                             f"`talkingmachines data synth --out {self.root}`)")
         self.index = json.loads(idx.read_text())
         self.clips = list(self.index["clips"])
         if clip_frames is not None and (clip_frames < 1 or (clip_frames - 1) % VAE_TEMPORAL):

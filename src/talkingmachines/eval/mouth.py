@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 # the renderer owns the synthetic faces' geometry; every metric uses it
-from ..train.synth import clip_box as clip_roi, mouth_roi_from_face
+from ..train.synth.render import clip_box as clip_roi, mouth_roi_from_face
 
 __all__ = ["Roi", "mouth_roi_from_face", "clip_roi", "auto_mouth_roi", "auto_roi_full", "mouth_signal"]
 
