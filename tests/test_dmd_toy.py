@@ -126,9 +126,9 @@ class ToyDmd(DmdTrainer):
 
     def build(self) -> None:
         torch.manual_seed(self.cfg.seed)
-        self.add_group("fake", FakeScore(), self.cfg.fake_lr, ema=False)
-        self.add_group("student", Generator(), self.cfg.lr, ema=False)
-        self.sampler = dmd.make_sigma_sampler(self.cfg.dmd_s_min, self.cfg.dmd_s_max)
+        self.add_group("fake", FakeScore(), self.cfg.dmd.fake_lr, ema=False)
+        self.add_group("student", Generator(), self.cfg.optim.lr, ema=False)
+        self.sampler = dmd.make_sigma_sampler(self.cfg.dmd.s_min, self.cfg.dmd.s_max)
         self.pairs = None
 
     def batch(self, step: int):
@@ -161,7 +161,7 @@ def toy_config(out: Path, **kw) -> TrainConfig:
              lr=5e-4, fake_lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0, warmup=0, grad_clip=10.0,
              ckpt_every=0, log_every=0, progress=False, regression_weight=0.0)
     d.update(kw)
-    return TrainConfig(**d)
+    return TrainConfig.from_dict(d)  # flat keys, as the shipped configs
 
 
 def run_dmd_toy(out: Path):

@@ -58,4 +58,4 @@ def micro_config(tmp: Path, stage: str, out: str, **kw):
                 warmup=0, ckpt_every=2, log_every=1, progress=False, held_out=0.0, ode_steps=4, ode_pairs=4,
                 ode_batch=2, fake_ratio=1, ema_decay=0.99)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)  # flat keys, as the shipped configs

@@ -1,5 +1,11 @@
-"""The training config: one flat `TrainConfig` for every stage, read from JSON/YAML (the shipped
-ones are in `talkingmachines.configs`) with command-line overrides."""
+"""The training config: a `TrainConfig` for every stage, with nested typed sections in the
+manner of torchtitan's JobConfig (`optim`, `ema`, `checkpoint`, `parallel`, `flow`, `guidance`,
+`ode`, `dmd`), read from JSON/YAML (the shipped ones are in `talkingmachines.configs`) with
+command-line overrides.
+
+A config file may give a section as a mapping (``{"optim": {"lr": 1e-3}}``) or use the flat
+keys every shipped config uses (``{"lr": 1e-3}``); `FLAT_KEYS` maps each flat key to its
+section and field. Both read to the same `TrainConfig`; unknown keys are an error."""
 
 from __future__ import annotations
 
@@ -14,9 +20,101 @@ from ..errors import InputError
 
 
 @dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (`optim.adamw`, `optim.lr_at`)."""
+
+    lr: float = 2e-4
+    lr_schedule: str = "constant"  # constant | cosine (after warmup)
+    warmup: int = 50
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.99)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999  # 0: no EMA
+    export: bool = True  # export the EMA weights (else the raw ones)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # steps between checkpoints (0: none but the final export)
+    keep: int = 2  # checkpoints kept on disk
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "auto"  # auto (fsdp when distributed) | fsdp | ddp
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class FlowConfig:
+    """The teacher's flow-matching loss (bidirectional)."""
+
+    p_drop_audio: float = 0.1
+    p_drop_ref: float = 0.05
+    t_dist: str = "uniform"  # uniform | logit_normal, then Wan's shift (preset.stream.flow_shift)
+    # extra loss weight on the mouth box (synthetic clips know it; real ones get none): the mouth
+    # is a few % of the latent pixels, so a plain MSE leaves it under-fitted (mushy lips that
+    # twitch in silence). Per-pixel weights do not change the optimum, only where capacity goes.
+    mouth_weight: float = 0.0
+
+
+@dataclass
+class GuidanceConfig:
+    """Classifier-free guidance of the teacher when it samples (ODE pairs, DMD's real score)."""
+
+    audio: float = 2.5
+    ref: float = 1.0  # 1.0: no image guidance (saves a forward)
+
+
+@dataclass
+class ODEConfig:
+    """The teacher's ODE pairs for the student's initialisation."""
+
+    steps: int = 20
+    pairs: int = 64
+    batch: int = 4
+
+
+@dataclass
+class DMDConfig:
+    fake_ratio: int = 5  # fake-score updates per student update
+    fake_lr: float | None = None  # default: optim.lr
+    weight: float = 1.0
+    regression_weight: float = 0.25
+    real_context_prob: float = 0.25  # student context = the real clip instead of its own rollout
+    s_min: float = 0.02
+    s_max: float = 0.98
+
+
+SECTIONS = {"optim": OptimConfig, "ema": EMAConfig, "checkpoint": CheckpointConfig, "parallel": ParallelConfig,
+            "flow": FlowConfig, "guidance": GuidanceConfig, "ode": ODEConfig, "dmd": DMDConfig}
+
+# flat key (the shipped configs, recipe stage dicts, CLI overrides) -> (section, field)
+FLAT_KEYS: dict[str, tuple[str, str]] = {
+    "lr": ("optim", "lr"), "lr_schedule": ("optim", "lr_schedule"), "warmup": ("optim", "warmup"),
+    "weight_decay": ("optim", "weight_decay"), "betas": ("optim", "betas"), "grad_clip": ("optim", "grad_clip"),
+    "ema_decay": ("ema", "decay"), "export_ema": ("ema", "export"),
+    "ckpt_every": ("checkpoint", "every"), "keep_checkpoints": ("checkpoint", "keep"),
+    "dist_mode": ("parallel", "mode"), "grad_checkpointing": ("parallel", "grad_checkpointing"),
+    "p_drop_audio": ("flow", "p_drop_audio"), "p_drop_ref": ("flow", "p_drop_ref"), "t_dist": ("flow", "t_dist"),
+    "mouth_weight": ("flow", "mouth_weight"),
+    "cfg_audio": ("guidance", "audio"), "cfg_ref": ("guidance", "ref"),
+    "ode_steps": ("ode", "steps"), "ode_pairs": ("ode", "pairs"), "ode_batch": ("ode", "batch"),
+    "fake_ratio": ("dmd", "fake_ratio"), "fake_lr": ("dmd", "fake_lr"), "dmd_weight": ("dmd", "weight"),
+    "regression_weight": ("dmd", "regression_weight"), "real_context_prob": ("dmd", "real_context_prob"),
+    "dmd_s_min": ("dmd", "s_min"), "dmd_s_max": ("dmd", "s_max"),
+}
+IGNORED_KEYS = {"_comment", "comment", "stages"}
+
+
+@dataclass
 class TrainConfig:
-    """One flat config for every stage (JSON or YAML files under ``configs/``; unknown keys
-    are an error). Paths may be relative to the working directory."""
+    """The config of every stage (JSON or YAML files under ``configs/``, nested sections or flat
+    keys; unknown keys are an error). Paths may be relative to the working directory."""
 
     stage: str = "teacher"
     preset: str = "tiny"
@@ -30,64 +128,89 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 8  # global: the same whatever the world size
     clip_chunks: int = 2  # crops of 1 + 12 n video frames
-    lr: float = 2e-4
-    lr_schedule: str = "constant"  # constant | cosine (after warmup)
-    warmup: int = 50
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.99)
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    ckpt_every: int = 200
-    keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto: cuda if available
-    dist_mode: str = "auto"  # auto (fsdp when distributed) | fsdp | ddp
-    grad_checkpointing: bool = False
     held_out: float = 0.1  # fraction of clips never trained on (evaluation)
     progress: bool = True
-    # --- teacher (bidirectional flow matching) ---
-    p_drop_audio: float = 0.1
-    p_drop_ref: float = 0.05
-    t_dist: str = "uniform"  # uniform | logit_normal, then Wan's shift (preset.stream.flow_shift)
-    # extra loss weight on the mouth box (synthetic clips know it; real ones get none): the mouth
-    # is a few % of the latent pixels, so a plain MSE leaves it under-fitted (mushy lips that
-    # twitch in silence). Per-pixel weights do not change the optimum, only where capacity goes.
-    mouth_weight: float = 0.0
-    # --- teacher sampling (ODE pairs, real score) ---
-    ode_steps: int = 20
-    cfg_audio: float = 2.5
-    cfg_ref: float = 1.0  # 1.0: no image guidance (saves a forward)
-    ode_pairs: int = 64
-    ode_batch: int = 4
-    # --- dmd ---
-    fake_ratio: int = 5  # fake-score updates per student update
-    fake_lr: float | None = None  # default: lr
-    dmd_weight: float = 1.0
-    regression_weight: float = 0.25
-    real_context_prob: float = 0.25  # student context = the real clip instead of its own rollout
-    dmd_s_min: float = 0.02
-    dmd_s_max: float = 0.98
-    export_ema: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)  # teacher
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)  # teacher sampling (ODE pairs, real score)
+    ode: ODEConfig = field(default_factory=ODEConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
 
     def to_dict(self) -> dict:
+        """Nested: one mapping per section (`from_dict` reads it back)."""
         d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
+        d["optim"]["betas"] = list(self.optim.betas)
+        return d
+
+    def to_flat_dict(self) -> dict:
+        """Flat: the keys of the shipped configs (`FLAT_KEYS`)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in SECTIONS}
+        for flat, (sec, name) in FLAT_KEYS.items():
+            v = getattr(getattr(self, sec), name)
+            d[flat] = list(v) if isinstance(v, tuple) else v
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"_comment", "comment", "stages"})
+        """Read nested sections and/or flat keys (`FLAT_KEYS`); a field given twice, an unknown
+        key or a section that is not a mapping is an InputError."""
+        top = {f.name for f in dataclasses.fields(cls)} - set(SECTIONS)
+        kw: dict = {}
+        sec_kw: dict[str, dict] = {s: {} for s in SECTIONS}
+        where: dict[tuple[str, str], str] = {}
+        unknown = []
+
+        def put(sec: str, name: str, v, key: str) -> None:
+            if (sec, name) in where:
+                raise InputError(f"config gives {sec}.{name} twice: as {where[sec, name]!r} and as {key!r}")
+            where[sec, name] = key
+            sec_kw[sec][name] = v
+
+        for k, v in d.items():
+            if k in IGNORED_KEYS:
+                continue
+            if k in SECTIONS:
+                if not isinstance(v, dict):
+                    raise InputError(f"config section {k!r} must be a mapping, got {type(v).__name__}")
+                names = {f.name for f in dataclasses.fields(SECTIONS[k])}
+                for name, x in v.items():
+                    if name in names:
+                        put(k, name, x, f"{k}.{name}")
+                    else:
+                        unknown.append(f"{k}.{name}")
+            elif k in FLAT_KEYS:
+                put(*FLAT_KEYS[k], v, k)
+            elif k in top:
+                kw[k] = v
+            else:
+                unknown.append(k)
         if unknown:
-            raise InputError(f"unknown config keys: {', '.join(unknown)}")
-        kw = {k: v for k, v in d.items() if k in names}
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
-        return cls(**kw)
+            raise InputError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        if "betas" in sec_kw["optim"]:
+            sec_kw["optim"]["betas"] = tuple(sec_kw["optim"]["betas"])
+        return cls(**kw, **{s: SECTIONS[s](**sec_kw[s]) for s in SECTIONS})
 
     def replace(self, **kw) -> "TrainConfig":
-        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+        """A copy with the non-None `kw` set: top-level fields and flat keys (`FLAT_KEYS`)."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        top, secs = {}, {}
+        for k, v in kw.items():
+            if k in FLAT_KEYS:
+                sec, name = FLAT_KEYS[k]
+                secs.setdefault(sec, {})[name] = tuple(v) if name == "betas" else v
+            elif k in SECTIONS or k not in {f.name for f in dataclasses.fields(self)}:
+                raise InputError(f"unknown config override {k!r}")
+            else:
+                top[k] = v
+        for sec, changes in secs.items():
+            top[sec] = dataclasses.replace(getattr(self, sec), **changes)
+        return dataclasses.replace(self, **top)
 
     def make_preset(self) -> Preset:
         try:

@@ -10,7 +10,7 @@ The DiT never sees pixels during training: each clip of a `ClipDataset` is encod
 
 Synthetic clips know where their mouth is: the index holds each clip's mouth box in latent
 pixels (`mouth_box`, from the renderer's face parameters, widened for head motion) and every
-crop comes with a 0/1 mask of it (``Batch.mouth``), which `TrainConfig.mouth_weight` uses to
+crop comes with a 0/1 mask of it (``Batch.mouth``), which `TrainConfig.flow.mouth_weight` uses to
 give the mouth a larger share of the teacher's loss. Real clips have no box (all zeros).
 
 A training crop is ``1 + 12 n`` video frames starting at frame ``4 m`` (so its latents are

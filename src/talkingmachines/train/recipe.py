@@ -141,13 +141,13 @@ def calibrate(r: dict, out: Path) -> dict:
     except Exception:
         pass
     oc, dc = r["ode"], r["dmd"]
-    n_branches = 1 + (oc.get("cfg_audio", tc.cfg_audio) != 1.0) + (oc.get("cfg_ref", tc.cfg_ref) != 1.0)
+    n_branches = 1 + (oc.get("cfg_audio", tc.guidance.audio) != 1.0) + (oc.get("cfg_ref", tc.guidance.ref) != 1.0)
     pair_b = oc.get("ode_batch", 8) / B
     res["pair_file"] = (oc.get("ode_steps", 16) + 1) * n_branches * res["bi_f"] * pair_b
     n = tc.clip_chunks
     steps2 = p.stream.student_steps
     roll = n * steps2 * res["ca_f"] * 0.75  # growing prefixes: on average ~3/4 of the whole clip
-    real_branches = 1 + (dc.get("cfg_audio", tc.cfg_audio) != 1.0) + (dc.get("cfg_ref", tc.cfg_ref) != 1.0)
+    real_branches = 1 + (dc.get("cfg_audio", tc.guidance.audio) != 1.0) + (dc.get("cfg_ref", tc.guidance.ref) != 1.0)
     fake = roll + res["bi_fb"]
     gen = roll + 2 * res["ca_fb"] + (real_branches + 1) * res["bi_f"]
     k = dc.get("fake_ratio", 5)

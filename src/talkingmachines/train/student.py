@@ -62,7 +62,7 @@ def _merged_sigmas(steps: int, shift: float, student: list[float]) -> tuple[list
 
 @torch.no_grad()
 def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Path, env) -> Path:
-    """Teacher ODE solutions for ``cfg.ode_pairs`` crops, ``cfg.ode_batch`` per file (resumable;
+    """Teacher ODE solutions for ``cfg.ode.pairs`` crops, ``cfg.ode.batch`` per file (resumable;
     files are split over ranks)."""
     from tqdm.auto import tqdm
 
@@ -73,9 +73,9 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
         out_dir.mkdir(parents=True, exist_ok=True)
     env.barrier()
     student_sig = flow.student_schedule(preset.stream).tolist()[:-1]
-    merged, rec = _merged_sigmas(cfg.ode_steps, preset.stream.flow_shift, student_sig)
-    n_files = math.ceil(cfg.ode_pairs / cfg.ode_batch)
-    order = GlobalOrder(len(data), cfg.ode_batch, cfg.seed + 7919)
+    merged, rec = _merged_sigmas(cfg.ode.steps, preset.stream.flow_shift, student_sig)
+    n_files = math.ceil(cfg.ode.pairs / cfg.ode.batch)
+    order = GlobalOrder(len(data), cfg.ode.batch, cfg.seed + 7919)
     # rounds of `world` files, one per rank; under FSDP every rank must run every forward
     # (the teacher's shards are gathered collectively), so a rank without a file of its own
     # in the last round recomputes one without saving it.
@@ -93,7 +93,7 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
         gens = [sample_generator(cfg.seed, f, j, SALT_PAIRS) for j in range(len(b))]
         x1 = torch.stack([torch.randn(tuple(b.z[0, :, 1:].shape), generator=g) for g in gens]).to(env.device)
         text, image = _cond(b)
-        fn = guided_v(teacher, b.ref, b.audio, preset, cfg.cfg_audio, cfg.cfg_ref, text=text, image=image)
+        fn = guided_v(teacher, b.ref, b.audio, preset, cfg.guidance.audio, cfg.guidance.ref, text=text, image=image)
         traj = {}
 
         def keep(i, x, v):
@@ -106,16 +106,17 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
             cond = {k: v for k, v in (("text", text), ("image", image)) if v is not None}
             atomic_save_safetensors({"xs": xs, "x0": x0, "ref": b.ref, "audio": b.audio, "z": b.z[:, :, 1:],
                           "sigmas": torch.tensor(student_sig), **cond}, out_dir / f"pairs_{f:05d}.safetensors",
-                         {"clips": json.dumps(b.clips), "ode_steps": str(cfg.ode_steps)})
+                         {"clips": json.dumps(b.clips), "ode_steps": str(cfg.ode.steps)})
         bar.update(1)
     bar.close()
     env.barrier()
     if env.is_main:
         from ..fileio import atomic_write_text
 
-        atomic_write_text(out_dir / "DONE.json", json.dumps({"files": n_files, "pairs": n_files * cfg.ode_batch,
-                                                             "ode_steps": cfg.ode_steps, "sigmas": merged,
-                                                             "cfg_audio": cfg.cfg_audio, "cfg_ref": cfg.cfg_ref}))
+        atomic_write_text(out_dir / "DONE.json", json.dumps({"files": n_files, "pairs": n_files * cfg.ode.batch,
+                                                             "ode_steps": cfg.ode.steps, "sigmas": merged,
+                                                             "cfg_audio": cfg.guidance.audio,
+                                                             "cfg_ref": cfg.guidance.ref}))
     env.barrier()
     return out_dir
 
@@ -174,7 +175,7 @@ class OdeTrainer(DiTStage):
         self.pairs = OdePairs(self.pairs_dir)
         del self.frozen["teacher"], th, teacher  # not needed for the regression itself
         self.order = GlobalOrder(len(self.pairs), cfg.batch_size, cfg.seed)
-        self.add_group("student", student, cfg.lr)
+        self.add_group("student", student, cfg.optim.lr)
 
     def batch(self, step: int):
         glob = self.order.global_batch(step)
@@ -211,12 +212,12 @@ class DmdTrainer(DiTStage):
         fake = new_dit(self.preset, cfg.teacher, cfg.seed)
         student = new_dit(self.preset, cfg.init_from, cfg.seed)
         self.teacher = self.add_frozen("teacher", teacher)
-        self.add_group("fake", fake, cfg.fake_lr or cfg.lr, ema=False)
-        self.add_group("student", student, cfg.lr)
+        self.add_group("fake", fake, cfg.dmd.fake_lr or cfg.optim.lr, ema=False)
+        self.add_group("student", student, cfg.optim.lr)
         self.sigmas = flow.student_schedule(self.preset.stream).tolist()
-        self.sampler = D.make_sigma_sampler(cfg.dmd_s_min, cfg.dmd_s_max)
+        self.sampler = D.make_sigma_sampler(cfg.dmd.s_min, cfg.dmd.s_max)
         self.pairs = None
-        if cfg.regression_weight > 0:
+        if cfg.dmd.regression_weight > 0:
             pdir = Path(cfg.init_from) / "pairs"
             if not pdir.is_dir():
                 raise InputError(f"regression_weight > 0 needs the ode run's pairs in {pdir} "
@@ -227,12 +228,12 @@ class DmdTrainer(DiTStage):
             self.pair_order = GlobalOrder(len(self.pairs), cfg.batch_size, cfg.seed + 1)
 
     def expected_updates(self, g) -> int:
-        k = self.cfg.fake_ratio
+        k = self.cfg.dmd.fake_ratio
         n_gen = self.cfg.steps // (k + 1)
         return n_gen if g.name == "student" else self.cfg.steps - n_gen
 
     def is_generator_step(self, step: int) -> bool:
-        k = self.cfg.fake_ratio
+        k = self.cfg.dmd.fake_ratio
         return step % (k + 1) == k
 
     def _rollout(self, b: Batch, step: int):
@@ -240,14 +241,14 @@ class DmdTrainer(DiTStage):
         cf = self.preset.stream.chunk_frames
         gens = [sample_generator(cfg.seed, step, j, SALT_DMD) for j in b.js]
         mode = torch.rand(1, generator=sample_generator(cfg.seed, step, 0, SALT_MODE)).item()
-        prefix = b.z[:, :, 1: 1 + cf] if (mode < cfg.real_context_prob and cfg.clip_chunks > 1) else None
+        prefix = b.z[:, :, 1: 1 + cf] if (mode < cfg.dmd.real_context_prob and cfg.clip_chunks > 1) else None
         out, last_in = rollout(self.groups["student"].handle, b.ref, b.audio, self.preset, self.sigmas, gens, prefix,
                                *_cond(b))
         return out, last_in, prefix
 
     def _real_x0(self, b: Batch):
         text, image = _cond(b)
-        fn = guided_v(self.teacher, b.ref, b.audio, self.preset, self.cfg.cfg_audio, self.cfg.cfg_ref,
+        fn = guided_v(self.teacher, b.ref, b.audio, self.preset, self.cfg.guidance.audio, self.cfg.guidance.ref,
                       text=text, image=image)
         return flow.x0_fn_from_v(fn)
 
@@ -300,9 +301,9 @@ class DmdTrainer(DiTStage):
         x0_gen, reg = self._generator_x0(b, step, out, last_in, prefix)
         dmd_loss, diag = D.dmd_generator_loss(x0_gen, self._real_x0(b), flow.x0_fn_from_v(self._fake_v(b)),
                                               self.sampler, g)
-        losses, weights = {"dmd": dmd_loss}, {"dmd": cfg.dmd_weight}
+        losses, weights = {"dmd": dmd_loss}, {"dmd": cfg.dmd.weight}
         if reg is not None:
-            losses["regression"], weights["regression"] = D.regression_loss(*reg), cfg.regression_weight
+            losses["regression"], weights["regression"] = D.regression_loss(*reg), cfg.dmd.regression_weight
         total, parts = D.combine_losses(losses, weights)
         logs = {"dmd_loss": parts["dmd"], "gen_real_gap": diag["gen_real_gap"], "real_fake_gap": diag["real_fake_gap"]}
         if reg is not None:

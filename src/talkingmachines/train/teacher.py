@@ -142,7 +142,7 @@ class DiTStage(Trainer):
     exported = "student"
 
     def export(self, final: Path) -> None:
-        sd = self.full_weights(self.exported, ema=self.cfg.export_ema)
+        sd = self.full_weights(self.exported, ema=self.cfg.ema.export)
         if self.env.is_main:
             save_dit_weights(self.preset, sd, final / "dit")
             self.preset.save(final / "preset.json")
@@ -213,7 +213,7 @@ class TeacherTrainer(DiTStage):
     def build(self) -> None:
         cfg = self.cfg
         model = new_dit(self.preset, cfg.init_from, cfg.seed)
-        self.add_group("teacher", model, cfg.lr)
+        self.add_group("teacher", model, cfg.optim.lr)
 
     def loss(self, batch: Batch, step: int):
         cfg, p = self.cfg, self.preset
@@ -222,11 +222,11 @@ class TeacherTrainer(DiTStage):
         s, noise, drop_a, drop_r = [], [], [], []
         for j in batch.js:
             g = sample_generator(cfg.seed, step, j, SALT_TEACHER)
-            s.append(flow.sample_train_timesteps(1, p.stream.flow_shift, generator=g, dist=cfg.t_dist))
+            s.append(flow.sample_train_timesteps(1, p.stream.flow_shift, generator=g, dist=cfg.flow.t_dist))
             noise.append(torch.randn((C, T - 1, h, w), generator=g))
             u = torch.rand(2, generator=g)
-            drop_a.append(u[0] < cfg.p_drop_audio)
-            drop_r.append(u[1] < cfg.p_drop_ref)
+            drop_a.append(u[0] < cfg.flow.p_drop_audio)
+            drop_r.append(u[1] < cfg.flow.p_drop_ref)
         dev = z.device
         s = torch.cat(s).to(dev)
         noise = torch.stack(noise).to(dev)
@@ -238,7 +238,7 @@ class TeacherTrainer(DiTStage):
         v = bidirectional_v(self.groups["teacher"].handle, x_s, 1000.0 * s, batch.ref, audio, p, drop_ref=drop_r,
                             text=getattr(batch, "text", None), image=getattr(batch, "image", None))
         target = flow.velocity_target(x0, noise).float()
-        per = mouth_weighted_mse(v - target, getattr(batch, "mouth", None), cfg.mouth_weight)
+        per = mouth_weighted_mse(v - target, getattr(batch, "mouth", None), cfg.flow.mouth_weight)
         return "teacher", per.mean(), {}
 
 

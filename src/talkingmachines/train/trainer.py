@@ -82,7 +82,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.env = init_distributed(cfg.device, cfg.dist_mode)
+        self.env = init_distributed(cfg.device, cfg.parallel.mode)
         self.device = self.env.device
         self.preset = cfg.make_preset()
         if self.env.is_main:
@@ -119,12 +119,12 @@ class Trainer:
 
     def add_group(self, name: str, model: nn.Module, lr: float, ema: bool = True) -> Group:
         cfg = self.cfg
-        if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing"):
+        if cfg.parallel.grad_checkpointing and hasattr(model, "gradient_checkpointing"):
             model.gradient_checkpointing = True
         model.train()
         h = parallelize(model, self.env, trainable=True)
-        opt = adamw(model, lr, cfg.betas, cfg.weight_decay)
-        g = Group(name, h, opt, lr, EMA(model, cfg.ema_decay) if ema and cfg.ema_decay > 0 else None)
+        opt = adamw(model, lr, cfg.optim.betas, cfg.optim.weight_decay)
+        g = Group(name, h, opt, lr, EMA(model, cfg.ema.decay) if ema and cfg.ema.decay > 0 else None)
         self.groups[name] = g
         return g
 
@@ -174,7 +174,7 @@ class Trainer:
                 (tmp / "state.json").write_text(json.dumps(self.state_json()))
                 self.save_extra(tmp)
 
-            path = write_checkpoint(self.out / CKPT_DIR, f"step_{self.step:08d}", write, self.cfg.keep_checkpoints)
+            path = write_checkpoint(self.out / CKPT_DIR, f"step_{self.step:08d}", write, self.cfg.checkpoint.keep)
         self.saved_step = self.step
         self.env.barrier()
         return path
@@ -208,7 +208,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def lr_at(self, g: Group) -> float:
         cfg = self.cfg
-        return lr_at(g.updates, g.lr, cfg.warmup, cfg.lr_schedule, self.expected_updates(g))
+        return lr_at(g.updates, g.lr, cfg.optim.warmup, cfg.optim.lr_schedule, self.expected_updates(g))
 
     def expected_updates(self, g: Group) -> int:
         return self.cfg.steps
@@ -223,7 +223,8 @@ class Trainer:
         g.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in g.module.parameters() if p.grad is not None]
-        gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip else float("inf"))
+        clip = self.cfg.optim.grad_clip
+        gn = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
         gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         lr = self.lr_at(g)
         for pg in g.opt.param_groups:
@@ -260,7 +261,7 @@ class Trainer:
                 if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()
                                      if k in ("loss", "grad_norm") or k.endswith("_loss")}, refresh=False)
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
                     self.save()
                     self.plot()
         finally:

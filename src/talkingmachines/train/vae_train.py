@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..fileio import atomic_write_text
 from ..model.vae import TinyVAE, TinyVAEConfig, video_to_tensor
-from .config import TrainConfig
+from .config import CheckpointConfig, EMAConfig, OptimConfig, TrainConfig
 from .rng import GlobalOrder, sample_generator
 from .trainer import Trainer
 
@@ -173,7 +173,7 @@ class VAETrainer(Trainer):
         if opts.freeze_encoder:
             model.encoder.requires_grad_(False)
         self.vae = model
-        self.add_group("vae", model, self.cfg.lr, ema=False)
+        self.add_group("vae", model, self.cfg.optim.lr, ema=False)
 
     def clips(self, step: int) -> list:
         """The clips of ``step``: from the global order, or the iterable's next ones."""
@@ -287,11 +287,12 @@ def train_tiny_vae(
     ``out_dir/checkpoints``; a finished run only exports again. The final model (with latent
     statistics) is saved to ``out_dir``.
     """
-    cfg = TrainConfig(stage="vae", out=str(out_dir), steps=steps, batch_size=batch_size, lr=lr, lr_schedule="cosine",
-                      warmup=min(200, steps // 10) if warmup is None else warmup, weight_decay=weight_decay,
-                      betas=(0.9, 0.99), grad_clip=grad_clip, ema_decay=0.0, ckpt_every=ckpt_every,
-                      keep_checkpoints=keep_checkpoints, log_every=log_every, seed=seed, device=str(device),
-                      progress=progress)
+    cfg = TrainConfig(stage="vae", out=str(out_dir), steps=steps, batch_size=batch_size, log_every=log_every,
+                      seed=seed, device=str(device), progress=progress,
+                      optim=OptimConfig(lr=lr, lr_schedule="cosine", weight_decay=weight_decay, betas=(0.9, 0.99),
+                                        warmup=min(200, steps // 10) if warmup is None else warmup,
+                                        grad_clip=grad_clip),
+                      ema=EMAConfig(decay=0.0), checkpoint=CheckpointConfig(every=ckpt_every, keep=keep_checkpoints))
     opts = VAEOptions(config=config, mse_weight=mse_weight, edge_weight=edge_weight, kl_weight=kl_weight,
                       temporal_weight=temporal_weight, init_from=None if init_from is None else str(init_from),
                       freeze_encoder=freeze_encoder, flip=flip, stat_batches=stat_batches, resume=resume)
