@@ -27,9 +27,11 @@ def test_wheel_install_uses_the_shipped_configs(tmp_path):
 
     probe = ("import json, talkingmachines\n"
              "from talkingmachines import configs\n"
-             "from talkingmachines.train.recipe import load_recipe\n"
+             "from talkingmachines.train.recipe import load_recipe, recipe_config\n"
+             "tc = recipe_config('tiny-smoke').stage_config('teacher', __import__('pathlib').Path('run'))\n"
              "print(json.dumps({'package': talkingmachines.__file__, 'recipe': load_recipe(),\n"
              "                  'smoke': load_recipe('tiny-smoke'), 'names': configs.names(),\n"
+             "                  'smoke_teacher': tc.to_flat_dict(),\n"
              "                  'teacher': str(configs.shipped('teacher'))}))\n")
     env = {**os.environ, "PYTHONPATH": str(site)}
     r = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True)
@@ -45,6 +47,10 @@ def test_wheel_install_uses_the_shipped_configs(tmp_path):
     smoke = json.loads((shipped / "tiny-smoke.json").read_text())
     assert got["smoke"]["teacher"]["steps"] == smoke["teacher"]["steps"]
     assert got["smoke"]["teacher"]["mouth_weight"] == recipe["teacher"]["mouth_weight"]  # merged onto the recipe
+    # the typed recipe config of the installed copy: the smoke teacher's TrainConfig
+    assert got["smoke_teacher"]["steps"] == smoke["teacher"]["steps"] and got["smoke_teacher"]["out"] == "run/teacher"
+    assert got["smoke_teacher"]["mouth_weight"] == recipe["teacher"]["mouth_weight"]
+    assert got["smoke_teacher"]["batch_size"] == smoke["common"]["batch_size"]
 
 
 def test_config_names_resolve_to_the_shipped_files(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 shipped config uses, to the same config."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,66 @@ def test_shipped_stage_configs_read(name):
         if k in ("_comment", "comment", "stages"):
             continue
         assert flat[k] == (list(v) if isinstance(v, tuple) else v), k
+
+
+# ---------------------------------------------------------------- the recipe's config
+def test_recipe_config_is_typed_and_merged():
+    from talkingmachines.train.config import RecipeConfig, StageSection, SynthSection, VAESection
+    from talkingmachines.train.recipe import load_recipe, recipe_config
+
+    shipped = read_config_file(configs.shipped("tiny-recipe"))
+    r = recipe_config()
+    assert isinstance(r, RecipeConfig) and isinstance(r.synth, SynthSection) and isinstance(r.vae, VAESection)
+    assert all(isinstance(r.stage(s), StageSection) for s in RecipeConfig.STAGES)
+    assert r.vae.steps == shipped["vae"]["steps"] and r.vae.latent_channels is None  # None: TinyVAEConfig's
+    assert r.teacher.share == shipped["teacher"]["share"] and r.ode.pairs_share == shipped["ode"]["pairs_share"]
+    assert r.synth.n == shipped["synth"]["n"] and r.synth.version == 1 and r.budget_minutes is None
+    # the --config file merges onto the shipped recipe, then the overrides
+    face = recipe_config("tiny-face", device="cpu", budget_minutes=None)
+    raw = read_config_file(configs.shipped("tiny-face"))
+    assert face.vae.latent_channels == raw["vae"]["latent_channels"] and face.synth.version == raw["synth"]["version"]
+    assert face.vae.steps == shipped["vae"]["steps"] and face.device == "cpu"
+    assert face == RecipeConfig.from_dict(load_recipe("tiny-face", device="cpu"))
+    # a stage's TrainConfig: common, then the stage, then the recipe's own fields
+    tc = face.stage_config("dmd", Path("/run"))
+    assert tc.guidance.audio == raw["dmd"]["cfg_audio"] and tc.steps == raw["dmd"]["steps"]
+    assert tc.checkpoint.every == shipped["dmd"]["ckpt_every"]  # the stage's beats common's
+    assert tc.batch_size == shipped["common"]["batch_size"] and tc.dmd.fake_lr == shipped["dmd"]["fake_lr"]
+    assert (tc.stage, tc.out, tc.init_from, tc.teacher) == ("dmd", "/run/dmd", "/run/ode", "/run/teacher")
+    assert tc.device == "cpu"
+    assert face.stage_config("teacher", Path("/run"), steps=5).steps == 5
+
+
+def test_recipe_stage_settings_flat_or_nested_and_plan_set():
+    from talkingmachines.train.config import RecipeConfig
+    from talkingmachines.train.recipe import load_recipe
+
+    d = load_recipe()
+    nested = json.loads(json.dumps(d))
+    nested["ode"] = {k: v for k, v in d["ode"].items() if k not in ("ode_steps", "ode_pairs", "ode_batch", "lr")}
+    nested["ode"].update(ode={"steps": d["ode"]["ode_steps"], "pairs": d["ode"]["ode_pairs"],
+                              "batch": d["ode"]["ode_batch"]}, optim={"lr": d["ode"]["lr"]})
+    a, b = RecipeConfig.from_dict(d), RecipeConfig.from_dict(nested)
+    assert a.stage_config("ode", Path("o")) == b.stage_config("ode", Path("o"))
+    # a budget plan sets flat keys onto either form
+    for r in (a, b):
+        r.ode.set(steps=7, ode_pairs=16)
+        c = r.stage_config("ode", Path("o"))
+        assert (c.steps, c.ode.pairs, c.ode.batch) == (7, 16, d["ode"]["ode_batch"])
+
+
+def test_recipe_errors_are_input_errors():
+    from talkingmachines.train.config import RecipeConfig
+    from talkingmachines.train.recipe import load_recipe
+
+    d = load_recipe()
+    with pytest.raises(InputError, match="unknown recipe keys: budget"):
+        RecipeConfig.from_dict({**d, "budget": 3})
+    with pytest.raises(InputError, match="unknown keys in recipe section 'vae': step"):
+        RecipeConfig.from_dict({**d, "vae": {**d["vae"], "step": 3}})
+    with pytest.raises(InputError, match="recipe section 'teacher': unknown config keys: learning_rate"):
+        RecipeConfig.from_dict({**d, "teacher": {**d["teacher"], "learning_rate": 1.0}})
+    with pytest.raises(InputError, match="recipe section 'synth' lacks n"):
+        RecipeConfig.from_dict({**d, "synth": {"seconds": [1, 2]}})
+    with pytest.raises(InputError, match="recipe lacks dmd"):
+        RecipeConfig.from_dict({k: v for k, v in d.items() if k != "dmd"})

@@ -1,11 +1,14 @@
-"""The training config: a `TrainConfig` for every stage, with nested typed sections in the
+"""The training configs: a `TrainConfig` for every stage, with nested typed sections in the
 manner of torchtitan's JobConfig (`optim`, `ema`, `checkpoint`, `parallel`, `flow`, `guidance`,
 `ode`, `dmd`), read from JSON/YAML (the shipped ones are in `talkingmachines.configs`) with
 command-line overrides.
 
 A config file may give a section as a mapping (``{"optim": {"lr": 1e-3}}``) or use the flat
 keys every shipped config uses (``{"lr": 1e-3}``); `FLAT_KEYS` maps each flat key to its
-section and field. Both read to the same `TrainConfig`; unknown keys are an error."""
+section and field. Both read to the same `TrainConfig`; unknown keys are an error.
+
+`RecipeConfig` is `train tiny-recipe`'s config, typed: `SynthSection`, `VAESection`, and a
+`StageSection` for each DiT stage (its budget share and its `TrainConfig` settings)."""
 
 from __future__ import annotations
 
@@ -226,6 +229,166 @@ class TrainConfig:
                     d[k] = v
             p = Preset.from_dict(d)
         return p
+
+
+def nest(d: dict) -> dict:
+    """`d` (TrainConfig keys, flat and/or nested) with every flat key moved into its section:
+    the form in which partial configs merge (a later ``lr`` then replaces an earlier
+    ``optim.lr``). Checked as `TrainConfig.from_dict` checks."""
+    TrainConfig.from_dict(d)
+    out: dict = {}
+    for k, v in d.items():
+        if k in IGNORED_KEYS:
+            continue
+        if k in FLAT_KEYS:
+            sec, name = FLAT_KEYS[k]
+            out.setdefault(sec, {})[name] = v
+        elif k in SECTIONS:
+            out.setdefault(k, {}).update(v)
+        else:
+            out[k] = v
+    return out
+
+
+def merge(a: dict, b: dict) -> dict:
+    """`b` merged onto `a`, mappings key by key."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ============================================================================ the recipe's config
+def _section(cls, name: str, d) -> object:
+    """`cls` from the mapping `d` (the recipe section `name`); unknown keys are an InputError."""
+    if not isinstance(d, dict):
+        raise InputError(f"recipe section {name!r} must be a mapping, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names - IGNORED_KEYS)
+    if unknown:
+        raise InputError(f"unknown keys in recipe section {name!r}: {', '.join(unknown)}")
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in d
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise InputError(f"recipe section {name!r} lacks {', '.join(missing)}")
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class SynthSection:
+    """The synthetic clips (`synth.synth_dataset`)."""
+
+    n: int
+    seconds: tuple  # (min, max) clip length
+    workers: int = 1
+    speech: str = "auto"  # auto | espeak | babble
+    video: bool = True
+    version: int = 1  # data version (synth.DATA_VERSIONS)
+
+
+@dataclass
+class VAESection:
+    """The TinyVAE stage (`vae_train.train_tiny_vae`) and its share of a budget."""
+
+    steps: int
+    batch_size: int
+    clip_frames: int
+    lr: float
+    share: float | None = None  # of the time left, with a budget
+    min_steps: int = 1
+    max_steps: int = 10**9
+    temporal_weight: float = 0.0
+    latent_channels: int | None = None  # None: TinyVAEConfig's
+
+
+@dataclass
+class StageSection:
+    """A DiT stage (teacher, ode, dmd): its share of a budget and its `TrainConfig` settings
+    (`settings`, nested form: merged onto the recipe's ``common``)."""
+
+    share: float | None = None
+    min_steps: int = 1
+    max_steps: int = 10**9
+    pairs_share: float = 0.5  # ode: the part of its share that makes the teacher's ODE pairs
+    settings: dict = field(default_factory=dict)
+
+    PLAN_KEYS = ("share", "min_steps", "max_steps", "pairs_share")
+
+    @classmethod
+    def from_dict(cls, name: str, d) -> "StageSection":
+        if not isinstance(d, dict):
+            raise InputError(f"recipe section {name!r} must be a mapping, got {type(d).__name__}")
+        try:
+            settings = nest({k: v for k, v in d.items() if k not in cls.PLAN_KEYS})
+        except InputError as e:
+            raise InputError(f"recipe section {name!r}: {e}") from None
+        return cls(**{k: d[k] for k in cls.PLAN_KEYS if k in d}, settings=settings)
+
+    def set(self, **flat) -> None:
+        """Set TrainConfig keys (flat, e.g. ``steps=``, ``ode_pairs=``), as a budget plan does."""
+        self.settings = merge(self.settings, nest(flat))
+
+
+@dataclass
+class RecipeConfig:
+    """`train tiny-recipe`'s config: the shipped ``configs/tiny-recipe.json`` with the
+    ``--config`` file and the overrides merged onto it (`recipe.recipe_config`)."""
+
+    preset: str
+    seed: int
+    held_out: float
+    synth: SynthSection
+    vae: VAESection
+    teacher: StageSection
+    ode: StageSection
+    dmd: StageSection
+    device: str = "auto"
+    budget_minutes: float | None = None
+    export_teacher: bool = True
+    preset_overrides: dict = field(default_factory=dict)
+    data: str | None = None  # the clip folder (default: OUT/data, synthesised)
+    common: dict = field(default_factory=dict)  # TrainConfig settings of every DiT stage (nested form)
+    config_path: str | None = None  # the --config given (the card's reproduce line)
+    device_name: str | None = None  # the device the run uses (the card)
+
+    STAGES = ("teacher", "ode", "dmd")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RecipeConfig":
+        sections = {"synth", "vae", "common", *cls.STAGES}
+        top = {f.name for f in dataclasses.fields(cls)} - sections - {"config_path", "device_name"}
+        unknown = sorted(set(d) - top - sections - IGNORED_KEYS)
+        if unknown:
+            raise InputError(f"unknown recipe keys: {', '.join(unknown)}")
+        try:
+            common = nest(d.get("common", {}))
+        except InputError as e:
+            raise InputError(f"recipe section 'common': {e}") from None
+        kw = {k: v for k, v in d.items() if k in top}
+        missing = sorted({"preset", "seed", "held_out", "synth", "vae", *cls.STAGES} - set(d))
+        if missing:
+            raise InputError(f"recipe lacks {', '.join(missing)}")
+        return cls(**kw, common=common, synth=_section(SynthSection, "synth", d["synth"]),
+                   vae=_section(VAESection, "vae", d["vae"]),
+                   **{s: StageSection.from_dict(s, d[s]) for s in cls.STAGES})
+
+    def stage(self, name: str) -> StageSection:
+        return getattr(self, name)
+
+    def stage_config(self, stage: str, out: Path, steps: int | None = None) -> TrainConfig:
+        """The `TrainConfig` of DiT stage `stage` in run folder `out`: ``common``, then the
+        stage's settings, then what the recipe decides (paths, seed, device, held-out split)."""
+        job = dict(stage=stage, preset=self.preset, seed=self.seed, device=self.device, held_out=self.held_out,
+                   data=str(self.data), vae=str(out / "vae"), out=str(out / stage))
+        if self.preset_overrides:
+            job["preset_overrides"] = self.preset_overrides
+        if stage in ("ode", "dmd"):
+            job["teacher"] = str(out / "teacher")
+        if stage == "dmd":
+            job["init_from"] = str(out / "ode")
+        if steps is not None:
+            job["steps"] = int(steps)
+        return TrainConfig.from_dict(merge(merge(self.common, self.stage(stage).settings), job))
 
 
 def read_config_file(path: str | os.PathLike) -> dict:

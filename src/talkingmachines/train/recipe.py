@@ -2,6 +2,9 @@
 
     synth data -> TinyVAE -> teacher -> ode (pairs + regression) -> dmd -> export
 
+The config is `configs/tiny-recipe.json` with ``--config`` and the overrides merged onto it, typed
+by `recipe_config` (`config.RecipeConfig`).
+
 Each stage writes into ``OUT/<stage>``, resumes from its last checkpoint, and is skipped once
 it has finished (``OUT/<stage>/final/DONE.json``; the VAE: ``OUT/vae/DONE.json``). So the
 recipe can be killed at any moment and started again with the same command.
@@ -32,42 +35,25 @@ from ..devices import resolve_device
 from ..errors import InputError
 from ..fileio import atomic_write_text
 from .checkpoint import final_done
-from .config import TrainConfig, read_config_file
+from .config import RecipeConfig, merge, read_config_file
 
 STAGES = ("synth", "vae", "teacher", "ode", "dmd", "export")
 DEFAULT_CONFIG = "tiny-recipe"  # the shipped talkingmachines/configs/tiny-recipe.json: the one source of defaults
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_recipe(path: str | Path | None = None, **overrides) -> dict:
     """The shipped recipe (`configs/tiny-recipe.json`), with the config file ``path`` (a path or a
-    shipped config's name) merged onto it, then the non-None ``overrides``."""
+    shipped config's name) merged onto it, then the non-None ``overrides``: the raw mapping
+    (`recipe_config` types it)."""
     cfg = read_config_file(configs.shipped(DEFAULT_CONFIG))
     if path is not None:
-        cfg = _merge(cfg, read_config_file(configs.resolve(path)))
-    return _merge(cfg, {k: v for k, v in overrides.items() if v is not None})
+        cfg = merge(cfg, read_config_file(configs.resolve(path)))
+    return merge(cfg, {k: v for k, v in overrides.items() if v is not None})
 
 
-def stage_config(r: dict, stage: str, out: Path, steps: int | None = None) -> TrainConfig:
-    keys = {"share", "min_steps", "max_steps", "pairs_share"}
-    d = {**r.get("common", {}), **{k: v for k, v in r[stage].items() if k not in keys}}
-    d.update(stage=stage, preset=r["preset"], seed=r["seed"], device=r["device"], held_out=r["held_out"],
-             data=str(r["data"]), vae=str(out / "vae"), out=str(out / stage))
-    if r.get("preset_overrides"):
-        d["preset_overrides"] = r["preset_overrides"]
-    if stage in ("ode", "dmd"):
-        d["teacher"] = str(out / "teacher")
-    if stage == "dmd":
-        d["init_from"] = str(out / "ode")
-    if steps is not None:
-        d["steps"] = int(steps)
-    return TrainConfig.from_dict(d)
+def recipe_config(path: str | Path | None = None, **overrides) -> RecipeConfig:
+    """`load_recipe`, typed: a `RecipeConfig` (unknown or missing keys are an InputError)."""
+    return RecipeConfig.from_dict(load_recipe(path, **overrides))
 
 
 # ============================================================================ calibration
@@ -85,7 +71,7 @@ def calibrate(r: dict, out: Path) -> dict:
     from ..model.vae import TinyVAE
     from ..pipeline import dit_input
 
-    tc = stage_config(r, "teacher", out)
+    tc = r.stage_config("teacher", out)
     p = tc.make_preset()
     dev = torch.device(resolve_device(tc.device))
     d = p.dit
@@ -121,10 +107,10 @@ def calibrate(r: dict, out: Path) -> dict:
             m.forward_causal(xin, t, text, audio=au, chunk_frames=p.stream.chunk_frames, x_clean=xin)
 
     res = {"bi_fb": _time(bi_fb), "ca_fb": _time(ca_fb), "bi_f": _time(bi_f), "ca_f": _time(ca_f)}
-    vr = r["vae"]
+    vr = r.vae
     vae = TinyVAE().to(dev)
     vopt = torch.optim.AdamW(vae.parameters(), lr=1e-5)
-    vx = torch.rand(vr["batch_size"], 3, vr["clip_frames"], p.height, p.width, device=dev) * 2 - 1
+    vx = torch.rand(vr.batch_size, 3, vr.clip_frames, p.height, p.width, device=dev) * 2 - 1
 
     def vae_step():
         vopt.zero_grad()
@@ -136,21 +122,21 @@ def calibrate(r: dict, out: Path) -> dict:
     try:  # the VAE trainer reads whole clips from the npz files: count that too
         from ..dataset import ClipDataset
 
-        ds = ClipDataset(r["data"], clip_frames=vr["clip_frames"], seed=r["seed"])
-        res["vae"] += _time(lambda: [ds[i % len(ds)] for i in range(vr["batch_size"])], reps=1)
+        ds = ClipDataset(r.data, clip_frames=vr.clip_frames, seed=r.seed)
+        res["vae"] += _time(lambda: [ds[i % len(ds)] for i in range(vr.batch_size)], reps=1)
     except Exception:
         pass
-    oc, dc = r["ode"], r["dmd"]
-    n_branches = 1 + (oc.get("cfg_audio", tc.guidance.audio) != 1.0) + (oc.get("cfg_ref", tc.guidance.ref) != 1.0)
-    pair_b = oc.get("ode_batch", 8) / B
-    res["pair_file"] = (oc.get("ode_steps", 16) + 1) * n_branches * res["bi_f"] * pair_b
+    oc, dc = r.stage_config("ode", out), r.stage_config("dmd", out)
+    n_branches = 1 + (oc.guidance.audio != 1.0) + (oc.guidance.ref != 1.0)
+    pair_b = oc.ode.batch / B
+    res["pair_file"] = (oc.ode.steps + 1) * n_branches * res["bi_f"] * pair_b
     n = tc.clip_chunks
     steps2 = p.stream.student_steps
     roll = n * steps2 * res["ca_f"] * 0.75  # growing prefixes: on average ~3/4 of the whole clip
-    real_branches = 1 + (dc.get("cfg_audio", tc.guidance.audio) != 1.0) + (dc.get("cfg_ref", tc.guidance.ref) != 1.0)
+    real_branches = 1 + (dc.guidance.audio != 1.0) + (dc.guidance.ref != 1.0)
     fake = roll + res["bi_fb"]
     gen = roll + 2 * res["ca_fb"] + (real_branches + 1) * res["bi_f"]
-    k = dc.get("fake_ratio", 5)
+    k = dc.dmd.fake_ratio
     res["dmd"] = (k * fake + gen) / (k + 1)
     res["teacher"] = res["bi_fb"] * 1.1
     res["ode"] = res["ca_fb"] * 1.1
@@ -158,26 +144,28 @@ def calibrate(r: dict, out: Path) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
 
 
-def make_plan(r: dict, out: Path, budget_s: float, spent_s: float) -> dict:
+def make_plan(r: RecipeConfig, out: Path, budget_s: float, spent_s: float) -> dict:
+    missing = [s for s in ("vae", *RecipeConfig.STAGES) if getattr(r, s).share is None]
+    if missing:
+        raise InputError(f"a budget needs each stage's share of the time: none for {', '.join(missing)}")
     cal = calibrate(r, out)
     left = max(60.0, budget_s - spent_s - 60.0)  # keep a minute for exports and caches
     plan = {"calibration": cal, "budget_s": budget_s, "left_at_plan_s": left}
 
-    def steps(stage, cost, share):
-        c = r[stage]
+    def steps(section, cost, share):
         n = int(share * left / max(cost, 1e-6))
-        return int(min(max(n, c.get("min_steps", 1)), c.get("max_steps", 10**9)))
+        return int(min(max(n, section.min_steps), section.max_steps))
 
-    plan["vae_steps"] = steps("vae", cal["vae"], r["vae"]["share"])
-    plan["teacher_steps"] = steps("teacher", cal["teacher"], r["teacher"]["share"])
-    o = r["ode"]
-    pair_time = o["share"] * o.get("pairs_share", 0.5) * left
+    plan["vae_steps"] = steps(r.vae, cal["vae"], r.vae.share)
+    plan["teacher_steps"] = steps(r.teacher, cal["teacher"], r.teacher.share)
+    o, oc = r.ode, r.stage_config("ode", out)
+    pair_time = o.share * o.pairs_share * left
     files = max(1, int(pair_time / max(cal["pair_file"], 1e-6)))
-    files = min(files, max(1, o.get("ode_pairs", 128) // o.get("ode_batch", 8)))
-    plan["ode_pairs"] = files * o.get("ode_batch", 8)
-    plan["ode_steps_train"] = steps("ode", cal["ode"], o["share"] * (1 - o.get("pairs_share", 0.5)))
-    k = r["dmd"].get("fake_ratio", 5) + 1
-    plan["dmd_steps"] = max(k, steps("dmd", cal["dmd"], r["dmd"]["share"]) // k * k)
+    files = min(files, max(1, oc.ode.pairs // oc.ode.batch))
+    plan["ode_pairs"] = files * oc.ode.batch
+    plan["ode_steps_train"] = steps(o, cal["ode"], o.share * (1 - o.pairs_share))
+    k = r.stage_config("dmd", out).dmd.fake_ratio + 1
+    plan["dmd_steps"] = max(k, steps(r.dmd, cal["dmd"], r.dmd.share) // k * k)
     return plan
 
 
@@ -186,35 +174,34 @@ def _log(msg: str) -> None:
     print(f"[tiny-recipe] {msg}", flush=True)
 
 
-def run_synth(r: dict) -> None:
+def run_synth(r: RecipeConfig) -> None:
     from .synth import synth_dataset
 
-    data = Path(r["data"])
-    s = r["synth"]
+    data = Path(r.data)
+    s = r.synth
     idx = data / "index.json"
-    version = int(s.get("version", 1))
+    version = int(s.version)
     if idx.is_file():
         have = json.loads(idx.read_text())
-        if have.get("n", 0) >= s["n"] and have.get("data_version", 1) == version:
+        if have.get("n", 0) >= s.n and have.get("data_version", 1) == version:
             return
     from ..config import get_preset
 
-    size = get_preset(r["preset"]).height if not r.get("preset_overrides", {}).get("height") else \
-        r["preset_overrides"]["height"]
-    synth_dataset(s["n"], data, seed=r["seed"], size=size, seconds=tuple(s["seconds"]), workers=s.get("workers", 1),
-                  speech=s.get("speech", "auto"), video=s.get("video", True), version=version)
+    size = r.preset_overrides.get("height") or get_preset(r.preset).height
+    synth_dataset(s.n, data, seed=r.seed, size=size, seconds=tuple(s.seconds), workers=s.workers,
+                  speech=s.speech, video=s.video, version=version)
 
 
-def run_vae(r: dict, out: Path, steps: int) -> None:
+def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
     from ..dataset import ClipDataset, held_out_split
     from .vae_train import train_tiny_vae
 
     vdir = out / "vae"
     if (vdir / "DONE.json").is_file():
         return
-    v = r["vae"]
-    _, held = held_out_split(ClipDataset(r["data"]), r["held_out"], r["seed"])  # the split every stage uses
-    ds = ClipDataset(r["data"], clip_frames=v["clip_frames"], seed=r["seed"])
+    v = r.vae
+    _, held = held_out_split(ClipDataset(r.data), r.held_out, r.seed)  # the split every stage uses
+    ds = ClipDataset(r.data, clip_frames=v.clip_frames, seed=r.seed)
     train = ds.subset([i for i, c in enumerate(ds.indices) if c not in set(held.indices)])
 
     class Videos:  # the VAE trainer wants [T, H, W, 3] clips
@@ -226,14 +213,15 @@ def run_vae(r: dict, out: Path, steps: int) -> None:
 
     from ..model.vae import TinyVAEConfig
 
-    vcfg = TinyVAEConfig(latent_channels=int(v.get("latent_channels", TinyVAEConfig.latent_channels)))
+    vcfg = TinyVAEConfig(latent_channels=int(TinyVAEConfig.latent_channels if v.latent_channels is None
+                                             else v.latent_channels))
     # writes OUT/vae/DONE.json (steps, wall_seconds, the last step's losses) when it has finished
-    train_tiny_vae(Videos(), vdir, steps=steps, batch_size=v["batch_size"], lr=v["lr"], seed=r["seed"],
-                   device=r["device"], ckpt_every=max(50, steps // 10), temporal_weight=v.get("temporal_weight", 0.0),
+    train_tiny_vae(Videos(), vdir, steps=steps, batch_size=v.batch_size, lr=v.lr, seed=r.seed,
+                   device=r.device, ckpt_every=max(50, steps // 10), temporal_weight=v.temporal_weight,
                    config=vcfg)
 
 
-def export_model(r: dict, out: Path, dest: Path, timings: dict) -> Path:
+def export_model(r: RecipeConfig, out: Path, dest: Path, timings: dict) -> Path:
     """The shipped folder: preset.json, dit/ (student), teacher/, vae/, loss curves, card.md."""
     from ..config import Preset
     from ..model.vae import TinyVAE
@@ -246,7 +234,7 @@ def export_model(r: dict, out: Path, dest: Path, timings: dict) -> Path:
     tmp.mkdir(parents=True)
     preset.save(tmp / "preset.json")
     shutil.copytree(out / "dmd" / "final" / "dit", tmp / "dit")
-    if r.get("export_teacher", True):
+    if r.export_teacher:
         shutil.copytree(out / "teacher" / "final" / "dit", tmp / "teacher")
     TinyVAE.from_pretrained(out / "vae").save_pretrained(tmp / "vae")
     curves = {"vae": out / "vae" / "loss.png", "teacher": out / "teacher" / "loss.png",
@@ -273,8 +261,8 @@ def _done(path: Path) -> dict:
         return {}
 
 
-def model_card(r: dict, out: Path, preset, timings: dict, folder: Path | None = None) -> str:
-    data = _done(Path(r["data"]) / "index.json")
+def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path | None = None) -> str:
+    data = _done(Path(r.data) / "index.json")
     n_clips = data.get("n", len(data.get("clips", [])))
     secs = sum(c.get("seconds", 0) for c in data.get("clips", []))
     st = {s: _done(out / s / "final" / "DONE.json") for s in ("teacher", "ode", "dmd")}
@@ -291,10 +279,10 @@ def model_card(r: dict, out: Path, preset, timings: dict, folder: Path | None = 
         rows.append(f"| {label} | {d.get('steps', '?')} | {d.get('wall_seconds', 0) / 60:.1f} | "
                     f"loss {last.get('loss', float('nan')):.4f} |")
     total = sum(timings.values()) / 60
-    cfg = f" --config {r['_config']}" if r.get("_config") else ""
-    reproduce = (f"This model's settings: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r['data']}`"
-                 if not r.get("budget_minutes") else
-                 f"`talkingmachines train tiny-recipe{cfg} --out {out} --budget-minutes {r['budget_minutes']:g}`")
+    cfg = f" --config {r.config_path}" if r.config_path else ""
+    reproduce = (f"This model's settings: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r.data}`"
+                 if not r.budget_minutes else
+                 f"`talkingmachines train tiny-recipe{cfg} --out {out} --budget-minutes {r.budget_minutes:g}`")
     return f"""# talkingmachines `tiny` model card
 
 A {count_parameters(preset.dit) / 1e6:.2f} M-parameter audio-driven DiT (Wan2.1 layout, {preset.dit.num_layers} blocks,
@@ -305,8 +293,8 @@ steps per chunk of {preset.stream.chunk_frames} latent frames).
 
 ## Data
 {n_clips} procedural talking-face clips ({secs / 60:.1f} min at 25 fps, 16 kHz) from `talkingmachines data synth`
-(seed {r['seed']}): varied faces and drawing styles, mouths driven by the speech, blinks, head motion, listening
-segments in silence. {int(r['held_out'] * 100)} % of the clips are held out of every stage for evaluation
+(seed {r.seed}): varied faces and drawing styles, mouths driven by the speech, blinks, head motion, listening
+segments in silence. {int(r.held_out * 100)} % of the clips are held out of every stage for evaluation
 (`OUT/<stage>/held_out.json`).
 
 ## Training (this run)
@@ -314,7 +302,7 @@ segments in silence. {int(r['held_out'] * 100)} % of the clips are held out of e
 |---|---|---|---|
 {chr(10).join(rows)}
 
-Whole recipe: {total:.1f} min wall on {r.get('_device', 'this machine')} ({'budget ' + format(r['budget_minutes'], 'g') + ' min' if r.get('budget_minutes') else 'no budget'}).
+Whole recipe: {total:.1f} min wall on {r.device_name or 'this machine'} ({'budget ' + format(r.budget_minutes, 'g') + ' min' if r.budget_minutes else 'no budget'}).
 Per-stage wall seconds: {json.dumps({k: round(v) for k, v in timings.items()})}.
 Weights in this folder (student DiT, teacher DiT, VAE): {mb:.1f} MB (safetensors, fp32).
 
@@ -348,9 +336,9 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
                device: str | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    r = load_recipe(config, budget_minutes=budget_minutes, device=device)
-    r["_config"] = str(config) if config else None
-    r["data"] = str(Path(data) if data else (Path(r["data"]) if r.get("data") else out / "data"))
+    r = recipe_config(config, budget_minutes=budget_minutes, device=device)
+    r.config_path = str(config) if config else None
+    r.data = str(Path(data) if data else (Path(r.data) if r.data else out / "data"))
     stages = list(stages or STAGES)
     bad = [s for s in stages if s not in STAGES]
     if bad:
@@ -369,29 +357,28 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
         timed("synth", lambda: run_synth(r))
     pfile = out / "plan.json"
     plan = _done(pfile)
-    if r.get("budget_minutes") and not plan:
+    if r.budget_minutes and not plan:
         _log("calibrating step times for the budget ...")
         t0 = time.time()
-        plan = make_plan(r, out, 60.0 * float(r["budget_minutes"]), sum(timings.values()))
+        plan = make_plan(r, out, 60.0 * float(r.budget_minutes), sum(timings.values()))
         timings["calibration"] = time.time() - t0
         atomic_write_text(pfile, json.dumps(plan, indent=1))
         _log(f"plan: {json.dumps({k: v for k, v in plan.items() if k != 'calibration'})}")
-    r["_device"] = plan.get("calibration", {}).get("device") or resolve_device(r["device"])
+    r.device_name = plan.get("calibration", {}).get("device") or resolve_device(r.device)
     if plan:
-        r["vae"]["steps"] = plan["vae_steps"]
-        r["teacher"]["steps"] = plan["teacher_steps"]
-        r["ode"]["steps"] = plan["ode_steps_train"]
-        r["ode"]["ode_pairs"] = plan["ode_pairs"]
-        r["dmd"]["steps"] = plan["dmd_steps"]
+        r.vae.steps = plan["vae_steps"]
+        r.teacher.set(steps=plan["teacher_steps"])
+        r.ode.set(steps=plan["ode_steps_train"], ode_pairs=plan["ode_pairs"])
+        r.dmd.set(steps=plan["dmd_steps"])
 
     from .student import train_dmd, train_ode
     from .teacher import train_teacher
 
     if "vae" in stages:
-        timed("vae", lambda: run_vae(r, out, int(r["vae"]["steps"])))
+        timed("vae", lambda: run_vae(r, out, int(r.vae.steps)))
     for name, fn in (("teacher", train_teacher), ("ode", train_ode), ("dmd", train_dmd)):
         if name in stages and not final_done(out / name):
-            timed(name, lambda fn=fn, name=name: fn(stage_config(r, name, out)))
+            timed(name, lambda fn=fn, name=name: fn(r.stage_config(name, out)))
     dest = Path(export) if export else out / "model"
     if "export" in stages:
         timed("export", lambda: export_model(r, out, dest, {k: v for k, v in timings.items()}))
