@@ -198,6 +198,7 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
     cfg = {"preset": "tiny", "preset_overrides": MICRO_PRESET, "seed": 0, "held_out": 0.25, "device": "cpu",
            "synth": {"n": 4, "seconds": [2.0, 2.5], "workers": 1, "speech": "babble", "video": False},
            "vae": {"steps": 3, "batch_size": 2, "clip_frames": 5, "lr": 1e-3},
+           "decoder": {"steps": 2, "batch_size": 2, "latent_noise": 0.3},
            "common": {"clip_chunks": 1, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress": False},
            "teacher": {"steps": 2, "lr": 1e-3, "mouth_weight": 3.0}, "ode": {"steps": 2, "ode_steps": 2, "ode_pairs": 2, "ode_batch": 2},
            "dmd": {"steps": 2, "fake_ratio": 1}}
@@ -214,11 +215,20 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
     (cache,) = (out / "data").glob("latents-*")
     boxes = [e["mouth_box"] for e in json.loads((cache / "index.json").read_text())["clips"]]
     assert boxes and all(0 <= y0 < y1 <= 4 and 0 <= x0 < x1 <= 4 for y0, y1, x0, x1 in boxes), boxes
+    # the shipped VAE is the decoder stage's: the VAE stage's encoder and latent statistics, a new decoder
+    from talkingmachines.model.vae import TinyVAE
+
+    shipped, trained = TinyVAE.from_pretrained(model / "vae"), TinyVAE.from_pretrained(out / "vae")
+    se, te = shipped.state_dict(), trained.state_dict()
+    assert all(torch.equal(se[k], te[k]) for k in se if k.startswith("encoder."))
+    assert any(not torch.equal(se[k], te[k]) for k in se if k.startswith("decoder."))
+    assert shipped.config.latents_std == trained.config.latents_std
+    assert "VAE decoder, fine-tuned on latents + noise" in card
     timings = json.loads((out / "timings.json").read_text())
-    assert {"synth", "vae", "teacher", "ode", "dmd", "export"} <= set(timings)
+    assert {"synth", "vae", "decoder", "teacher", "ode", "dmd", "export"} <= set(timings)
     assert main(args) == 0  # all done: every stage is skipped
     again = json.loads((out / "timings.json").read_text())
-    assert all(again[k] - timings[k] < 5 for k in ("vae", "teacher", "ode", "dmd"))
+    assert all(again[k] - timings[k] < 5 for k in ("vae", "decoder", "teacher", "ode", "dmd"))
     avatar = load_avatar(model)
     s = avatar.new_stream(seed=0)
     s.push_audio(np.zeros(16000, np.float32))

@@ -157,6 +157,16 @@ def test_temporal_term_and_decoder_only_finetune(tmp_path):
     with pytest.raises(ValueError, match="init_from"):
         train_tiny_vae(clips, tmp_path / "bad", steps=1, freeze_encoder=True, progress=False)
 
+    # latent noise: the same fine-tune decodes noisy latents, so it ends elsewhere; the encoder still stays
+    train_tiny_vae(clips, tmp_path / "noisy", steps=3, batch_size=2, lr=1e-2, progress=False, init_from=tmp_path / "base",
+                   freeze_encoder=True, temporal_weight=1.0, ckpt_every=0, latent_noise=0.5)
+    c = TinyVAE.from_pretrained(tmp_path / "noisy")
+    ec, dc = c.encoder.state_dict(), c.decoder.state_dict()
+    assert all(torch.equal(ea[k], ec[k]) for k in ea)
+    assert any(not torch.allclose(db[k], dc[k]) for k in db)
+    with pytest.raises(ValueError, match="latent_noise"):
+        train_tiny_vae(clips, tmp_path / "bad2", steps=1, latent_noise=0.3, progress=False)
+
 
 def test_older_vae_checkpoint_is_refused_in_one_line(tmp_path):
     """Checkpoints of the VAE trainer before it used the stages' Trainer (model.safetensors +

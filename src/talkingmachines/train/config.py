@@ -302,6 +302,17 @@ class VAESection:
 
 
 @dataclass
+class DecoderSection:
+    """The optional decoder-only fine-tune of the trained VAE on latents + noise
+    (`vae_train.VAEOptions.latent_noise`); ``steps`` 0 skips it."""
+
+    steps: int = 0
+    batch_size: int = 4
+    lr: float = 3e-4
+    latent_noise: float = 0.3  # max std of the noise, in normalised latent units
+
+
+@dataclass
 class StageSection:
     """A DiT stage (teacher, ode, dmd): its share of a budget and its `TrainConfig` settings
     (`settings`, nested form: merged onto the recipe's ``common``)."""
@@ -342,6 +353,7 @@ class RecipeConfig:
     teacher: StageSection
     ode: StageSection
     dmd: StageSection
+    decoder: DecoderSection = field(default_factory=DecoderSection)
     device: str = "auto"
     budget_minutes: float | None = None
     export_teacher: bool = True
@@ -355,7 +367,7 @@ class RecipeConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RecipeConfig":
-        sections = {"synth", "vae", "common", *cls.STAGES}
+        sections = {"synth", "vae", "decoder", "common", *cls.STAGES}
         top = {f.name for f in dataclasses.fields(cls)} - sections - {"config_path", "device_name"}
         unknown = sorted(set(d) - top - sections - IGNORED_KEYS)
         if unknown:
@@ -370,6 +382,7 @@ class RecipeConfig:
             raise InputError(f"recipe lacks {', '.join(missing)}")
         return cls(**kw, common=common, synth=_section(SynthSection, "synth", d["synth"]),
                    vae=_section(VAESection, "vae", d["vae"]),
+                   decoder=_section(DecoderSection, "decoder", d.get("decoder", {})),
                    **{s: StageSection.from_dict(s, d[s]) for s in cls.STAGES})
 
     def stage(self, name: str) -> StageSection:

@@ -1,6 +1,11 @@
 """`talkingmachines train tiny-recipe`: the whole `tiny` model from nothing, on one machine.
 
-    synth data -> TinyVAE -> teacher -> ode (pairs + regression) -> dmd -> export
+    synth data -> TinyVAE -> decoder -> teacher -> ode (pairs + regression) -> dmd -> export
+
+``decoder`` (optional, ``decoder.steps`` > 0) fine-tunes the VAE's decoder alone on latents with
+noise added (`vae_train.VAEOptions.latent_noise`): the encoder and its latent statistics stay bit
+for bit, so the teacher and student train on the same latents, and the exported VAE decodes the
+student's slightly-off latents into a face rather than into streaks.
 
 The config is `configs/tiny-recipe.json` with ``--config`` and the overrides merged onto it, typed
 by `recipe_config` (`config.RecipeConfig`).
@@ -37,7 +42,7 @@ from ..fileio import atomic_write_text
 from .checkpoint import final_done
 from .config import RecipeConfig, merge, read_config_file
 
-STAGES = ("synth", "vae", "teacher", "ode", "dmd", "export")
+STAGES = ("synth", "vae", "decoder", "teacher", "ode", "dmd", "export")
 DEFAULT_CONFIG = "tiny-recipe"  # the shipped talkingmachines/configs/tiny-recipe.json: the one source of defaults
 
 
@@ -192,33 +197,57 @@ def run_synth(r: RecipeConfig) -> None:
                   speech=s.speech, video=s.video, version=version)
 
 
-def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
+def _train_clips(r: RecipeConfig, clip_frames: int):
+    """The training clips (without the held-out split every stage uses) as the uint8
+    [T, H, W, 3] videos the VAE trainer reads."""
     from ..dataset import ClipDataset, held_out_split
-    from .vae_train import train_tiny_vae
 
-    vdir = out / "vae"
-    if (vdir / "DONE.json").is_file():
-        return
-    v = r.vae
-    _, held = held_out_split(ClipDataset(r.data), r.held_out, r.seed)  # the split every stage uses
-    ds = ClipDataset(r.data, clip_frames=v.clip_frames, seed=r.seed)
+    _, held = held_out_split(ClipDataset(r.data), r.held_out, r.seed)
+    ds = ClipDataset(r.data, clip_frames=clip_frames, seed=r.seed)
     train = ds.subset([i for i, c in enumerate(ds.indices) if c not in set(held.indices)])
 
-    class Videos:  # the VAE trainer wants [T, H, W, 3] clips
+    class Videos:
         def __len__(self):
             return len(train)
 
         def __getitem__(self, i):
             return train[i]["video"]
 
-    from ..model.vae import TinyVAEConfig
+    return Videos()
 
+
+def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
+    from ..model.vae import TinyVAEConfig
+    from .vae_train import train_tiny_vae
+
+    vdir = out / "vae"
+    if (vdir / "DONE.json").is_file():
+        return
+    v = r.vae
     vcfg = TinyVAEConfig(latent_channels=int(TinyVAEConfig.latent_channels if v.latent_channels is None
                                              else v.latent_channels))
     # writes OUT/vae/DONE.json (steps, wall_seconds, the last step's losses) when it has finished
-    train_tiny_vae(Videos(), vdir, steps=steps, batch_size=v.batch_size, lr=v.lr, seed=r.seed,
+    train_tiny_vae(_train_clips(r, v.clip_frames), vdir, steps=steps, batch_size=v.batch_size, lr=v.lr, seed=r.seed,
                    device=r.device, ckpt_every=max(50, steps // 10), temporal_weight=v.temporal_weight,
                    config=vcfg)
+
+
+def run_decoder(r: RecipeConfig, out: Path) -> None:
+    """The decoder-only fine-tune on latents + noise, into ``OUT/decoder`` (skipped when steps is 0)."""
+    from .vae_train import train_tiny_vae
+
+    d = r.decoder
+    ddir = out / "decoder"
+    if d.steps <= 0 or (ddir / "DONE.json").is_file():
+        return
+    train_tiny_vae(_train_clips(r, r.vae.clip_frames), ddir, steps=d.steps, batch_size=d.batch_size, lr=d.lr,
+                   seed=r.seed, device=r.device, ckpt_every=max(50, d.steps // 10), init_from=out / "vae",
+                   freeze_encoder=True, latent_noise=d.latent_noise, temporal_weight=r.vae.temporal_weight)
+
+
+def exported_vae(out: Path) -> Path:
+    """The VAE the model ships: the fine-tuned decoder's when that stage ran, else the VAE stage's."""
+    return out / "decoder" if (out / "decoder" / "DONE.json").is_file() else out / "vae"
 
 
 def export_model(r: RecipeConfig, out: Path, dest: Path, timings: dict) -> Path:
@@ -236,8 +265,8 @@ def export_model(r: RecipeConfig, out: Path, dest: Path, timings: dict) -> Path:
     shutil.copytree(out / "dmd" / "final" / "dit", tmp / "dit")
     if r.export_teacher:
         shutil.copytree(out / "teacher" / "final" / "dit", tmp / "teacher")
-    TinyVAE.from_pretrained(out / "vae").save_pretrained(tmp / "vae")
-    curves = {"vae": out / "vae" / "loss.png", "teacher": out / "teacher" / "loss.png",
+    TinyVAE.from_pretrained(exported_vae(out)).save_pretrained(tmp / "vae")
+    curves = {"vae": out / "vae" / "loss.png", "decoder": out / "decoder" / "loss.png", "teacher": out / "teacher" / "loss.png",
               "ode": out / "ode" / "loss.png", "dmd": out / "dmd" / "loss.png"}
     for k, f in curves.items():
         if f.is_file():
@@ -272,6 +301,11 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
 
     last = vae.get("last_loss", (vae.get("last") or {}).get("loss", float("nan")))  # last_loss: older runs' DONE.json
     rows = [f"| VAE (TinyVAE) | {vae.get('steps', '?')} | {vae.get('wall_seconds', 0) / 60:.1f} | last loss {last:.4f} |"]
+    dec = _done(out / "decoder" / "DONE.json")
+    if dec:
+        rows.append(f"| VAE decoder, fine-tuned on latents + noise (std up to {r.decoder.latent_noise:g}) | "
+                    f"{dec.get('steps', '?')} | {dec.get('wall_seconds', 0) / 60:.1f} | "
+                    f"loss {(dec.get('last') or {}).get('loss', float('nan')):.4f} |")
     for s, label in (("teacher", "teacher (bidirectional, flow matching)"), ("ode", "student init (ODE pairs)"),
                      ("dmd", "student (asymmetric DMD)")):
         d = st[s]
@@ -376,6 +410,8 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
 
     if "vae" in stages:
         timed("vae", lambda: run_vae(r, out, int(r.vae.steps)))
+    if "decoder" in stages and r.decoder.steps > 0:
+        timed("decoder", lambda: run_decoder(r, out))
     for name, fn in (("teacher", train_teacher), ("ode", train_ode), ("dmd", train_dmd)):
         if name in stages and not final_done(out / name):
             timed(name, lambda fn=fn, name=name: fn(r.stage_config(name, out)))

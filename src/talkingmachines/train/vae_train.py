@@ -8,7 +8,11 @@ then cosine decay, gradient clipping, in fp32.
 
 ``init_from`` + ``freeze_encoder`` fine-tune only the decoder of a trained VAE: the encoder,
 its latent statistics and so every latent a DiT was trained on stay exactly as they were, so
-the new decoder drops into an existing model folder.
+the new decoder drops into an existing model folder. With ``latent_noise`` > 0 the decoder
+learns to forgive small latent errors: each clip's latents get Gaussian noise of a std drawn
+uniformly from [0, ``latent_noise``] (in the DiT's normalised units) and it must still give the
+clean clip. A generator's latents are never exactly on the encoder's manifold, and a decoder
+that has only seen clean latents turns those errors into streaks over the face.
 
 Reproducible and resumable as every stage (`trainer.Trainer`): an indexable data set is read
 in the `rng.GlobalOrder` of ``(seed, step)`` (a plain iterable is consumed in order, and
@@ -70,6 +74,7 @@ class VAEOptions:
     temporal_weight: float = 0.0
     init_from: str | None = None  # a trained TinyVAE folder
     freeze_encoder: bool = False  # train the decoder only (needs init_from)
+    latent_noise: float = 0.0  # decoder-only: max std of the noise added to the normalised latents
     flip: bool = True  # random horizontal flips
     stat_batches: int = 4  # batches for the latent statistics
     resume: bool = True
@@ -144,6 +149,8 @@ class VAETrainer(Trainer):
         super().__init__(cfg)
         if opts.freeze_encoder and opts.init_from is None:
             raise InputError("freeze_encoder needs init_from (a trained VAE folder)")
+        if opts.latent_noise < 0 or (opts.latent_noise > 0 and not opts.freeze_encoder):
+            raise InputError("latent_noise must be >= 0 and needs freeze_encoder (a decoder-only fine-tune)")
         self.videos, self.opts = videos, opts
         self.final = self.out  # a loadable TinyVAE folder: load_vae("tiny", OUT)
         self._it = None
@@ -211,7 +218,12 @@ class VAETrainer(Trainer):
             with torch.no_grad():
                 model.encoder.eval()
                 mean, logvar = model.encode_moments(x)
-            rec = model.decode_raw(mean)
+                z = mean
+                if o.latent_noise > 0:  # per clip, a noise level in [0, latent_noise] of the latents' std
+                    level = torch.rand(mean.shape[0], 1, 1, 1, 1, generator=g) * o.latent_noise
+                    eps = torch.randn(mean.shape, generator=g)
+                    z = mean + (level * eps).to(mean) * model.latents_std
+            rec = model.decode_raw(z)
         else:
             mean, logvar = model.encode_moments(x)
             eps = torch.randn(mean.shape, generator=g).to(device=x.device, dtype=mean.dtype)
@@ -274,6 +286,7 @@ def train_tiny_vae(
     temporal_weight: float = 0.0,
     init_from: str | os.PathLike | None = None,
     freeze_encoder: bool = False,
+    latent_noise: float = 0.0,
     grad_clip: float = 1.0,
     flip: bool = True,
     stat_batches: int = 4,
@@ -295,7 +308,7 @@ def train_tiny_vae(
                       ema=EMAConfig(decay=0.0), checkpoint=CheckpointConfig(every=ckpt_every, keep=keep_checkpoints))
     opts = VAEOptions(config=config, mse_weight=mse_weight, edge_weight=edge_weight, kl_weight=kl_weight,
                       temporal_weight=temporal_weight, init_from=None if init_from is None else str(init_from),
-                      freeze_encoder=freeze_encoder, flip=flip, stat_batches=stat_batches, resume=resume)
+                      freeze_encoder=freeze_encoder, latent_noise=latent_noise, flip=flip, stat_batches=stat_batches, resume=resume)
     tr = VAETrainer(cfg, videos, opts)
     try:
         tr.run()
