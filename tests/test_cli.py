@@ -139,8 +139,6 @@ def test_demo_mouth_moves_with_speech_and_rests_in_silence(demo_eval):
     assert m["stillness_ratio"] >= 2.0, m
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the landmark judge finds a face in 75 % of the shipped "
-                                       "model's demo frames; strict, so a model that passes must drop this mark")
 def test_demo_face_is_found_and_talks(demo_eval):
     """Issue 10's bar for `demo`, judged by the packaged landmark model: a face in >= 98 % of
     frames, lip opening following the speech (best lag within 2 frames, correlation >= 0.6) and
