@@ -139,6 +139,14 @@ def test_evaluate_model_smoke_random_weights():
     assert set(r["face"]) == {"ground_truth", "vae_roundtrip", "student", "teacher"}
     assert set(row["face"]) == set(r["face"]) and "face_found" in r["long_stream"]["face"]
     assert {"face_found_ge_0.98", "vae_face_corr_ge_0.75", "teacher_face_corr_ge_0.6"} <= set(r["targets"])
+    # pooled again over the clips whose ground-truth face the judge sees: here that one clip or none
+    fv = r["face_visible"]
+    seen = r["face"]["ground_truth"]["face_found"] >= fv["min_ground_truth_found"]
+    assert fv["of"] == 1 and fv["clips"] == int(seen)
+    if seen:
+        assert fv["systems"]["student"]["face_found"] == r["face"]["student"]["face_found"]
+    else:
+        assert all(not v for v in fv["systems"].values())
     line = q.to_json(r)
     assert "\n" not in line and "NaN" not in line and "Infinity" not in line
     json.loads(line)
@@ -167,6 +175,7 @@ def test_fill_card_replaces_only_the_metrics_section(tmp_path):
     lag = r["summary"]["student"]["lag"]
     assert f"| lip-sync best lag (frames) | {lag if lag is not None else 'n/a'} |" in text
     assert "`talkingmachines eval-model --n 1`" in text and "0.5 s stream" not in text.split(CARD_END)[1]
+    assert ("clips it can see" in text) == bool(r["face_visible"]["clips"])
     bare = tmp_path / "bare.md"
     bare.write_text("# no markers\n")
     with pytest.raises(InputError, match="no '<!-- metrics:begin -->'"):

@@ -106,8 +106,9 @@ def metrics_markdown(r: dict, command: str) -> str:
     pct = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"  # noqa: E731
     faces = r.get("face") or {}
 
-    def frow(label, key, fmt):
-        return f"| {label} | " + " | ".join(fmt((faces.get(k) or {}).get(key)) if k in faces else "-"
+    def frow(label, key, fmt, by=None):
+        by = faces if by is None else by
+        return f"| {label} | " + " | ".join(fmt((by.get(k) or {}).get(key)) if k in by else "-"
                                             for k, _ in cols) + " |"
 
     face_lines = []
@@ -122,8 +123,22 @@ def metrics_markdown(r: dict, command: str) -> str:
                       frow("lip opening vs speech: best lag (frames)", "lag", _fmt),
                       frow("lip opening vs speech: correlation", "confidence", lambda v: _fmt(v, 2)),
                       frow("clips with best lag within 2 frames", "clips_lag_within_2", pct),
-                      frow("lip opening speech / silence (median)", "open_ratio_median", lambda v: _fmt(v, 2)),
-                      "", "Pixel metrics (secondary: the mouth box's pixel motion counts blocky artifacts as "
+                      frow("lip opening speech / silence (median)", "open_ratio_median", lambda v: _fmt(v, 2))]
+        vis = r.get("face_visible") or {}
+        if vis.get("clips"):
+            seen = vis["systems"]
+            face_lines += ["", f"The same, on the {vis['clips']} of {vis['of']} clips whose ground-truth face the judge "
+                           f"finds in at least {100 * vis['min_ground_truth_found']:.0f} % of the frames (it misses some "
+                           "drawn faces outright, the ground truth's too):", "",
+                           "| face judge, clips it can see | " + " | ".join(label for _, label in cols) + " |",
+                           "|---" * (len(cols) + 1) + "|",
+                           frow("face found (all frames)", "face_found", lambda v: _pct(v), seen),
+                           frow("face found in speech", "face_found_speech", lambda v: _pct(v), seen),
+                           frow("face found in silence", "face_found_silence", lambda v: _pct(v), seen),
+                           frow("lip opening vs speech: best lag (frames)", "lag", _fmt, seen),
+                           frow("lip opening vs speech: correlation", "confidence", lambda v: _fmt(v, 2), seen),
+                           frow("lip opening speech / silence (median)", "open_ratio_median", lambda v: _fmt(v, 2), seen)]
+        face_lines += ["", "Pixel metrics (secondary: the mouth box's pixel motion counts blocky artifacts as "
                       "mouth motion, so a broken face can pass them):", ""]
     lines = face_lines + [f"Measured with `{command}`",
              f"on {r['data']['evaluated']} held-out clips of `{r['data']['dir']}` "
@@ -226,6 +241,15 @@ def cmd_eval_model(args) -> int:
                            ("open_ratio_median", "opening speech/silence")):
             fmt = _pct if key.startswith("face_found") else _fmt
             print(f"{label:28s}" + "".join(f"{fmt(faces[n].get(key)):>22s}" for n in fn))
+        vis = r.get("face_visible") or {}
+        if vis.get("clips"):
+            seen = vis["systems"]
+            print(f"on the {vis['clips']} of {vis['of']} clips whose ground-truth face the judge finds in >= "
+                  f"{100 * vis['min_ground_truth_found']:.0f} % of frames:")
+            for key, label in (("face_found", "face found"), ("lag", "lip best lag (frames)"),
+                               ("confidence", "lip corr at best lag"), ("open_ratio_median", "opening speech/silence")):
+                fmt = _pct if key.startswith("face_found") else _fmt
+                print(f"{label:28s}" + "".join(f"{fmt((seen.get(n) or {}).get(key)):>22s}" for n in fn))
     else:
         print("face judge: not run (" + face_judge.EXTRA_HINT + ")")
     names = [k for k in ("ground_truth_signal", "ground_truth", "vae_roundtrip", "teacher", "student")
