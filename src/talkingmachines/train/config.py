@@ -304,12 +304,13 @@ class VAESection:
 @dataclass
 class DecoderSection:
     """The optional decoder-only fine-tune of the trained VAE on latents + noise
-    (`vae_train.VAEOptions.latent_noise`); ``steps`` 0 skips it."""
+    (`vae_train.VAEOptions.latent_noise`); ``steps`` 0 skips it. Its defaults are
+    ``configs/tiny-recipe.json``'s, as every section's."""
 
-    steps: int = 0
-    batch_size: int = 4
-    lr: float = 3e-4
-    latent_noise: float = 0.3  # max std of the noise, in normalised latent units
+    steps: int
+    batch_size: int
+    lr: float
+    latent_noise: float  # max std of the noise, in normalised latent units
 
 
 @dataclass
@@ -353,7 +354,7 @@ class RecipeConfig:
     teacher: StageSection
     ode: StageSection
     dmd: StageSection
-    decoder: DecoderSection = field(default_factory=DecoderSection)
+    decoder: DecoderSection
     device: str = "auto"
     budget_minutes: float | None = None
     export_teacher: bool = True
@@ -377,12 +378,12 @@ class RecipeConfig:
         except InputError as e:
             raise InputError(f"recipe section 'common': {e}") from None
         kw = {k: v for k, v in d.items() if k in top}
-        missing = sorted({"preset", "seed", "held_out", "synth", "vae", *cls.STAGES} - set(d))
+        missing = sorted({"preset", "seed", "held_out", "synth", "vae", "decoder", *cls.STAGES} - set(d))
         if missing:
             raise InputError(f"recipe lacks {', '.join(missing)}")
         return cls(**kw, common=common, synth=_section(SynthSection, "synth", d["synth"]),
                    vae=_section(VAESection, "vae", d["vae"]),
-                   decoder=_section(DecoderSection, "decoder", d.get("decoder", {})),
+                   decoder=_section(DecoderSection, "decoder", d["decoder"]),
                    **{s: StageSection.from_dict(s, d[s]) for s in cls.STAGES})
 
     def stage(self, name: str) -> StageSection:
