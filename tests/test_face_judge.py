@@ -68,6 +68,20 @@ def test_lipsync_from_signals_with_missing_faces():
     assert s["lag"] == 2 and s["clips_lag_within_2"] == 1.0 and s["open_ratio_median"] == m["open_ratio"]
 
 
+def test_found_where_the_reference_is():
+    """A generated face is charged only on the frames where the judge finds the reference's
+    face; pooling weighs each clip by those frames."""
+    ref = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    gen = np.array([1, 1, 0, 1, 1, 1, 0, 0], bool)
+    a = face_judge.found_where(gen, ref)
+    assert a == {"reference_found_frames": 4, "found_where_reference_found": 0.75}
+    b = face_judge.found_where(np.ones(3, bool), np.array([0, 0, 1], bool))  # shorter: aligned on the start
+    assert b == {"reference_found_frames": 1, "found_where_reference_found": 1.0}
+    assert face_judge.found_where(gen, np.zeros(8, bool))["reference_found_frames"] == 0
+    s = face_judge.summarize([{"frames": 8, "face_found": 0.625, **a}, {"frames": 3, "face_found": 1.0, **b}])
+    assert s["reference_found_frames"] == 5 and abs(s["found_where_reference_found"] - 0.8) < 1e-12
+
+
 def test_eval_reports_the_judge_first(photo_clip, tmp_path, capsys):
     """`talkingmachines eval` on a ground-truth clip: the judge's figures, then the pixel ones."""
     from talkingmachines.cli import main

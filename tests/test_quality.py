@@ -138,7 +138,13 @@ def test_evaluate_model_smoke_random_weights():
     # the face judge scores every column, pooled and per clip, and the long stream
     assert set(r["face"]) == {"ground_truth", "vae_roundtrip", "student", "teacher"}
     assert set(row["face"]) == set(r["face"]) and "face_found" in r["long_stream"]["face"]
-    assert {"face_found_ge_0.98", "vae_face_corr_ge_0.75", "teacher_face_corr_ge_0.6"} <= set(r["targets"])
+    assert {"face_found_ge_0.98", "face_found_where_gt_ge_0.98", "vae_face_corr_ge_0.75",
+            "teacher_face_corr_ge_0.6"} <= set(r["targets"])
+    # every generated column is paired with the ground truth's face frames
+    n_gt = round(row["face"]["ground_truth"]["face_found"] * row["face"]["ground_truth"]["frames"])
+    for k in ("vae_roundtrip", "student", "teacher"):
+        assert row["face"][k]["reference_found_frames"] == n_gt
+    assert "found_where_reference_found" not in row["face"]["ground_truth"]
     # pooled again over the clips whose ground-truth face the judge sees: here that one clip or none
     fv = r["face_visible"]
     seen = r["face"]["ground_truth"]["face_found"] >= fv["min_ground_truth_found"]

@@ -152,7 +152,19 @@ def face_metrics(frames, audio, judge: FaceJudge | None = None, landmarks: list 
     found, opening = signals(landmarks)
     out = face_metrics_from_signals(found, opening, audio)
     out["opening"] = [None if not math.isfinite(v) else round(float(v), 4) for v in opening]
+    out["found"] = [bool(v) for v in found]
     return out
+
+
+def found_where(found: np.ndarray, reference_found: np.ndarray) -> dict:
+    """How often the judge finds a face in a video on the frames where it finds one in a
+    frame-aligned reference (the ground truth): a generated face is charged only where the
+    judge can see the real one, not for the judge's blind spots on some drawn styles."""
+    T = min(len(found), len(reference_found))
+    ref = np.asarray(reference_found[:T], bool)
+    n = int(ref.sum())
+    return {"reference_found_frames": n,
+            "found_where_reference_found": float(np.asarray(found[:T], bool)[ref].mean()) if n else float("nan")}
 
 
 def summarize(per_clip: list[dict]) -> dict:
@@ -168,6 +180,12 @@ def summarize(per_clip: list[dict]) -> dict:
     for key, nkey in (("face_found_speech", "speech_frames"), ("face_found_silence", "silence_frames")):
         vals = [(m[key], m[nkey]) for m in per_clip if key in m and m.get(nkey) and math.isfinite(m[key])]
         out[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals) if vals else float("nan")
+    paired = [m for m in per_clip if m.get("reference_found_frames")]
+    if paired:  # pooled over the reference's face frames
+        n = sum(m["reference_found_frames"] for m in paired)
+        out["reference_found_frames"] = n
+        out["found_where_reference_found"] = sum(m["found_where_reference_found"] * m["reference_found_frames"]
+                                                 for m in paired) / n
     with_curve = [m for m in per_clip if "corr_by_lag" in m]
     if with_curve:
         from .metrics import pool_lipsync

@@ -50,8 +50,10 @@ def cmd_eval(args) -> int:
         save_frame_grid(args.grid, frames, audio, judge=False, landmarks=landmarks)
     else:
         r = q.evaluate_video(p, audio=args.audio)
-    if not args.keep_signal:
+    if not args.keep_signal:  # the per-frame signals: long, and only for plotting
         r.pop("mouth", None)
+        for k in ("opening", "found"):
+            (r.get("face") or {}).pop(k, None)
     if args.json:
         print(q.to_json(r))
         return 0
@@ -112,6 +114,7 @@ def metrics_markdown(r: dict, command: str) -> str:
 
     # the judge's rows: (label, key, format); the table of the clips it can see leaves out the clip count
     face_rows = [("face found (all frames)", "face_found", lambda v: _pct(v)),
+                 ("face found where the ground truth's is", "found_where_reference_found", lambda v: _pct(v)),
                  ("face found in speech", "face_found_speech", lambda v: _pct(v)),
                  ("face found in silence", "face_found_silence", lambda v: _pct(v)),
                  ("lip opening vs speech: best lag (frames)", "lag", _fmt),
@@ -232,7 +235,8 @@ def cmd_eval_model(args) -> int:
         fn = [k for k in ("ground_truth", "vae_roundtrip", "teacher", "student") if k in faces]
         print("face judge (dlib 68 landmarks: lip opening = inner-lip gap / mouth width)")
         print(f"{'':28s}" + "".join(f"{n:>22s}" for n in fn))
-        for key, label in (("face_found", "face found"), ("face_found_speech", "face found in speech"),
+        for key, label in (("face_found", "face found"), ("found_where_reference_found", "found where GT's is"),
+                           ("face_found_speech", "face found in speech"),
                            ("face_found_silence", "face found in silence"), ("lag", "lip best lag (frames)"),
                            ("confidence", "lip corr at best lag"), ("clips_lag_within_2", "clips with |lag| <= 2"),
                            ("open_ratio_median", "opening speech/silence")):

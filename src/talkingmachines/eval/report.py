@@ -26,6 +26,9 @@ def targets(out: dict) -> dict:
     if faces:  # the face judge's targets (issue 10): the picture, as a landmark model sees it
         ff, lag, conf, ratio = (fig("student", k) for k in ("face_found", "lag", "confidence", "open_ratio_median"))
         t["face_found_ge_0.98"] = None if ff is None else ff >= 0.98
+        # the same bar, charged only on frames where the judge finds the ground truth's face
+        fw = fig("student", "found_where_reference_found")
+        t["face_found_where_gt_ge_0.98"] = None if fw is None else fw >= 0.98
         t["face_lag_within_2"] = None if lag is None else abs(lag) <= 2
         t["face_corr_ge_0.6"] = None if conf is None else conf >= 0.6
         t["face_open_ratio_ge_2"] = None if ratio is None else ratio >= 2.0

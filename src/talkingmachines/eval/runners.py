@@ -129,9 +129,15 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
             from . import face_judge
 
             row["face"] = {}
-            for name, vid in videos.items():
+            gt_found = None
+            for name, vid in videos.items():  # ground truth first: the others are paired with its frames
                 f = face_judge.face_metrics(vid, audio)
                 f.pop("opening")
+                found = np.asarray(f.pop("found"), bool)
+                if name == "ground_truth":
+                    gt_found = found
+                else:
+                    f.update(face_judge.found_where(found, gt_found))
                 faces[name].append(f)
                 face_clip[name].append(len(rows))
                 row["face"][name] = {k: v for k, v in f.items() if k != "corr_by_lag"}
