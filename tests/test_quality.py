@@ -133,7 +133,7 @@ def test_evaluate_model_smoke_random_weights():
     # the round trip of a clip whose length is not 1 + 4k still covers every frame
     odd = q.vae_roundtrip(avatar, clip.frames[:11])
     assert odd.shape == (11, 128, 128, 3) and odd.dtype == np.uint8
-    assert r["long_stream"]["drift"]["seconds"] >= 0.5
+    assert r["long_stream"]["drift"]["seconds"] >= 0.5 and r["long_stream"]["portrait_clip"] == row["name"]
     assert set(r["targets"]) >= {"lag_within_2", "confidence_ge_0.5", "stillness_ge_2", "drift_psnr_ge_24"}
     # the face judge scores every column, pooled and per clip, and the long stream
     assert set(r["face"]) == {"ground_truth", "vae_roundtrip", "student", "teacher"}

@@ -169,7 +169,8 @@ def metrics_markdown(r: dict, command: str) -> str:
                        ", ".join(f"{v:+.1f}" for v in d["rgb_shift"]) + f"; {d['brightness_shift']:+.1f}")]
         if ls.get("face"):
             f = ls["face"]
-            lines.append(srow(f"{ls['seconds']:g} s stream, face judge: found (first / last {d['window_seconds']:g} s); "
+            lines.append(srow(f"{ls['seconds']:g} s stream (portrait from {ls.get('portrait_clip')}), face judge: "
+                              f"found (first / last {d['window_seconds']:g} s); "
                               "lip lag, corr", f"{_pct(f['face_found_first_window'])} / {_pct(f['face_found_last_window'])}; "
                               f"{_fmt(f.get('lag'))}, {_fmt(f.get('confidence'), 2)}"))
     lines += ["", "Targets (`targets` in the report): " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
@@ -269,7 +270,7 @@ def cmd_eval_model(args) -> int:
               f"lag {_fmt(ls['lag'])}, confidence {_fmt(ls['confidence'])}, stillness {_fmt(ls['stillness_ratio'], 2)}")
         if ls.get("face"):
             f = ls["face"]
-            print(f"long stream face judge: found {_pct(f['face_found'])} (first {_pct(f['face_found_first_window'])}, "
+            print(f"long stream face judge (portrait from {ls.get('portrait_clip')}): found {_pct(f['face_found'])} (first {_pct(f['face_found_first_window'])}, "
                   f"last {_pct(f['face_found_last_window'])}), lip lag {_fmt(f.get('lag'))}, "
                   f"corr {_fmt(f.get('confidence'))}, opening speech/silence {_fmt(f.get('open_ratio'), 2)}")
     print("targets: " + ", ".join(f"{k}={v}" for k, v in r["targets"].items()))

@@ -17,6 +17,7 @@ from .report import strip_curves, targets
 __all__ = ["evaluate_model", "generate_video", "vae_roundtrip", "face_judge_available"]
 
 VISIBLE_MIN_FOUND = 0.5  # a clip counts as one the judge can see when it finds its ground-truth face this often
+LONG_PORTRAIT_MIN_FOUND = 0.9  # the long stream's portrait comes from a clip the judge sees this well
 
 
 def vae_roundtrip(avatar, frames: np.ndarray) -> np.ndarray:
@@ -72,7 +73,8 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
     (the clip encoded and decoded by the model's VAE: the ceiling for anything generated
     through that VAE, which can add motion of its own inside each 4-frame group) and "student" /
     "teacher". long_seconds > 0: one stream of that length over the held-out audio looped
-    with silences (portrait: the first clip's) -> drift and its lip-sync / stillness.
+    with silences (portrait: the first clip's; with the judge, the first clip whose ground-truth
+    face it finds in >= 90 % of frames) -> drift and its lip-sync / stillness.
     judge (with the optional face judge installed): every system's video and the long stream
     are also scored by the face-landmark judge (student=False: only ground truth, the VAE round
     trip and the teacher, no long stream) (`eval.face_judge`): out["face"][system] pooled,
@@ -162,16 +164,23 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
                                "systems": {k: face_judge.summarize([f for i, f in zip(face_clip[k], v) if i in seen])
                                            for k, v in faces.items() if v}}
     if long_seconds and long_seconds > 0:
+        # the stream's portrait: the first clip whose ground-truth face the judge sees, so that
+        # "face still found" measures drift rather than the judge's blind spot for a drawn style
+        pi = 0
+        if use_judge:
+            pi = next((i for i, f in zip(face_clip["ground_truth"], faces["ground_truth"])
+                       if f["face_found"] >= LONG_PORTRAIT_MIN_FOUND), 0)
         out["long_stream"] = long_stream(avatar, items, long_seconds, seed, steps, progress, drift_window,
-                                          use_judge)
+                                          use_judge, portrait_index=pi)
     out["targets"] = targets(out)
     return out
 
 
-def long_stream(avatar, items, seconds, seed, steps, progress, window, use_judge: bool = False) -> dict:
+def long_stream(avatar, items, seconds, seed, steps, progress, window, use_judge: bool = False,
+                portrait_index: int = 0) -> dict:
     from tqdm.auto import tqdm
 
-    first = items[0]
+    first = items[portrait_index]
     frames0 = np.asarray(first["frames"])
     portrait = frames0[listening_frame(frames0, first.get("speaking"))]
     # the last window's speech repeats the first window's: first vs last differ by drift only
@@ -210,7 +219,8 @@ def long_stream(avatar, items, seconds, seed, steps, progress, window, use_judge
     bar.close()
     c = np.concatenate(crops)[:T]
     mouth = mouth_signal(c, (y0 - box[0], y1 - box[0], x0 - box[2], x1 - box[2]))
-    res = {"seconds": len(audio) / SAMPLE_RATE, "wall_seconds": wall, "drift": acc.result()}
+    res = {"seconds": len(audio) / SAMPLE_RATE, "wall_seconds": wall, "drift": acc.result(),
+           "portrait_clip": first.get("name")}
     sig = evaluate_signals(mouth, audio)
     res.update({k: sig[k] for k in ("lag", "confidence", "corr_at_0", "stillness_ratio")})
     k = max(1, len(chunk_ms) // 10)
