@@ -241,7 +241,7 @@ def cmd_eval_model(args) -> int:
                            ("face_found_silence", "face found in silence"), ("lag", "lip best lag (frames)"),
                            ("confidence", "lip corr at best lag"), ("clips_lag_within_2", "clips with |lag| <= 2"),
                            ("open_ratio_median", "opening speech/silence")):
-            fmt = _pct if key.startswith("face_found") else _fmt
+            fmt = _pct if key.startswith("face_found") or key.startswith("found_") else _fmt
             print(f"{label:28s}" + "".join(f"{fmt(faces[n].get(key)):>22s}" for n in fn))
         vis = r.get("face_visible") or {}
         if vis.get("clips"):
