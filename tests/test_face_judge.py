@@ -141,3 +141,24 @@ def test_eval_grid_decodes_and_judges_once(photo_clip, tmp_path, monkeypatch, ca
     assert calls == {"read_video": 1, "landmarks": len(frames)}
     assert np.array_equal(np.asarray(Image.open(grid).convert("RGB")), expected)
     assert json.loads(capsys.readouterr().out)["face"]["face_found"] >= 0.9
+
+
+def test_figures_pooled_per_drawing_style():
+    """eval-model's per-style table: each style pools only its own clips, and the card names them."""
+    from talkingmachines.eval.quality_cli import style_lines
+    from talkingmachines.eval.runners import by_style
+
+    items = [{"face": {"style": "flat"}}, {"face": {"style": "photo"}}, {"face": {"style": "flat"}}, {"face": None}]
+    gt = [{"frames": 10, "face_found": f} for f in (1.0, 0.5, 0.0, 1.0)]
+    st = [{"frames": 10, "face_found": f, "reference_found_frames": n, "found_where_reference_found": w}
+          for f, n, w in ((0.9, 10, 0.9), (0.2, 5, 0.4), (0.0, 0, float("nan")), (1.0, 10, 1.0))]
+    faces, face_clip = {"ground_truth": gt, "student": st}, {"ground_truth": [0, 1, 2, 3], "student": [0, 1, 2, 3]}
+    r = by_style(items, faces, face_clip)
+    assert list(r) == ["flat", "photo"] and r["flat"]["clips"] == 2 and r["photo"]["clips"] == 1
+    assert r["flat"]["systems"]["ground_truth"]["face_found"] == 0.5
+    assert r["flat"]["systems"]["student"]["found_where_reference_found"] == 0.9  # the clip with no GT face adds nothing
+    assert r["photo"]["systems"]["student"]["found_where_reference_found"] == 0.4
+    lines = style_lines(r, ["ground_truth", "student"])
+    assert lines[0].startswith("| style | clips |") and len(lines) == 4
+    assert lines[2].startswith("| flat | 2 | 50 % | 90 %")
+    assert by_style([{"face": None}], {"ground_truth": gt[:1]}, {"ground_truth": [0]}) == {}

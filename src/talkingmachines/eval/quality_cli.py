@@ -94,6 +94,37 @@ def _load_teacher(spec: str | None, avatar):
 CARD_BEGIN, CARD_END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
 
 
+# the face judge's rows, (label, key, format), in the card's tables and in eval-model's printout;
+# the table of the clips it can see leaves out the clip count
+FACE_ROWS = [("face found (all frames)", "face_found", _pct),
+             ("face found where the ground truth's is", "found_where_reference_found", _pct),
+             ("face found in speech", "face_found_speech", _pct),
+             ("face found in silence", "face_found_silence", _pct),
+             ("lip opening vs speech: best lag (frames)", "lag", _fmt),
+             ("lip opening vs speech: correlation", "confidence", lambda v: _fmt(v, 2)),
+             ("clips with best lag within 2 frames", "clips_lag_within_2", _pct),
+             ("lip opening speech / silence (median)", "open_ratio_median", lambda v: _fmt(v, 2))]
+
+
+def style_lines(by_style: dict, systems: list[str]) -> list[str]:
+    """The card's per-style table: per drawing style, the judge's ground-truth face-found rate,
+    then per generated column its face-found rate where the ground truth's face is found and
+    its lip correlation."""
+    if not by_style:
+        return []
+    systems = [k for k in systems if k != "ground_truth"]
+    head = ("| style | clips | ground truth: face found | "
+            + " | ".join(f"{k}: found where GT's is, lip corr" for k in systems) + " |")
+    lines = [head, "|---" * (len(systems) + 3) + "|"]
+    for st, d in by_style.items():
+        sy = d["systems"]
+        cells = [f"{_pct((sy.get(k) or {}).get('found_where_reference_found'))}, "
+                 f"{_fmt((sy.get(k) or {}).get('confidence'), 2)}" for k in systems]
+        lines.append(f"| {st} | {d['clips']} | {_pct((sy.get('ground_truth') or {}).get('face_found'))} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def metrics_markdown(r: dict, command: str) -> str:
     """The model card's metrics section from an `eval-model` report."""
     s = r["summary"]
@@ -112,15 +143,7 @@ def metrics_markdown(r: dict, command: str) -> str:
         return f"| {label} | " + " | ".join(fmt((by.get(k) or {}).get(key)) if k in by else "-"
                                             for k, _ in cols) + " |"
 
-    # the judge's rows: (label, key, format); the table of the clips it can see leaves out the clip count
-    face_rows = [("face found (all frames)", "face_found", lambda v: _pct(v)),
-                 ("face found where the ground truth's is", "found_where_reference_found", lambda v: _pct(v)),
-                 ("face found in speech", "face_found_speech", lambda v: _pct(v)),
-                 ("face found in silence", "face_found_silence", lambda v: _pct(v)),
-                 ("lip opening vs speech: best lag (frames)", "lag", _fmt),
-                 ("lip opening vs speech: correlation", "confidence", lambda v: _fmt(v, 2)),
-                 ("clips with best lag within 2 frames", "clips_lag_within_2", pct),
-                 ("lip opening speech / silence (median)", "open_ratio_median", lambda v: _fmt(v, 2))]
+    face_rows = FACE_ROWS
 
     def face_table(title, by, rows):
         return ([f"| {title} | " + " | ".join(label for _, label in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -138,6 +161,10 @@ def metrics_markdown(r: dict, command: str) -> str:
                            "drawn faces outright, the ground truth's too):", ""]
             face_lines += face_table("face judge, clips it can see", vis["systems"],
                                      [rw for rw in face_rows if rw[1] != "clips_lag_within_2"])
+        styles = style_lines(r.get("face_by_style") or {}, [k for k, _ in cols if k in faces])
+        if styles:
+            face_lines += ["", "By drawing style (the synthetic data's four; a lip correlation needs frames where "
+                           "the judge finds the face, n/a otherwise):", ""] + styles
         face_lines += ["", "Pixel metrics (secondary: the mouth box's pixel motion counts blocky artifacts as "
                       "mouth motion, so a broken face can pass them):", ""]
     lines = face_lines + [f"Measured with `{command}`",
@@ -235,23 +262,22 @@ def cmd_eval_model(args) -> int:
     if faces:
         fn = [k for k in ("ground_truth", "vae_roundtrip", "teacher", "student") if k in faces]
         print("face judge (dlib 68 landmarks: lip opening = inner-lip gap / mouth width)")
-        print(f"{'':28s}" + "".join(f"{n:>22s}" for n in fn))
-        for key, label in (("face_found", "face found"), ("found_where_reference_found", "found where GT's is"),
-                           ("face_found_speech", "face found in speech"),
-                           ("face_found_silence", "face found in silence"), ("lag", "lip best lag (frames)"),
-                           ("confidence", "lip corr at best lag"), ("clips_lag_within_2", "clips with |lag| <= 2"),
-                           ("open_ratio_median", "opening speech/silence")):
-            fmt = _pct if key.startswith("face_found") or key.startswith("found_") else _fmt
-            print(f"{label:28s}" + "".join(f"{fmt(faces[n].get(key)):>22s}" for n in fn))
+        print(f"{'':42s}" + "".join(f"{n:>16s}" for n in fn))
+        for label, key, fmt in FACE_ROWS:
+            print(f"{label[:40]:42s}" + "".join(f"{fmt(faces[n].get(key)):>16s}" for n in fn))
         vis = r.get("face_visible") or {}
         if vis.get("clips"):
             seen = vis["systems"]
             print(f"on the {vis['clips']} of {vis['of']} clips whose ground-truth face the judge finds in >= "
                   f"{100 * vis['min_ground_truth_found']:.0f} % of frames:")
-            for key, label in (("face_found", "face found"), ("lag", "lip best lag (frames)"),
-                               ("confidence", "lip corr at best lag"), ("open_ratio_median", "opening speech/silence")):
-                fmt = _pct if key.startswith("face_found") else _fmt
-                print(f"{label:28s}" + "".join(f"{fmt((seen.get(n) or {}).get(key)):>22s}" for n in fn))
+            for label, key, fmt in FACE_ROWS:
+                if key != "clips_lag_within_2":
+                    print(f"{label[:40]:42s}" + "".join(f"{fmt((seen.get(n) or {}).get(key)):>16s}" for n in fn))
+        for st, d in (r.get("face_by_style") or {}).items():
+            sy = d["systems"]
+            print(f"style {st} ({d['clips']} clips): GT found {_pct((sy.get('ground_truth') or {}).get('face_found'))}; "
+                  + "; ".join(f"{n} found where GT's is {_pct((sy.get(n) or {}).get('found_where_reference_found'))}, "
+                              f"corr {_fmt((sy.get(n) or {}).get('confidence'), 2)}" for n in fn if n != "ground_truth"))
     else:
         print("face judge: not run (" + face_judge.EXTRA_HINT + ")")
     names = [k for k in ("ground_truth_signal", "ground_truth", "vae_roundtrip", "teacher", "student")

@@ -163,6 +163,7 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
         out["face_visible"] = {"min_ground_truth_found": VISIBLE_MIN_FOUND, "clips": len(seen), "of": len(gt),
                                "systems": {k: face_judge.summarize([f for i, f in zip(face_clip[k], v) if i in seen])
                                            for k, v in faces.items() if v}}
+        out["face_by_style"] = by_style(items, faces, face_clip)
     if long_seconds and long_seconds > 0:
         # the stream's portrait: the first clip whose ground-truth face the judge sees, so that
         # "face still found" measures drift rather than the judge's blind spot for a drawn style
@@ -173,6 +174,22 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
         out["long_stream"] = long_stream(avatar, items, long_seconds, seed, steps, progress, drift_window,
                                           use_judge, portrait_index=pi)
     out["targets"] = targets(out)
+    return out
+
+
+def by_style(items: list[dict], faces: dict[str, list], face_clip: dict[str, list]) -> dict:
+    """The judge's figures pooled per drawing style of the synthetic clips (``face["style"]``):
+    the issue asks for every style the judge can find, and one pooled figure hides a style the
+    models fail on. {style: {"clips": n, "systems": {system: summarize(...)}}}; {} without styles."""
+    from . import face_judge
+
+    style = [((c.get("face") or {}).get("style")) for c in items]
+    out = {}
+    for st in sorted({s for s in style if s}):
+        idx = {i for i, s in enumerate(style) if s == st}
+        out[st] = {"clips": len(idx),
+                   "systems": {k: face_judge.summarize([f for i, f in zip(face_clip[k], v) if i in idx])
+                               for k, v in faces.items() if v}}
     return out
 
 
