@@ -151,8 +151,15 @@ def test_evaluate_model_smoke_random_weights():
     assert fv["of"] == 1 and fv["clips"] == int(seen)
     if seen:
         assert fv["systems"]["student"]["face_found"] == r["face"]["student"]["face_found"]
+        # the bars again on those clips, beside the all-clip ones
+        assert r["targets"]["visible_face_found_where_gt_ge_0.98"] == r["targets"]["face_found_where_gt_ge_0.98"]
     else:
         assert all(not v for v in fv["systems"].values())
+        assert not any(k.startswith("visible_") for k in r["targets"])
+    # and per drawing style: the one clip's style
+    style = clip.params["face"]["style"]
+    assert list(r["face_by_style"]) == [style]
+    assert q.to_json(r["face_by_style"][style]["systems"]["student"]) == q.to_json(r["face"]["student"])
     line = q.to_json(r)
     assert "\n" not in line and "NaN" not in line and "Infinity" not in line
     json.loads(line)

@@ -200,8 +200,9 @@ def metrics_markdown(r: dict, command: str) -> str:
                               f"found (first / last {d['window_seconds']:g} s); "
                               "lip lag, corr", f"{_pct(f['face_found_first_window'])} / {_pct(f['face_found_last_window'])}; "
                               f"{_fmt(f.get('lag'))}, {_fmt(f.get('confidence'), 2)}"))
-    lines += ["", "Targets (`targets` in the report): " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
-                                                                  for k, v in r["targets"].items()) + "."]
+    verdict = {True: "met", False: "NOT met", None: "not measured"}
+    lines += ["", "Targets (`targets` in the report; `visible_`: on the clips the judge can see): "
+              + ", ".join(f"{k} {verdict[v]}" for k, v in r["targets"].items()) + "."]
     return "\n".join(lines)
 
 
