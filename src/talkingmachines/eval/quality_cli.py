@@ -106,6 +106,9 @@ FACE_ROWS = [("face found (all frames)", "face_found", _pct),
              ("lip opening speech / silence (median)", "open_ratio_median", lambda v: _fmt(v, 2))]
 
 
+STYLE_LABELS = {"vae_roundtrip": "VAE round trip"}
+
+
 def style_lines(by_style: dict, systems: list[str]) -> list[str]:
     """The card's per-style table: per drawing style, the judge's ground-truth face-found rate,
     then per generated column its face-found rate where the ground truth's face is found and
@@ -114,7 +117,7 @@ def style_lines(by_style: dict, systems: list[str]) -> list[str]:
         return []
     systems = [k for k in systems if k != "ground_truth"]
     head = ("| style | clips | ground truth: face found | "
-            + " | ".join(f"{k}: found where GT's is, lip corr" for k in systems) + " |")
+            + " | ".join(f"{STYLE_LABELS.get(k, k)}: found where GT's is, lip corr" for k in systems) + " |")
     lines = [head, "|---" * (len(systems) + 3) + "|"]
     for st, d in by_style.items():
         sy = d["systems"]
