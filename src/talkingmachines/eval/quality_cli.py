@@ -120,12 +120,18 @@ def style_lines(by_style: dict, systems: list[str]) -> list[str]:
             + " | ".join(f"{STYLE_LABELS.get(k, k)}: found where GT's is, lip corr" for k in systems) + " |")
     lines = [head, "|---" * (len(systems) + 3) + "|"]
     for st, d in by_style.items():
-        sy = d["systems"]
-        cells = [f"{_pct((sy.get(k) or {}).get('found_where_reference_found'))}, "
-                 f"{_fmt((sy.get(k) or {}).get('confidence'), 2)}" for k in systems]
-        lines.append(f"| {st} | {d['clips']} | {_pct((sy.get('ground_truth') or {}).get('face_found'))} | "
-                     + " | ".join(cells) + " |")
+        gt_found, cells = _style_figures(d, systems)
+        lines.append(f"| {st} | {d['clips']} | {gt_found} | " + " | ".join(f"{fw}, {c}" for fw, c in cells) + " |")
     return lines
+
+
+def _style_figures(d: dict, systems: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    """One style's formatted figures: the ground truth's face-found rate, and per system its
+    (found where the ground truth's is, lip correlation)."""
+    sy = d["systems"]
+    fig = lambda k, key: (sy.get(k) or {}).get(key)  # noqa: E731
+    return (_pct(fig("ground_truth", "face_found")),
+            [(_pct(fig(k, "found_where_reference_found")), _fmt(fig(k, "confidence"), 2)) for k in systems])
 
 
 def metrics_markdown(r: dict, command: str) -> str:
@@ -139,14 +145,11 @@ def metrics_markdown(r: dict, command: str) -> str:
     def row(label, key, fmt):
         return f"| {label} | " + " | ".join(fmt(s[k].get(key)) for k, _ in cols) + " |"
 
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"  # noqa: E731
     faces = r.get("face") or {}
 
     def frow(label, key, fmt, by):
         return f"| {label} | " + " | ".join(fmt((by.get(k) or {}).get(key)) if k in by else "-"
                                             for k, _ in cols) + " |"
-
-    face_rows = FACE_ROWS
 
     def face_table(title, by, rows):
         return ([f"| {title} | " + " | ".join(label for _, label in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -156,14 +159,14 @@ def metrics_markdown(r: dict, command: str) -> str:
     if faces:
         face_lines = ["Face judge (dlib's HOG detector and 68-point landmarks, `talkingmachines[eval]`; "
                       "lip opening = inner-lip gap / mouth width), the primary figures:", ""]
-        face_lines += face_table("face judge", faces, face_rows)
+        face_lines += face_table("face judge", faces, FACE_ROWS)
         vis = r.get("face_visible") or {}
         if vis.get("clips"):
             face_lines += ["", f"The same, on the {vis['clips']} of {vis['of']} clips whose ground-truth face the judge "
                            f"finds in at least {100 * vis['min_ground_truth_found']:.0f} % of the frames (it misses some "
                            "drawn faces outright, the ground truth's too):", ""]
             face_lines += face_table("face judge, clips it can see", vis["systems"],
-                                     [rw for rw in face_rows if rw[1] != "clips_lag_within_2"])
+                                     [rw for rw in FACE_ROWS if rw[1] != "clips_lag_within_2"])
         styles = style_lines(r.get("face_by_style") or {}, [k for k, _ in cols if k in faces])
         if styles:
             face_lines += ["", "By drawing style (the synthetic data's four; a lip correlation needs frames where "
@@ -178,7 +181,7 @@ def metrics_markdown(r: dict, command: str) -> str:
              "|---" * (len(cols) + 1) + "|",
              row("lip-sync best lag (frames)", "lag", _fmt),
              row("mouth-energy correlation at that lag", "confidence", lambda v: _fmt(v, 2)),
-             row("clips with best lag within 2 frames", "clips_lag_within_2", pct),
+             row("clips with best lag within 2 frames", "clips_lag_within_2", _pct),
              row("mouth motion speech / silence (median)", "stillness_ratio_median",
                  lambda v: "(capped)" if v is not None and v >= 1000 else _fmt(v, 1))]
     ls = r.get("long_stream")
@@ -277,11 +280,11 @@ def cmd_eval_model(args) -> int:
             for label, key, fmt in FACE_ROWS:
                 if key != "clips_lag_within_2":
                     print(f"{label[:40]:42s}" + "".join(f"{fmt((seen.get(n) or {}).get(key)):>16s}" for n in fn))
+        gen = [n for n in fn if n != "ground_truth"]
         for st, d in (r.get("face_by_style") or {}).items():
-            sy = d["systems"]
-            print(f"style {st} ({d['clips']} clips): GT found {_pct((sy.get('ground_truth') or {}).get('face_found'))}; "
-                  + "; ".join(f"{n} found where GT's is {_pct((sy.get(n) or {}).get('found_where_reference_found'))}, "
-                              f"corr {_fmt((sy.get(n) or {}).get('confidence'), 2)}" for n in fn if n != "ground_truth"))
+            gt_found, cells = _style_figures(d, gen)
+            print(f"style {st} ({d['clips']} clips): GT found {gt_found}; "
+                  + "; ".join(f"{n} found where GT's is {fw}, corr {c}" for n, (fw, c) in zip(gen, cells)))
     else:
         print("face judge: not run (" + face_judge.EXTRA_HINT + ")")
     names = [k for k in ("ground_truth_signal", "ground_truth", "vae_roundtrip", "teacher", "student")

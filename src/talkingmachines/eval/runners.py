@@ -161,8 +161,7 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
         gt = dict(zip(face_clip["ground_truth"], faces["ground_truth"]))
         seen = {i for i, f in gt.items() if f["face_found"] >= VISIBLE_MIN_FOUND}
         out["face_visible"] = {"min_ground_truth_found": VISIBLE_MIN_FOUND, "clips": len(seen), "of": len(gt),
-                               "systems": {k: face_judge.summarize([f for i, f in zip(face_clip[k], v) if i in seen])
-                                           for k, v in faces.items() if v}}
+                               "systems": pool_clips(faces, face_clip, seen)}
         out["face_by_style"] = by_style(items, faces, face_clip)
     if long_seconds and long_seconds > 0:
         # the stream's portrait: the first clip whose ground-truth face the judge sees, so that
@@ -181,16 +180,19 @@ def by_style(items: list[dict], faces: dict[str, list], face_clip: dict[str, lis
     """The judge's figures pooled per drawing style of the synthetic clips (``face["style"]``):
     the issue asks for every style the judge can find, and one pooled figure hides a style the
     models fail on. {style: {"clips": n, "systems": {system: summarize(...)}}}; {} without styles."""
-    from . import face_judge
-
     style = [((c.get("face") or {}).get("style")) for c in items]
     out = {}
     for st in sorted({s for s in style if s}):
         idx = {i for i, s in enumerate(style) if s == st}
-        out[st] = {"clips": len(idx),
-                   "systems": {k: face_judge.summarize([f for i, f in zip(face_clip[k], v) if i in idx])
-                               for k, v in faces.items() if v}}
+        out[st] = {"clips": len(idx), "systems": pool_clips(faces, face_clip, idx)}
     return out
+
+
+def pool_clips(faces: dict[str, list], face_clip: dict[str, list], clips: set[int]) -> dict:
+    """Every system's judge figures pooled (`face_judge.summarize`) over the clips (by index) in ``clips``."""
+    from . import face_judge
+
+    return {k: face_judge.summarize([f for i, f in zip(face_clip[k], v) if i in clips]) for k, v in faces.items() if v}
 
 
 def long_stream(avatar, items, seconds, seed, steps, progress, window, use_judge: bool = False,
