@@ -83,7 +83,7 @@ def cmd_synth(args) -> int:
     from .synth import preview, synth_dataset
 
     if args.preview:
-        print(preview(args.preview, n=16, seed=args.seed, size=args.size))
+        print(preview(args.preview, n=16, seed=args.seed, size=args.size, version=args.data_version))
         return 0
     if not args.out:
         raise InputError("--out is required (or --preview PNG)")
@@ -137,7 +137,8 @@ def register(sub) -> None:
             s.add_argument("--no-video", action="store_true", help="npz only (no mp4)")
             s.add_argument("--data-version", type=int, default=1, choices=synth.DATA_VERSIONS,
                            help="1: the original clips; 2: close-up faces whose head and brows ignore the speech; "
-                                "3: as 2 with a wider opening and less head motion")
+                                "3: as 2 with a wider opening and less head motion; 4: as 3 drawn with a real face's "
+                                "light-dark layout in every style (what a face detector keys on)")
             s.add_argument("--preview", metavar="PNG", default=None,
                            help="only write a contact sheet of 16 random faces (--seed, --size)")
             s.set_defaults(fn=cmd_synth)

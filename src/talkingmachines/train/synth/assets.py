@@ -17,15 +17,16 @@ from .speech import _trim, espeak_tts
 
 
 def preview(path: str | Path, n: int = 16, seed: int = 0, size: int = 128, cols: int | None = None,
-            styles: tuple[str, ...] | None = None) -> Path:
-    """Contact sheet PNG of `n` random faces in random states (mouths open in about half)."""
+            styles: tuple[str, ...] | None = None, version: int = 1) -> Path:
+    """Contact sheet PNG of `n` random faces in random states (mouths open in about half), framed
+    as data `version` frames them."""
     rng = np.random.default_rng(seed)
     cols = cols or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
     sheet = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
     for k in range(n):
         st = None if styles is None else styles[k % len(styles)]
-        p = FaceParams.sample(int(rng.integers(2**31)), style=st)
+        p = framed(FaceParams.sample(int(rng.integers(2**31)), style=st), version)
         s = FaceState(mouth_open=float(rng.choice([0.0, rng.uniform(0.3, 1.0)])), mouth_round=float(rng.random()),
                       blink=float(rng.choice([0.0, 0.0, 0.0, 1.0])), dx=float(rng.uniform(-0.02, 0.02)),
                       tilt=float(rng.uniform(-3, 3)), gaze_x=float(rng.uniform(-1, 1)))

@@ -103,6 +103,11 @@ class FaceParams:
     light: float = 0.0  # light direction (radians)
     noise: float = 0.0  # photo texture amplitude (0..255 units)
     outline_w: float = 0.012  # outline width, fraction of image side
+    # data version 4's facial structure (0 / False: as versions 1-3 draw it)
+    contour: float = 0.0  # strength of the soft shadows of eye sockets, nose and lower lip
+    lid_line: bool = False  # an upper lid line in every style (1-3: not in flat)
+    closed_line: float = 1.0  # the closed mouth's line: width and darkness scale
+    mouth_outline: bool = True  # outline style: a dark ring round the lips too
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,9 +223,9 @@ class FaceState:
 
 
 
-DATA_VERSIONS = (1, 2, 3)
+DATA_VERSIONS = (1, 2, 3, 4)
 # per close-up version: max opening x v1's (head-motion amplitude: `clip._HEAD_AMP`)
-_OPEN_SCALE = {2: 1.3, 3: 1.55}
+_OPEN_SCALE = {2: 1.3, 3: 1.55, 4: 1.55}
 
 
 def check_data_version(version: int) -> None:
@@ -234,9 +239,19 @@ def framed(params: FaceParams, version: int) -> FaceParams:
     FaceTime close-up: the face 1.3x larger, centred a little lower, and the mouth opening up
     to 1.3x wider, so the mouth covers more of the 8x8-pixel VAE cells and the DiT's 16x16
     tokens (at 128 px a v1 mouth is about 2 tokens wide and opens by less than one). 3: as 2
-    with the mouth opening up to 1.55x v1's (and a third of v2's head motion, `head_motion`)."""
+    with the mouth opening up to 1.55x v1's (and a third of v2's head motion, `head_motion`).
+    4: as 3, drawn with the light-dark layout of a real face in every style (soft shadows of eye
+    sockets, nose, lower lip and rim; a lid line on flat faces too; a darker closed-mouth line),
+    without blush or dotted/striped backgrounds, and with no dark ring round the lips of outline
+    faces: in v3 dlib's detector missed the closed-mouth face of most flat and of a third of the
+    other renders, and on outline faces it read the ring as the lip gap (a closed mouth measured
+    as open as a half-open one)."""
     if version == 1:
         return params
     check_data_version(version)
-    return dataclasses.replace(params, face_w=params.face_w * 1.3, cy=params.cy + 0.06,
-                               max_open=params.max_open * _OPEN_SCALE[version])
+    p = dataclasses.replace(params, face_w=params.face_w * 1.3, cy=params.cy + 0.06,
+                            max_open=params.max_open * _OPEN_SCALE[version])
+    if version >= 4:
+        p = dataclasses.replace(p, contour=1.0, lid_line=True, closed_line=2.0, blush=False, mouth_outline=False,
+                                bg_kind="gradient" if p.bg_kind in ("dots", "stripes") else p.bg_kind)
+    return p

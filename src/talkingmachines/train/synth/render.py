@@ -232,6 +232,8 @@ class FaceRenderer:
                         x1 = cx + sgn * fw * 0.82
                         d.polygon([(x0, hl - fh * 0.2), (x1, hl), (x1 + sgn * fw * 0.05, cy + fh * 0.3), (x0, cy + fh * 0.5)],
                                   fill=hair)
+        if p.contour > 0:
+            img = self._contour(img)
         # shading, texture (baked into the layer so it moves with the head)
         if p.style in ("shaded", "photo"):
             arr = np.asarray(img).astype(np.float32)
@@ -267,6 +269,37 @@ class FaceRenderer:
                 base.alpha_composite(img)
                 img = base
         return img
+
+    def _contour(self, img: Image.Image) -> Image.Image:
+        """Version 4: soft shadows where a real face has them (eye sockets, beside and under the
+        nose, under the lower lip), so every style carries the light-dark layout that face
+        detectors key on; a closed mouth alone left most flat faces unrecognised."""
+        p, S = self.p, self.S
+        cx, cy, fw, fh = self.cx, self.cy, self.fw, self.fh
+        sh = Image.new("L", (S, S), 0)
+        d = ImageDraw.Draw(sh)
+        ew = fw * p.eye_size
+        eh = ew * p.eye_aspect
+        ey = cy - fh * p.eye_y
+        for sgn in (-1, 1):  # eye sockets: from the brow down to the eye's middle
+            ex = cx + sgn * fw * p.eye_spacing
+            d.ellipse([ex - ew * 1.45, ey - eh * 2.1, ex + ew * 1.45, ey + eh * 0.6], fill=150)
+        ny = cy + fh * 0.2
+        d.ellipse([cx - fw * 0.16, ny - fh * 0.02, cx + fw * 0.16, ny + fh * 0.1], fill=170)  # under the nose
+        d.rectangle([cx + fw * 0.05, cy - fh * 0.05, cx + fw * 0.11, ny], fill=90)  # nose side
+        my = cy + fh * p.mouth_y
+        lt = max(fw * p.mouth_w * p.lip_thick, S * 0.008)
+        mw = fw * p.mouth_w
+        d.ellipse([cx - mw * 0.7, my + lt * 1.2, cx + mw * 0.7, my + lt * 1.2 + fh * 0.09], fill=130)  # under the lip
+        sh = sh.filter(ImageFilter.GaussianBlur(fw * 0.06))
+        arr = np.asarray(img).astype(np.float32)
+        face = Image.new("L", (S, S), 0)
+        ImageDraw.Draw(face).polygon(self._face_polygon(), fill=255)
+        fm = np.asarray(face, np.float32) / 255.0
+        rim = 1.0 - _blur_np(fm, fw * 0.15)  # the face's rim turns away from the light
+        k = (np.asarray(sh, np.float32) / 255.0 * 0.45 + rim * 0.35) * fm * p.contour
+        arr[..., :3] *= 1.0 - k[..., None]
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGBA")
 
     # ---- per frame -----------------------------------------------------------------
     def _draw_features(self, d: ImageDraw.ImageDraw, st: FaceState, ox: float, oy: float) -> None:
@@ -305,7 +338,7 @@ class FaceRenderer:
                 if iy - r * 0.35 - hr > top:
                     hx, hy = ix + r * 0.3, iy - r * 0.35
                     d.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=(255, 255, 255))
-            if p.style != "flat":  # upper lid line
+            if p.style != "flat" or p.lid_line:  # upper lid line
                 lw = max(1, int(S * 0.008))
                 d.line(_ellipse_pts(ex, ey, ew, open_h, math.radians(195), math.radians(345), 10),
                        fill=_scale(p.skin, 0.4), width=lw, joint="curve")
@@ -321,6 +354,7 @@ class FaceRenderer:
             d.line([inner, mid, outer], fill=p.brow_color, width=max(1, int(bt)), joint="curve")
         # --- mouth
         mo = min(max(st.mouth_open, 0.0), 1.0)
+        mow = ow if p.mouth_outline else 0
         mr = min(max(st.mouth_round, 0.0), 1.0)
         mx, my = cx, cy + fh * p.mouth_y
         hw = fw * p.mouth_w * (1.0 - 0.38 * mr)  # round 'o' is narrower
@@ -331,14 +365,14 @@ class FaceRenderer:
         smile = p.smile * fh * 0.08 * (1.0 - mo)
         if opening < S * 0.01:  # closed: lips and a line between them
             d.ellipse([mx - hw, my - lt, mx + hw, my + lt * 1.1], fill=p.lip,
-                      outline=olc if ow else None, width=ow)
-            lw = max(1, int(S * 0.009))
+                      outline=olc if mow else None, width=mow)
+            lw = max(1, int(S * 0.009 * p.closed_line))
             d.line([(mx - hw * 0.98, my - smile), (mx - hw * 0.4, my + smile * 0.3), (mx, my + smile * 0.4),
                     (mx + hw * 0.4, my + smile * 0.3), (mx + hw * 0.98, my - smile)],
-                   fill=_mix(p.mouth_inner, p.lip, 0.3), width=lw, joint="curve")
+                   fill=_mix(p.mouth_inner, p.lip, 0.3 / p.closed_line), width=lw, joint="curve")
             return self._glasses(d, cx, cy, ey, ew, eh)
         box = [mx - hw, my - up - lt, mx + hw, my + dn + lt * 1.1]
-        d.ellipse(box, fill=p.lip, outline=olc if ow else None, width=ow)
+        d.ellipse(box, fill=p.lip, outline=olc if mow else None, width=mow)
         iw = hw * (0.82 - 0.1 * mr)
         inner = [mx - iw, my - up, mx + iw, my + dn]
         d.ellipse(inner, fill=p.mouth_inner)
