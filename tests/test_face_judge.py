@@ -162,3 +162,21 @@ def test_figures_pooled_per_drawing_style():
     assert lines[0].startswith("| style | clips |") and len(lines) == 4
     assert lines[2].startswith("| flat | 2 | 50 % | 90 %")
     assert by_style([{"face": None}], {"ground_truth": gt[:1]}, {"ground_truth": [0]}) == {}
+
+
+def test_figures_pooled_per_skin_band():
+    """eval-model's per-skin table: bands by the skin colour's luminance, in dark-to-light order."""
+    from talkingmachines.eval.quality_cli import style_lines
+    from talkingmachines.eval.runners import by_skin, skin_band
+
+    assert skin_band({"skin": (94, 60, 42)}) == "dark" and skin_band({"skin": (198, 134, 96)}) == "medium"
+    assert skin_band({"skin": (255, 224, 196)}) == "light" and skin_band({}) is None
+    items = [{"face": {"skin": (250, 210, 180)}}, {"face": {"skin": (94, 60, 42)}}, {"face": {"skin": (125, 80, 54)}}]
+    gt = [{"frames": 10, "face_found": 1.0}] * 3
+    st = [{"frames": 10, "face_found": f, "reference_found_frames": 10, "found_where_reference_found": f}
+          for f in (1.0, 0.2, 0.4)]
+    r = by_skin(items, {"ground_truth": gt, "student": st}, {"ground_truth": [0, 1, 2], "student": [0, 1, 2]})
+    assert list(r) == ["dark", "light"] and r["dark"]["clips"] == 2
+    assert r["dark"]["systems"]["student"]["found_where_reference_found"] == pytest.approx(0.3)
+    lines = style_lines(r, ["ground_truth", "student"], "skin")
+    assert lines[0].startswith("| skin | clips |") and lines[2].startswith("| dark | 2 | 100 % | 30 %")

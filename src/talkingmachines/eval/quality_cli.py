@@ -109,14 +109,14 @@ FACE_ROWS = [("face found (all frames)", "face_found", _pct),
 STYLE_LABELS = {"vae_roundtrip": "VAE round trip"}
 
 
-def style_lines(by_style: dict, systems: list[str]) -> list[str]:
-    """The card's per-style table: per drawing style, the judge's ground-truth face-found rate,
-    then per generated column its face-found rate where the ground truth's face is found and
-    its lip correlation."""
+def style_lines(by_style: dict, systems: list[str], column: str = "style") -> list[str]:
+    """The card's per-group table (drawing style, skin band): per group, the judge's
+    ground-truth face-found rate, then per generated column its face-found rate where the
+    ground truth's face is found and its lip correlation."""
     if not by_style:
         return []
     systems = [k for k in systems if k != "ground_truth"]
-    head = ("| style | clips | ground truth: face found | "
+    head = (f"| {column} | clips | ground truth: face found | "
             + " | ".join(f"{STYLE_LABELS.get(k, k)}: found where GT's is, lip corr" for k in systems) + " |")
     lines = [head, "|---" * (len(systems) + 3) + "|"]
     for st, d in by_style.items():
@@ -171,6 +171,10 @@ def metrics_markdown(r: dict, command: str) -> str:
         if styles:
             face_lines += ["", "By drawing style (the synthetic data's four; a lip correlation needs frames where "
                            "the judge finds the face, n/a otherwise):", ""] + styles
+        skins = style_lines(r.get("face_by_skin") or {}, [k for k, _ in cols if k in faces], "skin")
+        if skins:
+            face_lines += ["", "By skin colour luminance (Rec. 601, 0-1: dark < 0.40 <= medium < 0.65 <= light):",
+                           ""] + skins
         face_lines += ["", "Pixel metrics (secondary: the mouth box's pixel motion counts blocky artifacts as "
                       "mouth motion, so a broken face can pass them):", ""]
     lines = face_lines + [f"Measured with `{command}`",
@@ -281,9 +285,11 @@ def cmd_eval_model(args) -> int:
                 if key != "clips_lag_within_2":
                     print(f"{label[:40]:42s}" + "".join(f"{fmt((seen.get(n) or {}).get(key)):>16s}" for n in fn))
         gen = [n for n in fn if n != "ground_truth"]
-        for st, d in (r.get("face_by_style") or {}).items():
+        groups = [("style", st, d) for st, d in (r.get("face_by_style") or {}).items()]
+        groups += [("skin", sk, d) for sk, d in (r.get("face_by_skin") or {}).items()]
+        for kind, name, d in groups:
             gt_found, cells = _style_figures(d, gen)
-            print(f"style {st} ({d['clips']} clips): GT found {gt_found}; "
+            print(f"{kind} {name} ({d['clips']} clips): GT found {gt_found}; "
                   + "; ".join(f"{n} found where GT's is {fw}, corr {c}" for n, (fw, c) in zip(gen, cells)))
     else:
         print("face judge: not run (" + face_judge.EXTRA_HINT + ")")

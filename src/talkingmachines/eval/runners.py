@@ -163,6 +163,7 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
         out["face_visible"] = {"min_ground_truth_found": VISIBLE_MIN_FOUND, "clips": len(seen), "of": len(gt),
                                "systems": pool_clips(faces, face_clip, seen)}
         out["face_by_style"] = by_style(items, faces, face_clip)
+        out["face_by_skin"] = by_skin(items, faces, face_clip)
     if long_seconds and long_seconds > 0:
         # the stream's portrait: the first clip whose ground-truth face the judge sees, so that
         # "face still found" measures drift rather than the judge's blind spot for a drawn style
@@ -176,16 +177,41 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
     return out
 
 
-def by_style(items: list[dict], faces: dict[str, list], face_clip: dict[str, list]) -> dict:
-    """The judge's figures pooled per drawing style of the synthetic clips (``face["style"]``):
-    the issue asks for every style the judge can find, and one pooled figure hides a style the
-    models fail on. {style: {"clips": n, "systems": {system: summarize(...)}}}; {} without styles."""
-    style = [((c.get("face") or {}).get("style")) for c in items]
+def by_group(items: list[dict], faces: dict[str, list], face_clip: dict[str, list], group, order=None) -> dict:
+    """The judge's figures pooled per group of clips, ``group(face params) -> name or None``:
+    {name: {"clips": n, "systems": {system: summarize(...)}}} in ``order`` (default: sorted); {}
+    when no clip has a group."""
+    names = [group(c.get("face") or {}) for c in items]
     out = {}
-    for st in sorted({s for s in style if s}):
-        idx = {i for i, s in enumerate(style) if s == st}
-        out[st] = {"clips": len(idx), "systems": pool_clips(faces, face_clip, idx)}
+    for g in order or sorted({n for n in names if n}):
+        idx = {i for i, n in enumerate(names) if n == g}
+        if idx:
+            out[g] = {"clips": len(idx), "systems": pool_clips(faces, face_clip, idx)}
     return out
+
+
+def by_style(items: list[dict], faces: dict[str, list], face_clip: dict[str, list]) -> dict:
+    """Per drawing style of the synthetic clips (``face["style"]``): the issue asks for every
+    style the judge can find, and one pooled figure hides a style the models fail on."""
+    return by_group(items, faces, face_clip, lambda f: f.get("style"))
+
+
+SKIN_BANDS = (("dark", 0.40), ("medium", 0.65), ("light", float("inf")))  # skin colour luminance, upper bounds
+
+
+def skin_band(face: dict) -> str | None:
+    """The band of a synthetic face's skin colour luminance (Rec. 601, 0..1), None without one."""
+    rgb = face.get("skin")
+    if not rgb:
+        return None
+    lum = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]) / 255.0
+    return next(name for name, top in SKIN_BANDS if lum < top)
+
+
+def by_skin(items: list[dict], faces: dict[str, list], face_clip: dict[str, list]) -> dict:
+    """Per skin luminance band (`SKIN_BANDS`): the models lose dark faces more often than light
+    ones, and a product must not."""
+    return by_group(items, faces, face_clip, skin_band, order=[n for n, _ in SKIN_BANDS])
 
 
 def pool_clips(faces: dict[str, list], face_clip: dict[str, list], clips: set[int]) -> dict:
