@@ -267,3 +267,25 @@ def test_mouth_box_covers_the_synthetic_mouth():
         assert 8 * y0 <= py0 and py1 <= 8 * y1 and 8 * x0 <= px0 and px1 <= 8 * x1
         assert (y1 - y0) * (x1 - x0) <= 0.3 * 16 * 16  # a box around the mouth, not the face
     assert mouth_box(None, 128, 128, 8) is None
+
+
+def test_dark_skinned_clips_repeat_each_epoch(tmp_path):
+    """``dark_skin_repeat``: clips whose synthetic face has a dark skin colour (eval's "dark"
+    band) come k times per epoch, each copy with its own crops; the others once."""
+    make_clips(tmp_path / "data", n=3)
+    make_vae(tmp_path / "vae")
+    for i, skin in ((0, (94, 60, 42)), (1, (250, 210, 180))):  # clip 2 has no face metadata
+        f = tmp_path / "data" / f"clip_{i:05d}.npz"
+        with np.load(f) as z:
+            arrays = dict(z)
+        np.savez(f, **arrays, meta=np.array(json.dumps({"face": {"skin": list(skin)}})))
+    tr = TeacherTrainer(micro_config(tmp_path, "teacher", "t", dark_skin_repeat=3))
+    tr.setup()
+    clips = [e["clip"] for e in tr.data.entries]
+    assert sorted(clips) == [0, 0, 0, 1, 2] and len(tr.data) == 5
+    starts = {tr.data.get(i, 0)["start"] for i, c in enumerate(clips) if c == 0}
+    z = [tr.data.get(i, 0)["z"] for i, c in enumerate(clips) if c == 0]
+    assert len(starts) > 1 or any(not torch.equal(z[0], x) for x in z[1:])  # the copies are not one crop
+    plain = TeacherTrainer(micro_config(tmp_path, "teacher", "p"))
+    plain.setup()
+    assert sorted(e["clip"] for e in plain.data.entries) == [0, 1, 2]

@@ -109,12 +109,16 @@ def mouth_box(face: dict | None, height: int, width: int, spatial: int) -> list[
     return [max(0, y0 // spatial), min(h, -(-y1 // spatial)), max(0, x0 // spatial), min(w, -(-x1 // spatial))]
 
 
-def _clip_mouth_box(npz: Path, size: int, spatial: int) -> list[int] | None:
+def clip_face(npz: Path) -> dict | None:
+    """A synthetic clip's face parameters (its metadata's ``face``), None for other clips."""
     with np.load(npz) as z:  # an npz member is read only when asked for: just the metadata
         if "meta" not in z.files:
             return None
-        meta = json.loads(str(z["meta"]))
-    return mouth_box(meta.get("face"), size, size, spatial)  # synthetic frames are square
+        return json.loads(str(z["meta"])).get("face")
+
+
+def _clip_mouth_box(npz: Path, size: int, spatial: int) -> list[int] | None:
+    return mouth_box(clip_face(npz), size, size, spatial)  # synthetic frames are square
 
 
 def _pick_refs(speaking: np.ndarray, n: int, rng: np.random.Generator) -> list[int]:
@@ -211,10 +215,11 @@ class LatentClips:
     """Crops of ``1 + 12 n`` frames (``n = chunks``) from a latent cache; deterministic.
 
     ``get(i, epoch)`` -> dict of tensors for one crop (see `Batch`); ``collate(items)`` ->
-    `Batch`. ``clip_ids`` restricts to some source clips (held-out split)."""
+    `Batch`. ``clip_ids`` restricts to some source clips (held-out split); ``repeat`` {clip:
+    k} lists a clip k times per epoch (each copy its own crops)."""
 
     def __init__(self, cache_dir: str | Path, chunks: int, chunk_frames: int = 3, context: int = 2,
-                 seed: int = 0, clip_ids: list[int] | None = None):
+                 seed: int = 0, clip_ids: list[int] | None = None, repeat: dict[int, int] | None = None):
         self.root = Path(cache_dir)
         idx = json.loads((self.root / "index.json").read_text())
         need = 1 + chunks * chunk_frames
@@ -224,25 +229,29 @@ class LatentClips:
             ents = [e for e in ents if e["clip"] in keep]
         if not ents:
             raise InputError(f"{self.root}: no clip has the {need} latent frames a crop of {chunks} chunks needs")
-        self.entries = ents
+        repeat = repeat or {}
+        self.entries = [e for e in ents for _ in range(max(1, int(repeat.get(e["clip"], 1))))]
+        self.copy = [k for e in ents for k in range(max(1, int(repeat.get(e["clip"], 1))))]
         self.chunks, self.chunk_frames, self.context, self.seed = chunks, chunk_frames, context, int(seed)
-        self._mem: dict[int, dict] = {}
+        self._mem: dict[str, dict] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def _load(self, i: int) -> dict:
-        if i not in self._mem:
+        f = self.entries[i]["file"]
+        if f not in self._mem:
             from safetensors.torch import load_file
 
-            self._mem[i] = load_file(str(self.root / self.entries[i]["file"]))
-        return self._mem[i]
+            self._mem[f] = load_file(str(self.root / f))
+        return self._mem[f]
 
     def get(self, i: int, epoch: int = 0) -> dict:
         e = self.entries[i]
         d = self._load(i)
         n_lat = self.chunks * self.chunk_frames
-        rng = np.random.default_rng([self.seed, int(e["clip"]), int(epoch), 11])
+        key = [self.seed, int(e["clip"]), int(epoch), 11] + ([self.copy[i]] if self.copy[i] else [])
+        rng = np.random.default_rng(key)
         m = int(rng.integers(0, e["latent_frames"] - n_lat))  # crop = latents m .. m + n_lat
         r = int(rng.integers(d["refs"].shape[0]))
         ref = d["refs"][r][:, None]  # [C, 1, h, w]

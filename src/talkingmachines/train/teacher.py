@@ -194,8 +194,16 @@ class DiTStage(Trainer):
         if self.env.is_main:
             atomic_write_text(self.out / "held_out.json", json.dumps({"clips": held.indices, "data": cfg.data}))
         self.cache_dir = cache
+        repeat = None
+        if cfg.dark_skin_repeat > 1:
+            from ..eval.runners import skin_band
+            from .latents import clip_face
+
+            ds = ClipDataset(cfg.data)
+            repeat = {int(i): cfg.dark_skin_repeat for i in train.indices
+                      if skin_band(clip_face(ds.root / ds.clips[i]["npz"]) or {}) == "dark"}
         return LatentClips(cache, cfg.clip_chunks, p.stream.chunk_frames, p.stream.audio_context, cfg.seed,
-                           clip_ids=train.indices)
+                           clip_ids=train.indices, repeat=repeat)
 
     def batch(self, step: int) -> Batch:
         glob = self.order.global_batch(step)
