@@ -167,7 +167,8 @@ def test_figures_pooled_per_drawing_style():
 def test_figures_pooled_per_skin_band():
     """eval-model's per-skin table: bands by the skin colour's luminance, in dark-to-light order."""
     from talkingmachines.eval.quality_cli import style_lines
-    from talkingmachines.eval.runners import by_skin, skin_band
+    from talkingmachines.eval.runners import by_skin
+    from talkingmachines.train.synth.face import skin_band
 
     assert skin_band({"skin": (94, 60, 42)}) == "dark" and skin_band({"skin": (198, 134, 96)}) == "medium"
     assert skin_band({"skin": (255, 224, 196)}) == "light" and skin_band({}) is None

@@ -19,6 +19,8 @@ LAYERS = [{"model"}, {"diffusion"}, {"pipeline"}, {"stream"}, {"train", "eval", 
 EXCEPTIONS = {
     ("eval.mouth", "train.synth"): "the synthetic face's mouth geometry (mouth_roi_from_face, clip_box) is the "
                                      "renderer's, and eval measures synthetic clips with it",
+    ("eval.runners", "train.synth"): "the synthetic face's skin band (skin_band) is the renderer's colour model, and "
+                                       "eval pools its figures per band",
 }
 
 

@@ -13,6 +13,7 @@ from .clips import eval_clips, listening_frame, long_stream_audio
 from .metrics import DriftAccumulator, evaluate_signals, psnr, summarize_signals
 from .mouth import auto_roi_full, clip_roi, mouth_roi_from_face, mouth_signal
 from .report import strip_curves, targets
+from ..train.synth.face import SKIN_BANDS, skin_band
 
 __all__ = ["evaluate_model", "generate_video", "vae_roundtrip", "face_judge_available"]
 
@@ -194,18 +195,6 @@ def by_style(items: list[dict], faces: dict[str, list], face_clip: dict[str, lis
     """Per drawing style of the synthetic clips (``face["style"]``): the issue asks for every
     style the judge can find, and one pooled figure hides a style the models fail on."""
     return by_group(items, faces, face_clip, lambda f: f.get("style"))
-
-
-SKIN_BANDS = (("dark", 0.40), ("medium", 0.65), ("light", float("inf")))  # skin colour luminance, upper bounds
-
-
-def skin_band(face: dict) -> str | None:
-    """The band of a synthetic face's skin colour luminance (Rec. 601, 0..1), None without one."""
-    rgb = face.get("skin")
-    if not rgb:
-        return None
-    lum = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]) / 255.0
-    return next(name for name, top in SKIN_BANDS if lum < top)
 
 
 def by_skin(items: list[dict], faces: dict[str, list], face_clip: dict[str, list]) -> dict:

@@ -135,7 +135,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda if available
     held_out: float = 0.1  # fraction of clips never trained on (evaluation)
-    # synthetic clips whose face's skin colour is in eval's "dark" band (`eval.runners.skin_band`)
+    # synthetic clips whose face's skin colour is in the "dark" band (`synth.face.skin_band`)
     # come this many times per epoch: the models lose dark faces far more often than light ones
     dark_skin_repeat: int = 1
     progress: bool = True

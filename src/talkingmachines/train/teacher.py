@@ -196,8 +196,8 @@ class DiTStage(Trainer):
         self.cache_dir = cache
         repeat = None
         if cfg.dark_skin_repeat > 1:
-            from ..eval.runners import skin_band
             from .latents import clip_face
+            from .synth.face import skin_band
 
             ds = ClipDataset(cfg.data)
             repeat = {int(i): cfg.dark_skin_repeat for i in train.indices

@@ -52,6 +52,19 @@ def _lum(c: Color) -> float:
     return (0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]) / 255.0
 
 
+SKIN_BANDS = (("dark", 0.40), ("medium", 0.65), ("light", float("inf")))  # skin colour luminance, upper bounds
+
+
+def skin_band(face: dict) -> str | None:
+    """The band of a face's skin colour luminance (Rec. 601, 0..1; `FaceParams.to_dict` or a
+    clip's ``face`` metadata), None without a skin colour. Eval pools its figures by it, and
+    training can repeat the dark clips (`TrainConfig.dark_skin_repeat`)."""
+    rgb = face.get("skin")
+    if not rgb:
+        return None
+    return next(name for name, top in SKIN_BANDS if _lum(tuple(rgb)) < top)
+
+
 @dataclass(frozen=True)
 class FaceParams:
     """One identity. Geometry is in units of the image side (0..1); colours are RGB."""
