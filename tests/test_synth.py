@@ -230,8 +230,9 @@ def test_bundled_portrait_is_framed_like_the_shipped_models_data():
 def test_data_version_4_draws_the_structure_a_face_detector_needs():
     """v4: v3's framing and motion, plus soft contour shading (eye sockets, nose, under the lip,
     the rim), a lid line in every style, a darker closed-mouth line, no ring round outline faces'
-    lips, no blush and no dotted or striped backgrounds. The independent judge (dlib) finds a closed-mouth face far more often
-    than in v3, where the closed mouths of flat faces were missed nearly always."""
+    lips, no blush and no dotted or striped backgrounds. The independent judge (dlib) finds a
+    closed-mouth face far more often than in v3, where the closed mouths of flat faces were
+    missed nearly always."""
     pytest.importorskip("dlib", reason="the eval extra (dlib-bin) is part of the dev install; see README")
     from talkingmachines.eval.face_judge import FaceJudge
     from talkingmachines.train.synth import FaceParams, FaceRenderer, FaceState, framed

@@ -109,17 +109,17 @@ FACE_ROWS = [("face found (all frames)", "face_found", _pct),
 STYLE_LABELS = {"vae_roundtrip": "VAE round trip"}
 
 
-def style_lines(by_style: dict, systems: list[str], column: str = "style") -> list[str]:
+def style_lines(groups: dict, systems: list[str], column: str = "style") -> list[str]:
     """The card's per-group table (drawing style, skin band): per group, the judge's
     ground-truth face-found rate, then per generated column its face-found rate where the
     ground truth's face is found and its lip correlation."""
-    if not by_style:
+    if not groups:
         return []
     systems = [k for k in systems if k != "ground_truth"]
     head = (f"| {column} | clips | ground truth: face found | "
             + " | ".join(f"{STYLE_LABELS.get(k, k)}: found where GT's is, lip corr" for k in systems) + " |")
     lines = [head, "|---" * (len(systems) + 3) + "|"]
-    for st, d in by_style.items():
+    for st, d in groups.items():
         gt_found, cells = _style_figures(d, systems)
         lines.append(f"| {st} | {d['clips']} | {gt_found} | " + " | ".join(f"{fw}, {c}" for fw, c in cells) + " |")
     return lines

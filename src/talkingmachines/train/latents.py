@@ -229,9 +229,9 @@ class LatentClips:
             ents = [e for e in ents if e["clip"] in keep]
         if not ents:
             raise InputError(f"{self.root}: no clip has the {need} latent frames a crop of {chunks} chunks needs")
-        repeat = repeat or {}
-        self.entries = [e for e in ents for _ in range(max(1, int(repeat.get(e["clip"], 1))))]
-        self.copy = [k for e in ents for k in range(max(1, int(repeat.get(e["clip"], 1))))]
+        reps = [max(1, int((repeat or {}).get(e["clip"], 1))) for e in ents]
+        self.entries = [e for e, n in zip(ents, reps) for _ in range(n)]
+        self.copy = [k for n in reps for k in range(n)]  # which copy of its clip: its own crops
         self.chunks, self.chunk_frames, self.context, self.seed = chunks, chunk_frames, context, int(seed)
         self._mem: dict[str, dict] = {}
 

@@ -190,7 +190,8 @@ class DiTStage(Trainer):
                                progress=cfg.progress, rank=self.env.rank, world=self.env.world,
                                barrier=self.env.barrier if self.env.distributed else None)
             del vae
-        train, held = held_out_split(ClipDataset(cfg.data), cfg.held_out, cfg.seed)
+        ds = ClipDataset(cfg.data)
+        train, held = held_out_split(ds, cfg.held_out, cfg.seed)
         if self.env.is_main:
             atomic_write_text(self.out / "held_out.json", json.dumps({"clips": held.indices, "data": cfg.data}))
         self.cache_dir = cache
@@ -199,7 +200,6 @@ class DiTStage(Trainer):
             from .latents import clip_face
             from .synth.face import skin_band
 
-            ds = ClipDataset(cfg.data)
             repeat = {int(i): cfg.dark_skin_repeat for i in train.indices
                       if skin_band(clip_face(ds.root / ds.clips[i]["npz"]) or {}) == "dark"}
         return LatentClips(cache, cfg.clip_chunks, p.stream.chunk_frames, p.stream.audio_context, cfg.seed,
