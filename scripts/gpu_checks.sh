@@ -32,8 +32,10 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     || { echo "wheel install failed"; exit 1; }
 fi
 failed=0
+ONLY=${ONLY:-}  # e.g. ONLY="cuda_tests bench_13b": rerun those steps alone (a second try in the same lease)
 step() {  # step NAME SECONDS CMD...: run with a time limit, keep its log, never stop the script
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1

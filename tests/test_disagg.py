@@ -90,3 +90,17 @@ def test_bench_disagg_and_baseline_smoke(reference):
     b = baseline_bench(avatar.preset, avatar.device, avatar.dtype, frames=5, steps=2)
     assert b["s_per_video_s"] > b["dit_s_per_video_s"] > 0
     assert "WanImageToVideoPipeline" in b["settings"] and "2 steps" in b["settings"]
+
+
+def test_baseline_runs_the_image_conditioned_pipeline():
+    """The I2V presets hand diffusers a stand-in CLIP image encoder; the pipeline asks every
+    component for `.device` (a lent H200 found this missing; the tiny preset has no image tokens)."""
+    from dataclasses import replace
+
+    from talkingmachines.config import get_preset
+    from talkingmachines.eval.bench import baseline_bench
+
+    p = get_preset("tiny")
+    p = replace(p, dit=replace(p.dit, image_dim=32), image_len=4)
+    b = baseline_bench(p, torch.device("cpu"), torch.float32, frames=5, steps=1)
+    assert b["s_per_video_s"] > b["dit_s_per_video_s"] > 0

@@ -335,6 +335,15 @@ class _StandInImageEncoder(torch.nn.Module):
         e = self.emb.expand(pixel_values.shape[0] if pixel_values is not None else 1, -1, -1)
         return SimpleNamespace(hidden_states=[e, e])
 
+    # diffusers' `DiffusionPipeline.device` asks each component for these, as on a PreTrainedModel
+    @property
+    def device(self) -> torch.device:
+        return self.emb.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.emb.dtype
+
 
 def _stand_in_processor(images=None, return_tensors="pt"):
     from transformers import BatchFeature
