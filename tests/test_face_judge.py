@@ -181,3 +181,22 @@ def test_figures_pooled_per_skin_band():
     assert r["dark"]["systems"]["student"]["found_where_reference_found"] == pytest.approx(0.3)
     lines = style_lines(r, ["ground_truth", "student"], "skin")
     assert lines[0].startswith("| skin | clips |") and lines[2].startswith("| dark | 2 | 100 % | 30 %")
+
+
+def test_figures_pooled_per_style_and_skin_together():
+    """The cross table separates what a skin figure alone would mix up with style: here every
+    dark clip is an outline face, and the cross table says so."""
+    from talkingmachines.eval.runners import by_style_skin
+
+    items = [{"face": {"style": "outline", "skin": (94, 60, 42)}}, {"face": {"style": "outline", "skin": (255, 224, 196)}},
+             {"face": {"style": "flat", "skin": (255, 224, 196)}}, {"face": {"style": "outline", "skin": (125, 80, 54)}},
+             {"face": {}}]
+    gt = [{"frames": 10, "face_found": 1.0}] * 5
+    st = [{"frames": 10, "face_found": f, "reference_found_frames": 10, "found_where_reference_found": f}
+          for f in (0.2, 0.9, 1.0, 0.4, 1.0)]
+    idx = list(range(5))
+    r = by_style_skin(items, {"ground_truth": gt, "student": st}, {"ground_truth": idx, "student": idx})
+    assert list(r) == ["flat/light", "outline/dark", "outline/light"]
+    assert r["outline/dark"]["clips"] == 2
+    assert r["outline/dark"]["systems"]["student"]["found_where_reference_found"] == pytest.approx(0.3)
+    assert r["flat/light"]["systems"]["student"]["found_where_reference_found"] == pytest.approx(1.0)

@@ -175,6 +175,10 @@ def metrics_markdown(r: dict, command: str) -> str:
         if skins:
             face_lines += ["", "By skin colour luminance (Rec. 601, 0-1: dark < 0.40 <= medium < 0.65 <= light):",
                            ""] + skins
+        cross = style_lines(r.get("face_by_style_skin") or {}, [k for k, _ in cols if k in faces], "style / skin")
+        if cross:
+            face_lines += ["", "By style and skin together (a skin band's figure can hide a style it was drawn in "
+                           "more often):", ""] + cross
         face_lines += ["", "Pixel metrics (secondary: the mouth box's pixel motion counts blocky artifacts as "
                       "mouth motion, so a broken face can pass them):", ""]
     lines = face_lines + [f"Measured with `{command}`",
@@ -287,6 +291,7 @@ def cmd_eval_model(args) -> int:
         gen = [n for n in fn if n != "ground_truth"]
         groups = [("style", st, d) for st, d in (r.get("face_by_style") or {}).items()]
         groups += [("skin", sk, d) for sk, d in (r.get("face_by_skin") or {}).items()]
+        groups += [("style/skin", k, d) for k, d in (r.get("face_by_style_skin") or {}).items()]
         for kind, name, d in groups:
             gt_found, cells = _style_figures(d, gen)
             print(f"{kind} {name} ({d['clips']} clips): GT found {gt_found}; "

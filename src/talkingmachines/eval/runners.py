@@ -165,6 +165,7 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
                                "systems": pool_clips(faces, face_clip, seen)}
         out["face_by_style"] = by_style(items, faces, face_clip)
         out["face_by_skin"] = by_skin(items, faces, face_clip)
+        out["face_by_style_skin"] = by_style_skin(items, faces, face_clip)
     if long_seconds and long_seconds > 0:
         # the stream's portrait: the first clip whose ground-truth face the judge sees, so that
         # "face still found" measures drift rather than the judge's blind spot for a drawn style
@@ -201,6 +202,20 @@ def by_skin(items: list[dict], faces: dict[str, list], face_clip: dict[str, list
     """Per skin luminance band (`SKIN_BANDS`): the models lose dark faces more often than light
     ones, and a product must not."""
     return by_group(items, faces, face_clip, skin_band, order=[n for n, _ in SKIN_BANDS])
+
+
+def by_style_skin(items: list[dict], faces: dict[str, list], face_clip: dict[str, list]) -> dict:
+    """Per (style, skin band), named "style/band": a few dozen held-out clips can hold a skin
+    band in one or two styles only, and then a skin figure is a style figure in disguise."""
+    bands = [n for n, _ in SKIN_BANDS]
+
+    def key(f):
+        st, sk = f.get("style"), skin_band(f)
+        return f"{st}/{sk}" if st and sk else None
+
+    names = {key(c.get("face") or {}) for c in items} - {None}
+    order = sorted(names, key=lambda n: (n.split("/")[0], bands.index(n.split("/")[1])))
+    return by_group(items, faces, face_clip, key, order=order)
 
 
 def pool_clips(faces: dict[str, list], face_clip: dict[str, list], clips: set[int]) -> dict:
