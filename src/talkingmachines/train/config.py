@@ -63,10 +63,6 @@ class FlowConfig:
     # is a few % of the latent pixels, so a plain MSE leaves it under-fitted (mushy lips that
     # twitch in silence). Per-pixel weights do not change the optimum, only where capacity goes.
     mouth_weight: float = 0.0
-    # > 0: scale each clip's mouth weight by this / the variance of its clean latents in the mouth
-    # box (clamped to 0.5-4x). A dark face's open mouth changes its latents about half as much as a
-    # light face's, so a plain weight fits dark mouths to twice the relative error.
-    mouth_contrast: float = 0.0
 
 
 @dataclass
@@ -108,7 +104,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "ckpt_every": ("checkpoint", "every"), "keep_checkpoints": ("checkpoint", "keep"),
     "dist_mode": ("parallel", "mode"), "grad_checkpointing": ("parallel", "grad_checkpointing"),
     "p_drop_audio": ("flow", "p_drop_audio"), "p_drop_ref": ("flow", "p_drop_ref"), "t_dist": ("flow", "t_dist"),
-    "mouth_weight": ("flow", "mouth_weight"), "mouth_contrast": ("flow", "mouth_contrast"),
+    "mouth_weight": ("flow", "mouth_weight"),
     "cfg_audio": ("guidance", "audio"), "cfg_ref": ("guidance", "ref"),
     "ode_steps": ("ode", "steps"), "ode_pairs": ("ode", "pairs"), "ode_batch": ("ode", "batch"),
     "fake_ratio": ("dmd", "fake_ratio"), "fake_lr": ("dmd", "fake_lr"), "dmd_weight": ("dmd", "weight"),

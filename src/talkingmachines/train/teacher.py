@@ -246,31 +246,18 @@ class TeacherTrainer(DiTStage):
         v = bidirectional_v(self.groups["teacher"].handle, x_s, 1000.0 * s, batch.ref, audio, p, drop_ref=drop_r,
                             text=getattr(batch, "text", None), image=getattr(batch, "image", None))
         target = flow.velocity_target(x0, noise).float()
-        per = mouth_weighted_mse(v - target, getattr(batch, "mouth", None), cfg.flow.mouth_weight,
-                                 x0=x0, contrast=cfg.flow.mouth_contrast)
+        per = mouth_weighted_mse(v - target, getattr(batch, "mouth", None), cfg.flow.mouth_weight)
         return "teacher", per.mean(), {}
 
 
-def mouth_weighted_mse(diff: torch.Tensor, mouth: torch.Tensor | None, mouth_weight: float,
-                       x0: torch.Tensor | None = None, contrast: float = 0.0) -> torch.Tensor:
+def mouth_weighted_mse(diff: torch.Tensor, mouth: torch.Tensor | None, mouth_weight: float) -> torch.Tensor:
     """Per-sample weighted mean of ``diff**2`` ([B, C, F, h, w]): weight ``1 + mouth_weight`` on the
     mouth mask ([B, h, w], 0/1), 1 elsewhere, normalised by the sum of the weights (so a clip
-    without a mouth box, or a weight of 0, gives the plain mean). With ``contrast`` > 0 and the
-    clean latents ``x0``, each clip's mouth weight is scaled by ``contrast / var`` (clamped to
-    0.5-4), ``var`` the variance of its ``x0`` inside the mouth box: low-contrast mouths (dark
-    skin) then count by their relative error rather than their absolute one."""
+    without a mouth box, or a weight of 0, gives the plain mean)."""
     err = diff.float().pow(2)
     if mouth_weight <= 0 or mouth is None:
         return err.flatten(1).mean(1)
-    m = mouth.float()[:, None, None]  # [B, 1, 1, h, w]
-    k = torch.full((err.shape[0],), float(mouth_weight), device=err.device)
-    if contrast > 0 and x0 is not None:
-        n = (m.expand_as(x0).flatten(1).sum(1)).clamp(min=1.0)
-        xm = x0.float() * m
-        mean = xm.flatten(1).sum(1) / n
-        var = ((x0.float() - mean.view(-1, 1, 1, 1, 1)).pow(2) * m).flatten(1).sum(1) / n
-        k = k * (contrast / var.clamp(min=1e-6)).clamp(0.5, 4.0)
-    w = (1.0 + k.view(-1, 1, 1, 1, 1) * m).expand_as(err)
+    w = (1.0 + mouth_weight * mouth.float())[:, None, None].expand_as(err)  # [B, 1, 1, h, w] -> err
     return (err * w).flatten(1).sum(1) / w.flatten(1).sum(1)
 
 
