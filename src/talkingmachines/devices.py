@@ -20,3 +20,14 @@ def resolve_device(device: str | None = "auto") -> str:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {d}: CUDA is not available on this machine")
     return d
+
+
+def indexed_device(device):
+    """``device`` as a torch.device with its CUDA index filled in: torch.device("cuda") != a
+    tensor's "cuda:0", so comparing the two would take one GPU for two."""
+    import torch
+
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d

@@ -40,6 +40,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..devices import indexed_device
 from .types import Chunk, LatentChunk
 
 log = logging.getLogger(__name__)
@@ -74,15 +75,6 @@ def sequential_chunks(stream, n: int) -> list[Chunk]:
     return [stream.next_chunk() for _ in range(n)]
 
 
-def resolved_device(device) -> torch.device:
-    """`device` with its index filled in: torch.device("cuda") != a tensor's "cuda:0", so a
-    comparison of the two would take one GPU for two (and ask for streams that were never made)."""
-    d = torch.device(device)
-    if d.type == "cuda" and d.index is None:
-        d = torch.device("cuda", torch.cuda.current_device())
-    return d
-
-
 # ----------------------------------------------------------------------------- latent transfer
 class LatentTransfer:
     """Moves a chunk's latents from the DiT device to the decode device, off the compute streams.
@@ -98,7 +90,7 @@ class LatentTransfer:
     when the tensor is ready for any stream / the host)."""
 
     def __init__(self, src, dst):
-        self.src, self.dst = resolved_device(src), resolved_device(dst)
+        self.src, self.dst = indexed_device(src), indexed_device(dst)
         cuda_src, cuda_dst = self.src.type == "cuda", self.dst.type == "cuda"
         self.same = self.src == self.dst
         self.src_stream = torch.cuda.Stream(self.src) if cuda_src and not self.same else None
@@ -176,8 +168,8 @@ class PipelinedStream:
         self.stream = stream
         self.avatar = stream.avatar
         self.dit = LatentStage(stream)
-        self.dit_device = resolved_device(self.avatar.device)
-        self.decode_device = resolved_device(decode_device) if decode_device is not None else self.dit_device
+        self.dit_device = indexed_device(self.avatar.device)
+        self.decode_device = indexed_device(decode_device) if decode_device is not None else self.dit_device
         self.decode_stream = torch.cuda.Stream(self.decode_device) if self.decode_device.type == "cuda" else None
         if self.decode_stream is not None:
             # a new decoder primed on the stream that will use it: the stream's own one was primed
