@@ -236,3 +236,22 @@ def test_lipsync_pooled_and_gated_in_one_place():
     unread = np.where(t < 191, np.nan, mouth)  # the judge read 9 frames
     ls = metrics.lipsync_in_speech(unread, env, speech)
     assert ls["lag"] is None and all(np.isnan(v) for v in ls["corr_by_lag"].values())
+
+
+def test_eval_model_clip_choice(tmp_path):
+    """eval-model judges every clip of a set no stage saw (`--all-clips`), a stage's
+    held_out.json, or training's own split; giving two choices is a one-line error."""
+    from train_fixtures import make_clips
+
+    from talkingmachines.dataset import ClipDataset, held_out_split
+    from talkingmachines.errors import InputError
+    from talkingmachines.eval.quality_cli import eval_clips
+
+    ds = ClipDataset(make_clips(tmp_path / "data", n=5, frames=9, size=16))
+    assert eval_clips(ds, 0.1, 0, all_clips=True).indices == ds.indices
+    listed = tmp_path / "held_out.json"
+    listed.write_text(json.dumps({"clips": [ds.indices[3], ds.indices[1], 999]}))
+    assert eval_clips(ds, 0.1, 0, str(listed)).indices == [ds.indices[3], ds.indices[1]]
+    assert eval_clips(ds, 0.4, 0).indices == held_out_split(ds, 0.4, 0)[1].indices
+    with pytest.raises(InputError, match="give one"):
+        eval_clips(ds, 0.1, 0, str(listed), all_clips=True)

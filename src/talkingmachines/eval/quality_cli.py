@@ -182,9 +182,10 @@ def metrics_markdown(r: dict, command: str) -> str:
         face_lines += ["", "Pixel metrics (secondary: the mouth box's pixel motion counts blocky artifacts as "
                       "mouth motion, so a broken face can pass them):", ""]
     lines = face_lines + [f"Measured with `{command}`",
-             f"on {r['data']['evaluated']} held-out clips of `{r['data']['dir']}` "
-             f"({r['data']['held_out_clips']} held out of every training stage). The mouth signal is measured from "
-             "pixels the same way for every column.", "",
+             f"on {r['data']['evaluated']} held-out clips of `{r['data']['dir']}` " + (
+                 f"(a set of {r['data']['held_out_clips']} clips no training stage saw). " if r["data"].get("unseen_set")
+                 else f"({r['data']['held_out_clips']} held out of every training stage). ") +
+             "The mouth signal is measured from pixels the same way for every column.", "",
              "| metric | " + " | ".join(label for _, label in cols) + " |",
              "|---" * (len(cols) + 1) + "|",
              row("lip-sync best lag (frames)", "lag", _fmt),
@@ -232,10 +233,27 @@ def fill_card(card: Path, r: dict, command: str) -> None:
     atomic_write_text(card, f"{head}{CARD_BEGIN}\n{metrics_markdown(r, command)}\n{CARD_END}{tail}")
 
 
+def eval_clips(ds, held_out: float, seed: int, held_out_json: str | None = None, all_clips: bool = False):
+    """The clips eval-model judges: every clip of a set no stage saw (`all_clips`), the ones a
+    training stage's held_out.json lists, or the split training would hold out."""
+    import json
+
+    from ..dataset import held_out_split
+
+    if all_clips and held_out_json:
+        raise InputError("--all-clips and --held-out-json both choose the clips: give one")
+    if all_clips:
+        return ds
+    if held_out_json:
+        idx = json.loads(Path(held_out_json).read_text())["clips"]
+        return ds.subset([ds.indices.index(i) for i in idx if i in ds.indices])
+    return held_out_split(ds, held_out, seed)[1]
+
+
 def cmd_eval_model(args) -> int:
     import json
 
-    from ..dataset import ClipDataset, held_out_split
+    from ..dataset import ClipDataset
     from ..stream.options import load_from_args
     from . import face_judge
     from . import quality as q
@@ -243,12 +261,7 @@ def cmd_eval_model(args) -> int:
     data = Path(args.data)
     if args.card and not Path(args.card).is_file():
         raise InputError(f"--card {args.card}: no such file")
-    ds = ClipDataset(data)
-    if args.held_out_json:
-        idx = json.loads(Path(args.held_out_json).read_text())["clips"]
-        held = ds.subset([ds.indices.index(i) for i in idx if i in ds.indices])
-    else:
-        _, held = held_out_split(ds, args.held_out, args.seed)
+    held = eval_clips(ClipDataset(data), args.held_out, args.seed, args.held_out_json, args.all_clips)
     avatar = load_from_args(args)
     if args.vae:
         from ..model.vae import TinyVAE
@@ -259,7 +272,8 @@ def cmd_eval_model(args) -> int:
     teacher = _load_teacher(args.teacher, avatar)
     r = q.evaluate_model(avatar, held, long_seconds=args.long_seconds, teacher=teacher, n=args.n, seed=args.seed,
                          progress=not args.json, student=not args.vae)
-    r["data"] = {"dir": str(data), "held_out_clips": len(held), "evaluated": min(args.n, len(held))}
+    r["data"] = {"dir": str(data), "held_out_clips": len(held), "evaluated": min(args.n, len(held)),
+                 "unseen_set": bool(args.all_clips)}
     line = q.to_json(r)
     if args.out:
         out = Path(args.out)
@@ -339,6 +353,9 @@ def register(sub) -> None:
     m.add_argument("--data", default="runs/data", help="the synthetic data set (index.json + clip_*.npz)")
     m.add_argument("--held-out", type=float, default=0.1, help="held-out fraction (as in training)")
     m.add_argument("--held-out-json", default=None, help="a held_out.json written by a training stage")
+    m.add_argument("--all-clips", action="store_true",
+                   help="evaluate every clip of --data: a set no training stage saw, e.g. new identities from "
+                        "`data synth --seed 7`")
     m.add_argument("--n", type=int, default=8, help="held-out clips to evaluate")
     m.add_argument("--long-seconds", type=float, default=120.0, help="length of the drift stream (0: skip)")
     m.add_argument("--teacher", default=None, metavar="MODULE:FACTORY",
