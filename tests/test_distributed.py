@@ -89,12 +89,14 @@ def test_torchrun_cli(work, tmp_path):
     cfg_file = tmp_path / "teacher.json"
     cfg_file.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # faulthandler: a rank that dies of a signal prints its Python stack (one rank segfaulted once,
+    # 2026-12-04, under load, and did not again in nine reruns; the stack says where if it does)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                         str(_free_port()), "-m", "talkingmachines", "train", "teacher", "--config", str(cfg_file),
                         "--data", str(work / "data"), "--vae", str(work / "vae"), "--out", str(out),
                         "--dist-mode", "fsdp", "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-8000:]
     from talkingmachines.model.weights import load_dit
     from talkingmachines.train.checkpoint import latest_checkpoint
 
