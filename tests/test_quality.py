@@ -255,3 +255,33 @@ def test_eval_model_clip_choice(tmp_path):
     assert eval_clips(ds, 0.4, 0).indices == held_out_split(ds, 0.4, 0)[1].indices
     with pytest.raises(InputError, match="give one"):
         eval_clips(ds, 0.1, 0, str(listed), all_clips=True)
+
+
+def test_teacher_windows_cover_each_latent_once_at_training_length():
+    from talkingmachines.eval.teacher_video import windows
+
+    for n_lat, size in ((50, 6), (12, 6), (13, 6), (5, 6), (6, 6), (7, 6), (20, 0)):
+        ws = windows(n_lat, size)
+        kept = [i for a, b, keep in ws for i in range(keep, b)]
+        assert kept == list(range(n_lat)), (n_lat, size, ws)
+        if 0 < size <= n_lat:
+            assert all(b - a == size for a, b, _ in ws)  # every window as long as a training crop
+        else:
+            assert ws == [(0, n_lat, 0)]
+
+
+def test_teacher_video_windowed_matches_whole_on_a_short_clip_and_fills_a_long_one():
+    from talkingmachines.eval.teacher_video import factory
+    from talkingmachines.stream.generator import load_avatar
+
+    av = load_avatar()
+    rng = np.random.default_rng(0)
+    portrait = (rng.random((128, 128, 3)) * 255).astype(np.uint8)
+    short = (rng.standard_normal(16000 // 25 * 20) * 0.1).astype(np.float32)  # 20 frames: 5 latents, one window
+    a = factory(av, steps=2, window_chunks=2)(portrait, short)
+    b = factory(av, steps=2, window_chunks=0)(portrait, short)
+    assert a.shape == b.shape == (20, 128, 128, 3)
+    assert np.array_equal(a, b)
+    long = (rng.standard_normal(16000 // 25 * 70) * 0.1).astype(np.float32)  # 18 latents: three windows
+    c = factory(av, steps=2, window_chunks=2)(portrait, long)
+    assert c.shape == (70, 128, 128, 3) and c.std() > 0

@@ -137,7 +137,7 @@ def _style_figures(d: dict, systems: list[str]) -> tuple[str, list[tuple[str, st
 def metrics_markdown(r: dict, command: str) -> str:
     """The model card's metrics section from an `eval-model` report."""
     s = r["summary"]
-    cols = [("teacher", "teacher (16 Euler steps, audio CFG 2.5)"), ("student", "student (2 steps, streaming)"),
+    cols = [("teacher", "teacher (16 Euler steps, audio CFG 2.5, 6-latent windows)"), ("student", "student (2 steps, streaming)"),
             ("vae_roundtrip", "ground truth through the VAE"), ("ground_truth", "ground truth (pixels)"),
             ("ground_truth_signal", "ground truth (renderer)")]
     cols = [(k, label) for k, label in cols if k in s]
