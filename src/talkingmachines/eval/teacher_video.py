@@ -1,7 +1,7 @@
 """The bidirectional teacher as an offline video generator, to compare it with the student.
 
 `talkingmachines eval-model --teacher talkingmachines.eval.teacher_video:factory` loads the
-teacher shipped next to the student (`MODEL/teacher`) and samples whole clips with Euler
+teacher shipped next to the student (`MODEL/teacher`) and samples held-out clips with Euler
 steps and audio CFG, as the ODE stage of training does.
 
 The teacher was trained on windows of ``clip_chunks`` chunks (2 x 3 latent frames after the
