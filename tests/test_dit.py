@@ -272,3 +272,41 @@ def test_audio_zero_init_then_matters():
         c2 = m.forward_causal(x, t, text, audio=au2, chunk_frames=2)
     assert (a1 - a2).abs().max() > 1e-3
     assert (c1 - c2).abs().max() > 1e-3
+
+
+def test_grow_depth_computes_what_the_smaller_dit_did_then_trains(tmp_path):
+    """A trained DiT grown to more blocks (`weights.grow_depth`, `new_dit(init_from=...)` with a
+    deeper preset) gives the same output, bidirectional and causal, and its new blocks learn."""
+    import dataclasses
+
+    from talkingmachines.config import get_preset
+    from talkingmachines.errors import InputError
+    from talkingmachines.model.weights import grow_depth
+    from talkingmachines.train.teacher import new_dit
+
+    small = randomize(AudioDiT(tiny_cfg()), std=0.2)
+    big = grow_depth(AudioDiT(tiny_cfg(num_layers=4)), small).eval()
+    x, _, t, au, text = _clip(2, 2, hw=4, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(big(x, t, text, audio=au), small(x, t, text, audio=au), atol=1e-6, rtol=0)
+        assert torch.allclose(big.forward_causal(x, t, text, audio=au, chunk_frames=2),
+                              small.forward_causal(x, t, text, audio=au, chunk_frames=2), atol=1e-6, rtol=0)
+    big.train()
+    opt = torch.optim.SGD(big.parameters(), lr=0.1)
+    for _ in range(2):  # step 1 moves the zero outputs, step 2 the weights behind them
+        opt.zero_grad()
+        big(x, t, text, audio=au).pow(2).mean().backward()
+        opt.step()
+    assert big.blocks[3].attn1.to_q.weight.grad.abs().sum() > 0
+    with pytest.raises(InputError, match="differ in ffn_dim"):
+        grow_depth(AudioDiT(tiny_cfg(num_layers=4, ffn_dim=48)), small)
+
+    # through the training entry point: a folder of the shipped preset's shape, grown to 8 blocks
+    p = get_preset("tiny")
+    six = AudioDiT(p.dit)
+    six.save_pretrained(tmp_path / "dit")
+    deeper = dataclasses.replace(p, dit=dataclasses.replace(p.dit, num_layers=8))
+    grown = new_dit(deeper, tmp_path / "dit")
+    assert len(grown.blocks) == 8
+    assert torch.equal(grown.blocks[5].attn1.to_q.weight, six.blocks[5].attn1.to_q.weight)
+    assert grown.blocks[7].ffn.net[-1].weight.abs().sum() == 0

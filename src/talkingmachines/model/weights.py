@@ -593,3 +593,33 @@ def parameter_breakdown(cfg: DiTConfig) -> dict:
         "t2v_trunk_plus_audio": t2v_n + audio,
     })
     return out
+
+
+def grow_depth(model: AudioDiT, small: AudioDiT) -> AudioDiT:
+    """Load ``small`` into ``model``, a DiT of the same config but more blocks: small's blocks
+    become the first ones, and every new block starts as the identity (the output projections
+    of its self-attention, cross-attention, audio attention and FFN are zero, so each residual
+    branch adds nothing). The grown model computes exactly what ``small`` did, and training
+    continues from there with the extra capacity (a deeper tiny teacher without starting over)."""
+    a, b = dataclasses.asdict(small.config), dataclasses.asdict(model.config)
+    n_small, n = a.pop("num_layers"), b.pop("num_layers")
+    if a != b:
+        diff = sorted(k for k in a if a[k] != b.get(k))
+        raise WeightsError(f"cannot grow: the configs differ in {', '.join(diff)} (only num_layers may)")
+    if n_small > n:
+        raise WeightsError(f"cannot grow {n_small} blocks into {n}")
+    missing, unexpected = model.load_state_dict(small.state_dict(), strict=False)
+    new = {f"blocks.{i}." for i in range(n_small, n)}
+    stray = [k for k in missing if not any(k.startswith(p) for p in new)]
+    if stray or unexpected:
+        raise WeightsError(f"cannot grow: keys {(stray + list(unexpected))[:3]} do not match")
+    with torch.no_grad():
+        for blk in model.blocks[n_small:]:
+            ffn_out = [m for m in blk.ffn.net if isinstance(m, torch.nn.Linear)][-1]
+            outs = [blk.attn1.to_out[0], blk.attn2.to_out[0], ffn_out]
+            if blk.has_audio:
+                outs.append(blk.audio_attn.to_out[0])
+            for lin in outs:
+                lin.weight.zero_()
+                lin.bias.zero_()
+    return model

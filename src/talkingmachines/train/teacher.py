@@ -102,7 +102,8 @@ def new_dit(preset, init_from: str | Path | None = None, seed: int = 0) -> Audio
     loaded from our DiT folder (`weights.load_wan_into`) or, for a Wan2.1 checkpoint (a
     diffusers pipeline root such as WAN_DIR, its ``transformer/`` folder, or the original
     release), with `dit_from_wan` (`weights.from_wan`: audio layers missing from a Wan
-    checkpoint keep their zero-output initialisation)."""
+    checkpoint keep their zero-output initialisation). Our DiT with fewer blocks than the preset
+    is grown into it (`weights.grow_depth`: the new blocks start as the identity)."""
     if init_from:
         src = resolve_dit_dir(init_from)
         if not _is_our_dit(src):
@@ -115,6 +116,9 @@ def new_dit(preset, init_from: str | Path | None = None, seed: int = 0) -> Audio
 
         src = resolve_dit_dir(init_from)
         try:
+            layers = json.loads((Path(src) / "config.json").read_text()).get("num_layers")
+            if layers is not None and layers < preset.dit.num_layers:  # a deeper run grown from a trained DiT
+                return weights.grow_depth(model, AudioDiT.from_pretrained(src)).float()
             weights.load_wan_into(model, src, strict_base=True)
         except InputError:
             raise
