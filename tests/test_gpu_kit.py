@@ -126,3 +126,61 @@ def test_device_emulation_runs_every_gpu_check(tmp_path):
             "bench_13b_compile.log"} <= names
     summary = (out / "summary.txt").read_text()
     assert "0 step(s) failed" in summary
+
+
+def test_avshim_resamples_like_pyav():
+    """scripts/gpu_capacity's PyAV stand-in (the box has no PyAV) gives the speech PyAV gives."""
+    import importlib.util
+
+    pytest.importorskip("av")
+    from talkingmachines.train.synth.speech import resample
+
+    spec = importlib.util.spec_from_file_location("avshim", SRC.parent / "scripts/gpu_capacity/avshim/av.py")
+    shim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shim)
+    x = np.random.default_rng(0).standard_normal(22050 * 2).astype(np.float32) * 0.1
+    want = resample(x, 22050, 16000)
+    fr = shim.AudioFrame.from_ndarray(x[None])
+    fr.sample_rate = 22050
+    got = shim.AudioResampler(rate=16000).resample(fr)[0].to_ndarray().reshape(-1)
+    assert got.shape == want.shape and shim.AudioResampler().resample(None) == []
+    assert np.corrcoef(got[100:-100], want[100:-100])[0, 1] > 0.98
+
+
+@pytest.mark.slow
+def test_capacity_kit_dry_run_on_cpu(tmp_path):
+    """scripts/gpu_capacity/run.sh as on the GPU box (no PyAV: the shim resamples; diffusers from
+    the carried wheel), shrunk to a CPU: data synthesised, latent cache built once, two depths
+    trained side by side, ODE-distilled, exported, and what comes back fits the device tool's
+    limits and unpacks into model folders the stream loads."""
+    repo = SRC.parent
+    if not (subprocess.run(["bash", "-c", "command -v espeak-ng"], capture_output=True).returncode == 0):
+        pytest.skip("espeak-ng is not installed")
+    kit, out, runs = tmp_path / "kit", tmp_path / "out", tmp_path / "runs"
+    r = subprocess.run(["bash", str(repo / "scripts" / "fetch_gpu_wheels.sh")], capture_output=True, text=True,
+                       env={**os.environ, "WHEELS": str(kit / "whl"), "PYTHON": sys.executable}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    blocked = blocker(tmp_path / "blocked", "av", "aiortc", "diffusers")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(blocked), "PYTHON": sys.executable,
+           "KIT": str(kit), "OUT": str(out), "RUNS": str(runs), "SITE": str(tmp_path / "site"), "NO_DEB": "1",
+           "DEVICE": "cpu", "N": "24", "WORKERS": "2", "STEPS": "4", "MIN_STEPS": "2", "VARIANTS": "ctrl6 d10",
+           "ODE_PAIRS": "8", "ODE_TRAIN_STEPS": "2", "DEADLINE": "600", "TAIL": "100"}
+    r = subprocess.run(["bash", str(repo / "scripts" / "gpu_capacity" / "run.sh")], capture_output=True, text=True,
+                       env=env, timeout=900, cwd=repo)
+    log = (out / "driver.log").read_text()
+    assert r.returncode == 0 and "done" in log, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "ctrl6: exit 0" in log and "d10: exit 0" in log, log
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(p.stat().st_size < 16 * 2**20 for p in files), files
+    assert {p.name for p in files} >= {"ctrl6_dit.part0", "d10_dit.part0", "d10_teacher.part0", "meta.tgz"}
+    r = subprocess.run([sys.executable, str(repo / "scripts" / "gpu_capacity" / "unpack.py"), str(out),
+                        str(tmp_path / "models")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from talkingmachines.stream.generator import load_avatar
+
+    for v, layers in (("ctrl6", 6), ("d10", 10)):
+        a = load_avatar(str(tmp_path / "models" / v / "model"), "tiny", "cpu")
+        assert len(a.dit.blocks) == layers
+        s = a.new_stream(seed=0)
+        s.push_audio(speech_like(1.0))
+        assert np.isfinite(s.next_chunk().frames).all()
