@@ -104,17 +104,15 @@ def new_dit(preset, init_from: str | Path | None = None, seed: int = 0) -> Audio
     release), with `dit_from_wan` (`weights.from_wan`: audio layers missing from a Wan
     checkpoint keep their zero-output initialisation). Our DiT with fewer blocks than the preset
     is grown into it (`weights.grow_depth`: the new blocks start as the identity)."""
-    if init_from:
-        src = resolve_dit_dir(init_from)
-        if not _is_our_dit(src):
-            return dit_from_wan(preset, src, seed)
+    src = resolve_dit_dir(init_from) if init_from else None
+    if src is not None and not _is_our_dit(src):
+        return dit_from_wan(preset, src, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AudioDiT(preset.dit)
-    if init_from:
+    if src is not None:
         from ..model import weights
 
-        src = resolve_dit_dir(init_from)
         try:
             layers = json.loads((Path(src) / "config.json").read_text()).get("num_layers")
             if layers is not None and layers < preset.dit.num_layers:  # a deeper run grown from a trained DiT
