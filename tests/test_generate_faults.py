@@ -29,11 +29,16 @@ def test_signal_mid_generation_leaves_no_temp_and_keeps_old_output(speech, tmp_p
     out = tmp_path / "out.mp4"
     out.write_bytes(b"the previous output")
     before = _digest(out)
-    # SIGINT at its default, as in a terminal: a test run started in the background (e.g. `cmd &` in a
-    # script) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    # SIGINT at its default and unblocked, as in a terminal: a test run started in the background (e.g.
+    # `cmd &` in a script) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler; a signal mask is inherited too (one clean-clone run got SIGINT ignored to the end)
+    def as_in_a_terminal():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
     p = subprocess.Popen([*EXE, "generate", "--audio", str(speech / "long.wav"), "-o", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         preexec_fn=as_in_a_terminal)
     deadline = time.time() + 300
     while not list(tmp_path.glob(".out.mp4.*.tmp.mp4")) and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
