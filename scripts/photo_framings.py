@@ -58,9 +58,9 @@ def main() -> int:
     from talkingmachines.stream.generator import fit_image, load_avatar
 
     if a.audio is None:
-        from importlib.resources import files
+        from talkingmachines.audio_io import SPEECH_WAV
 
-        a.audio = str(files("talkingmachines") / "assets" / "speech.wav")
+        a.audio = str(SPEECH_WAV)
     try:
         img = Image.open(a.photo).convert("RGB")
         judge = face_judge.FaceJudge.load()

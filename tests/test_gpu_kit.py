@@ -154,7 +154,9 @@ def test_capacity_kit_dry_run_on_cpu(tmp_path):
     trained side by side, ODE-distilled, exported, and what comes back fits the device tool's
     limits and unpacks into model folders the stream loads."""
     repo = SRC.parent
-    if not (subprocess.run(["bash", "-c", "command -v espeak-ng"], capture_output=True).returncode == 0):
+    from talkingmachines.train.synth import espeak_available
+
+    if not espeak_available():
         pytest.skip("espeak-ng is not installed")
     kit, out, runs = tmp_path / "kit", tmp_path / "out", tmp_path / "runs"
     r = subprocess.run(["bash", str(repo / "scripts" / "fetch_gpu_wheels.sh")], capture_output=True, text=True,

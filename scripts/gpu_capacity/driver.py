@@ -34,11 +34,14 @@ def log(msg):
 
 
 def synth():
-    from talkingmachines.train.synth import espeak_available, synth_dataset
+    """The recipe's own synth stage on the control's config: the clips the CPU recipe makes."""
+    from talkingmachines.train.recipe import recipe_config, run_synth
+    from talkingmachines.train.synth import espeak_available
 
     assert espeak_available(), "espeak-ng not found"
-    synth_dataset(N, DATA, seed=0, size=128, seconds=(4.0, 8.0), workers=WORKERS, speech="auto", video=False,
-                  version=4)
+    r = recipe_config(os.path.join(os.environ.get("KIT", ".gpukit"), f"cfg_{VARIANTS[0]}.json"), data=str(DATA))
+    r.synth.n, r.synth.workers = N, WORKERS
+    run_synth(r)
 
 
 def write_configs(steps):
