@@ -270,6 +270,27 @@ def test_teacher_windows_cover_each_latent_once_at_training_length():
             assert ws == [(0, n_lat, 0)]
 
 
+def test_teacher_spec_passes_keywords_and_labels_the_card_with_what_ran():
+    from talkingmachines.errors import InputError
+    from talkingmachines.eval.quality_cli import _load_teacher, metrics_markdown
+    from talkingmachines.stream.generator import load_avatar
+
+    av = load_avatar()
+    gen = _load_teacher("talkingmachines.eval.teacher_video:factory:steps=3,cfg_audio=1.5,window_chunks=0", av)
+    assert gen.sampling == "3 Euler steps, audio CFG 1.5, whole clip"
+    assert _load_teacher("talkingmachines.eval.teacher_video:factory", av).sampling == \
+        "16 Euler steps, audio CFG 2.5, 6-latent windows"
+    for bad in ("talkingmachines.eval.teacher_video", "talkingmachines.eval.teacher_video:factory:steps",
+                "talkingmachines.eval.teacher_video:factory:nosuch=1", "talkingmachines.eval.nosuch:factory"):
+        with pytest.raises(InputError, match="--teacher"):
+            _load_teacher(bad, av)
+    from talkingmachines.stream.generator import SHIPPED_MODEL
+
+    r = json.loads((SHIPPED_MODEL / "eval.json").read_text())  # the shipped card's report, which has a teacher
+    r["teacher_sampling"] = gen.sampling
+    assert "| teacher (3 Euler steps, audio CFG 1.5, whole clip) |" in metrics_markdown(r, "x")
+
+
 def test_teacher_video_windowed_matches_whole_on_a_short_clip_and_fills_a_long_one():
     from talkingmachines.eval.teacher_video import factory
     from talkingmachines.stream.generator import load_avatar

@@ -81,14 +81,33 @@ def _load_teacher(spec: str | None, avatar):
         return None
     import importlib
 
-    mod, _, fn = spec.partition(":")
+    mod, _, rest = spec.partition(":")
+    fn, _, kw = rest.partition(":")
     if not fn:
-        raise InputError(f"--teacher {spec}: expected MODULE:FACTORY")
+        raise InputError(f"--teacher {spec}: expected MODULE:FACTORY or MODULE:FACTORY:KEY=VALUE,...")
+    kwargs = {}
+    for item in filter(None, kw.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise InputError(f"--teacher {spec}: {item!r} is not KEY=VALUE")
+        kwargs[key] = _number_or_text(value)
     try:
         factory = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
         raise InputError(f"--teacher {spec}: {e}") from None
-    return factory(avatar)
+    try:
+        return factory(avatar, **kwargs)
+    except TypeError as e:  # an unknown keyword: say which, without a traceback
+        raise InputError(f"--teacher {spec}: {e}") from None
+
+
+def _number_or_text(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
 
 
 CARD_BEGIN, CARD_END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
@@ -137,7 +156,8 @@ def _style_figures(d: dict, systems: list[str]) -> tuple[str, list[tuple[str, st
 def metrics_markdown(r: dict, command: str) -> str:
     """The model card's metrics section from an `eval-model` report."""
     s = r["summary"]
-    cols = [("teacher", "teacher (16 Euler steps, audio CFG 2.5, 6-latent windows)"), ("student", "student (2 steps, streaming)"),
+    # the teacher's sampling is whatever --teacher ran, so its label comes with the report
+    cols = [("teacher", f"teacher ({r.get('teacher_sampling') or 'offline'})"), ("student", "student (2 steps, streaming)"),
             ("vae_roundtrip", "ground truth through the VAE"), ("ground_truth", "ground truth (pixels)"),
             ("ground_truth_signal", "ground truth (renderer)")]
     cols = [(k, label) for k, label in cols if k in s]
@@ -272,6 +292,8 @@ def cmd_eval_model(args) -> int:
     teacher = _load_teacher(args.teacher, avatar)
     r = q.evaluate_model(avatar, held, long_seconds=args.long_seconds, teacher=teacher, n=args.n, seed=args.seed,
                          progress=not args.json, student=not args.vae)
+    if teacher is not None and getattr(teacher, "sampling", None):
+        r["teacher_sampling"] = teacher.sampling
     r["data"] = {"dir": str(data), "held_out_clips": len(held), "evaluated": min(args.n, len(held)),
                  "unseen_set": bool(args.all_clips)}
     line = q.to_json(r)
@@ -358,8 +380,9 @@ def register(sub) -> None:
                         "`data synth --seed 7`")
     m.add_argument("--n", type=int, default=8, help="held-out clips to evaluate")
     m.add_argument("--long-seconds", type=float, default=120.0, help="length of the drift stream (0: skip)")
-    m.add_argument("--teacher", default=None, metavar="MODULE:FACTORY",
-                   help="FACTORY(avatar) -> callable(portrait, audio) -> frames, to add the teacher's figures")
+    m.add_argument("--teacher", default=None, metavar="MODULE:FACTORY[:KEY=VALUE,...]",
+                   help="FACTORY(avatar, **KEY=VALUE) -> callable(portrait, audio) -> frames, to add the teacher's "
+                        "figures, e.g. talkingmachines.eval.teacher_video:factory:steps=8,cfg_audio=2")
     m.add_argument("--vae", default=None, metavar="DIR",
                    help="judge this TinyVAE folder's round trip instead (ground truth and VAE columns only: no student)")
     m.add_argument("--json", action="store_true", help="print one JSON line")

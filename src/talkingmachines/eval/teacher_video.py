@@ -2,7 +2,9 @@
 
 `talkingmachines eval-model --teacher talkingmachines.eval.teacher_video:factory` loads the
 teacher shipped next to the student (`MODEL/teacher`) and samples held-out clips with Euler
-steps and audio CFG, as the ODE stage of training does.
+steps and audio CFG, as the ODE stage of training does. Keywords follow a third colon, e.g.
+`--teacher talkingmachines.eval.teacher_video:factory:steps=8,cfg_audio=2`, and the card's
+teacher column says what ran (``generate.sampling``).
 
 The teacher was trained on windows of ``clip_chunks`` chunks (2 x 3 latent frames after the
 reference), and that is the length the ODE stage samples it at. A whole held-out clip is up to
@@ -66,4 +68,7 @@ def factory(avatar, steps: int = 16, cfg_audio: float = 2.5, seed: int = 0, wind
         frames = avatar.vae.decode(torch.cat([ref, x.to(ref.dtype)], dim=2))
         return frames[1: 1 + n_frames]
 
+    win_latents = window_chunks * p.stream.chunk_frames
+    generate.sampling = (f"{steps} Euler steps, audio CFG {cfg_audio:g}, "
+                         + (f"{win_latents}-latent windows" if win_latents > 0 else "whole clip"))
     return generate
