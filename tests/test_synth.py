@@ -15,7 +15,7 @@ from talkingmachines.model.audio import frame_rms
 from talkingmachines.train import synth
 from talkingmachines.train.synth import (
     STYLES, FaceParams, FaceRenderer, FaceState, babble_tts, espeak_available, make_clip,
-    mouth_drive, render_face, synth_dataset,
+    features_mask_from_face, framed, mouth_drive, render_face, synth_dataset,
 )
 
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
@@ -250,3 +250,18 @@ def test_data_version_4_draws_the_structure_a_face_detector_needs():
             found[v].append(judge.frame(frame)[0])
     rate3, rate4 = np.mean(found[3]), np.mean(found[4])
     assert rate4 >= 0.8 and rate4 >= rate3 + 0.2, (rate3, rate4)
+
+
+def test_features_mask_holds_what_blinks_brows_and_the_mouth_change():
+    """The eyes-and-mouth mask (the VAE's feature-weighted loss) covers every pixel that a
+    blink, a raised brow or an opening mouth changes, and leaves most of the frame out."""
+    for seed in range(12):
+        p = framed(FaceParams.sample(seed), 4)
+        m = features_mask_from_face(p, 128).astype(bool)
+        assert 0.05 < m.mean() < 0.4, (seed, m.mean())
+        rest = render_face(p, FaceState(), 128).astype(int)
+        for st in (FaceState(blink=1.0), FaceState(brow=1.0), FaceState(mouth_open=1.0),
+                   FaceState(mouth_open=1.0, mouth_round=1.0)):
+            # > 60: above the per-frame grain (up to 15 per channel)
+            changed = np.abs(render_face(p, st, 128).astype(int) - rest).sum(-1) > 60
+            assert changed.any() and changed[m].sum() >= 0.98 * changed.sum(), (seed, st, changed[~m].sum())

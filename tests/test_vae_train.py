@@ -186,3 +186,30 @@ def test_older_vae_checkpoint_is_refused_in_one_line(tmp_path):
         train_tiny_vae(MovingPatterns(n=4, frames=5, size=32), tmp_path / "a", steps=4, batch_size=2,
                        progress=False, config=SMALL)
     assert "\n" not in str(e.value) and "older VAE trainer" in str(e.value) and "step_00000002" in str(e.value)
+
+
+def test_feature_weight_counts_the_masked_pixels_more_and_flips_with_the_clip():
+    """`vae_loss`'s per-pixel weight: all ones is the unweighted loss; an error inside the mask
+    counts 1 + feature_weight times one outside it. `_to_batch` builds that weight from a clip's
+    "features" mask (1 where a clip has none) and flips it with the clip."""
+    from talkingmachines.train.vae_train import _to_batch, vae_loss
+
+    x = torch.zeros(1, 3, 1, 8, 8)
+    m = torch.zeros(1, 4, 1, 1, 1)
+    inside, outside = x.clone(), x.clone()
+    inside[..., 2, 2], outside[..., 6, 6] = 0.5, 0.5
+    mask = np.zeros((8, 8), np.uint8)
+    mask[1:4, 1:4] = 1
+    w = (1 + 3.0 * torch.as_tensor(mask, dtype=torch.float32)).view(1, 1, 1, 8, 8)
+    for rec in (inside, outside):
+        assert vae_loss(rec, x, m, m)[0] == vae_loss(rec, x, m, m, weight=torch.ones_like(w))[0]
+    for key in ("l1", "mse", "edge"):
+        ratio = vae_loss(inside, x, m, m, weight=w)[1][key] / vae_loss(outside, x, m, m, weight=w)[1][key]
+        assert ratio == pytest.approx(4.0), key
+
+    rng = np.random.default_rng(0)
+    clip = rng.integers(0, 255, (5, 8, 8, 3), dtype=np.uint8)
+    xb, wb = _to_batch([{"video": clip, "features": mask}, clip], torch.device("cpu"), torch.tensor([True, False]), 3.0)
+    assert torch.equal(wb[0, 0, 0], w[0, 0, 0].flip(-1)) and torch.equal(wb[1], torch.ones(1, 1, 8, 8))
+    assert torch.equal(xb[0], _to_batch([clip], torch.device("cpu"), None)[0][0].flip(-1))
+    assert _to_batch([clip], torch.device("cpu"), None)[1] is None  # no weight asked for: none built

@@ -302,6 +302,7 @@ class VAESection:
     max_steps: int = 10**9
     temporal_weight: float = 0.0
     latent_channels: int | None = None  # None: TinyVAEConfig's
+    feature_weight: float = 0.0  # extra loss weight on synthetic faces' eyes and mouth (vae_train)
 
 
 @dataclass
@@ -314,6 +315,7 @@ class DecoderSection:
     batch_size: int
     lr: float
     latent_noise: float  # max std of the noise, in normalised latent units
+    feature_weight: float = 0.0  # extra loss weight on synthetic faces' eyes and mouth (vae_train)
 
 
 @dataclass

@@ -33,6 +33,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import configs
@@ -197,21 +198,37 @@ def run_synth(r: RecipeConfig) -> None:
                   speech=s.speech, video=s.video, version=version)
 
 
-def _train_clips(r: RecipeConfig, clip_frames: int):
+def _train_clips(r: RecipeConfig, clip_frames: int, features: bool = False):
     """The training clips (without the held-out split every stage uses) as the uint8
-    [T, H, W, 3] videos the VAE trainer reads."""
+    [T, H, W, 3] videos the VAE trainer reads; with ``features``, as ``{"video", "features"}``
+    with each synthetic clip's eyes-and-mouth mask (`synth.features_mask_from_face`; None for
+    a clip without face parameters)."""
     from ..dataset import ClipDataset, held_out_split
+    from .latents import clip_face
+    from .synth import features_mask_from_face
 
     _, held = held_out_split(ClipDataset(r.data), r.held_out, r.seed)
     ds = ClipDataset(r.data, clip_frames=clip_frames, seed=r.seed)
     train = ds.subset([i for i, c in enumerate(ds.indices) if c not in set(held.indices)])
+    masks: dict[int, np.ndarray | None] = {}
+
+    def mask(i: int, video: np.ndarray):
+        if i not in masks:
+            face = clip_face(train.root / train.clips[train.indices[i]]["npz"])
+            h, w = video.shape[1:3]
+            try:
+                masks[i] = None if face is None else features_mask_from_face(face, h, w)
+            except (KeyError, TypeError, ValueError):  # older face parameters, or boxes off a tiny frame
+                masks[i] = None
+        return masks[i]
 
     class Videos:
         def __len__(self):
             return len(train)
 
         def __getitem__(self, i):
-            return train[i]["video"]
+            video = train[i]["video"]
+            return {"video": video, "features": mask(i, video)} if features else video
 
     return Videos()
 
@@ -227,9 +244,9 @@ def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
     vcfg = TinyVAEConfig(latent_channels=int(TinyVAEConfig.latent_channels if v.latent_channels is None
                                              else v.latent_channels))
     # writes OUT/vae/DONE.json (steps, wall_seconds, the last step's losses) when it has finished
-    train_tiny_vae(_train_clips(r, v.clip_frames), vdir, steps=steps, batch_size=v.batch_size, lr=v.lr, seed=r.seed,
-                   device=r.device, ckpt_every=max(50, steps // 10), temporal_weight=v.temporal_weight,
-                   config=vcfg)
+    train_tiny_vae(_train_clips(r, v.clip_frames, v.feature_weight > 0), vdir, steps=steps, batch_size=v.batch_size,
+                   lr=v.lr, seed=r.seed, device=r.device, ckpt_every=max(50, steps // 10),
+                   temporal_weight=v.temporal_weight, feature_weight=v.feature_weight, config=vcfg)
 
 
 def run_decoder(r: RecipeConfig, out: Path) -> None:
@@ -240,9 +257,10 @@ def run_decoder(r: RecipeConfig, out: Path) -> None:
     ddir = out / "decoder"
     if d.steps <= 0 or (ddir / "DONE.json").is_file():
         return
-    train_tiny_vae(_train_clips(r, r.vae.clip_frames), ddir, steps=d.steps, batch_size=d.batch_size, lr=d.lr,
-                   seed=r.seed, device=r.device, ckpt_every=max(50, d.steps // 10), init_from=out / "vae",
-                   freeze_encoder=True, latent_noise=d.latent_noise, temporal_weight=r.vae.temporal_weight)
+    train_tiny_vae(_train_clips(r, r.vae.clip_frames, d.feature_weight > 0), ddir, steps=d.steps,
+                   batch_size=d.batch_size, lr=d.lr, seed=r.seed, device=r.device, ckpt_every=max(50, d.steps // 10),
+                   init_from=out / "vae", freeze_encoder=True, latent_noise=d.latent_noise,
+                   temporal_weight=r.vae.temporal_weight, feature_weight=d.feature_weight)
 
 
 def exported_vae(out: Path) -> Path:
@@ -300,10 +318,13 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     from ..model.dit import count_parameters
 
     last = vae.get("last_loss", (vae.get("last") or {}).get("loss", float("nan")))  # last_loss: older runs' DONE.json
-    rows = [f"| VAE (TinyVAE) | {vae.get('steps', '?')} | {vae.get('wall_seconds', 0) / 60:.1f} | last loss {last:.4f} |"]
+    eyes_mouth = lambda w: f"; eyes and mouth weighted {1 + w:g}x" if w > 0 else ""  # noqa: E731
+    rows = [f"| VAE (TinyVAE{eyes_mouth(r.vae.feature_weight)}) | {vae.get('steps', '?')} | "
+            f"{vae.get('wall_seconds', 0) / 60:.1f} | last loss {last:.4f} |"]
     dec = _done(out / "decoder" / "DONE.json")
     if dec:
-        rows.append(f"| VAE decoder, fine-tuned on latents + noise (std up to {r.decoder.latent_noise:g}) | "
+        rows.append(f"| VAE decoder, fine-tuned on latents + noise (std up to {r.decoder.latent_noise:g}"
+                    f"{eyes_mouth(r.decoder.feature_weight)}) | "
                     f"{dec.get('steps', '?')} | {dec.get('wall_seconds', 0) / 60:.1f} | "
                     f"loss {(dec.get('last') or {}).get('loss', float('nan')):.4f} |")
     for s, label in (("teacher", "teacher (bidirectional, flow matching)"), ("ode", "student init (ODE pairs)"),

@@ -3,8 +3,11 @@
 `train_tiny_vae(videos, out_dir, ...)` trains on uint8 clips ``[T, H, W, 3]`` with
 ``T = 1 + 4k``: L1 + a small MSE + an edge (spatial gradient) L1 that keeps mouths and eyes
 sharp + a tiny KL, and optionally (``temporal_weight``) an L1 on the frame-to-frame change, so
-the 4 frames decoded from one latent do not wobble where the video is still. AdamW, warmup
-then cosine decay, gradient clipping, in fp32.
+the 4 frames decoded from one latent do not wobble where the video is still. With
+``feature_weight`` > 0 and clips that come as ``{"video", "features"}`` (a uint8 [H, W] mask of
+the eyes and mouth, `synth.features_mask_from_face`), the pixel, MSE and edge terms count
+those pixels ``1 + feature_weight`` times: they are about a quarter of the frame and what a face
+landmark model reads. AdamW, warmup then cosine decay, gradient clipping, in fp32.
 
 ``init_from`` + ``freeze_encoder`` fine-tune only the decoder of a trained VAE: the encoder,
 its latent statistics and so every latent a DiT was trained on stay exactly as they were, so
@@ -75,6 +78,7 @@ class VAEOptions:
     init_from: str | None = None  # a trained TinyVAE folder
     freeze_encoder: bool = False  # train the decoder only (needs init_from)
     latent_noise: float = 0.0  # decoder-only: max std of the noise added to the normalised latents
+    feature_weight: float = 0.0  # extra weight of the eyes' and mouth's pixels (clips with a "features" mask)
     flip: bool = True  # random horizontal flips
     stat_batches: int = 4  # batches for the latent statistics
     resume: bool = True
@@ -89,14 +93,17 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def vae_loss(rec: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
              mse_weight: float = 0.25, edge_weight: float = 0.5, kl_weight: float = 1e-4,
-             temporal_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+             temporal_weight: float = 0.0, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """rec, x [B, 3, T, H, W]. ``temporal``: L1 between the reconstruction's and the clip's
-    frame-to-frame differences (0 when T = 1)."""
-    l1 = (rec - x).abs().mean()
-    mse = F.mse_loss(rec, x)
+    frame-to-frame differences (0 when T = 1). ``weight`` [B, 1, 1, H, W] (or None: all 1)
+    weights each pixel in the L1, MSE and edge terms."""
+    w = torch.ones_like(x[:, :1, :1]) if weight is None else weight.to(x)
+    l1 = ((rec - x).abs() * w).mean()
+    mse = ((rec - x).pow(2) * w).mean()
     ry, rx = _edges(rec)
     xy, xx = _edges(x)
-    edge = 0.5 * ((ry - xy).abs().mean() + (rx - xx).abs().mean())
+    wy, wx = torch.maximum(w[..., 1:, :], w[..., :-1, :]), torch.maximum(w[..., :, 1:], w[..., :, :-1])
+    edge = 0.5 * (((ry - xy).abs() * wy).mean() + ((rx - xx).abs() * wx).mean())
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     if x.shape[2] > 1:
         temporal = ((rec[:, :, 1:] - rec[:, :, :-1]) - (x[:, :, 1:] - x[:, :, :-1])).abs().mean()
@@ -126,15 +133,28 @@ def _clip_array(c: Any) -> torch.Tensor:
     return c
 
 
-def _to_batch(clips: list, device: torch.device, flip: torch.Tensor | None) -> torch.Tensor:
+def _to_batch(clips: list, device: torch.device, flip: torch.Tensor | None,
+              feature_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The clips as [B, 3, T, H, W] in [-1, 1], and with ``feature_weight`` > 0 the per-pixel loss
+    weight [B, 1, 1, H, W] (1 + feature_weight on a clip's "features" mask; 1 where it has none),
+    both flipped alike."""
     arrs = [_clip_array(c) for c in clips]
     t = min(a.shape[0] for a in arrs)
     t = 1 + 4 * ((t - 1) // 4)
     x = video_to_tensor(torch.stack([a[:t] for a in arrs]), device)
+    w = None
+    if feature_weight > 0:
+        H, W = x.shape[-2:]
+        masks = [c.get("features") if isinstance(c, dict) else None for c in clips]
+        w = torch.stack([torch.zeros(H, W) if m is None else torch.as_tensor(np.asarray(m), dtype=torch.float32)
+                         for m in masks]).to(device)
+        w = (1.0 + feature_weight * w).view(len(clips), 1, 1, H, W)
     if flip is not None and bool(flip.any()):
         f = flip.to(device).view(-1, 1, 1, 1, 1)
         x = torch.where(f, x.flip(-1), x)
-    return x
+        if w is not None:
+            w = torch.where(f, w.flip(-1), w)
+    return x, w
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -206,13 +226,14 @@ class VAETrainer(Trainer):
         g = sample_generator(self.cfg.seed, step, 0, SALT_VAE)
         clips = self.clips(step)
         flip = torch.rand(len(clips), generator=g) < 0.5 if self.opts.flip else None
-        return _to_batch(clips, self.device, flip), g
+        x, w = _to_batch(clips, self.device, flip, self.opts.feature_weight)
+        return x, w, g
 
     def autocast(self):
         return nullcontext()  # fp32: a VAE's fine detail is what bf16 rounds away
 
     def loss(self, batch, step: int):
-        x, g = batch
+        x, w, g = batch
         model, o = self.vae, self.opts
         if o.freeze_encoder:  # the decoder learns to decode what `encode_video` gives: the mean
             with torch.no_grad():
@@ -228,7 +249,7 @@ class VAETrainer(Trainer):
             mean, logvar = model.encode_moments(x)
             eps = torch.randn(mean.shape, generator=g).to(device=x.device, dtype=mean.dtype)
             rec = model.decode_raw(mean + eps * torch.exp(0.5 * logvar))
-        loss, parts = vae_loss(rec, x, mean, logvar, o.mse_weight, o.edge_weight, o.kl_weight, o.temporal_weight)
+        loss, parts = vae_loss(rec, x, mean, logvar, o.mse_weight, o.edge_weight, o.kl_weight, o.temporal_weight, w)
         return "vae", loss, parts
 
     def save_extra(self, folder: Path) -> None:
@@ -247,7 +268,7 @@ class VAETrainer(Trainer):
         s2 = torch.zeros(c, dtype=torch.float64)
         n = 0
         for i in range(self.opts.stat_batches):
-            mean, _ = model.encode_moments(_to_batch(self.clips(STATS_STEP + i), self.device, None))
+            mean, _ = model.encode_moments(_to_batch(self.clips(STATS_STEP + i), self.device, None)[0])
             m = mean.double().transpose(0, 1).reshape(c, -1).cpu()
             s1 += m.sum(1)
             s2 += (m * m).sum(1)
@@ -287,6 +308,7 @@ def train_tiny_vae(
     init_from: str | os.PathLike | None = None,
     freeze_encoder: bool = False,
     latent_noise: float = 0.0,
+    feature_weight: float = 0.0,
     grad_clip: float = 1.0,
     flip: bool = True,
     stat_batches: int = 4,
@@ -308,7 +330,7 @@ def train_tiny_vae(
                       ema=EMAConfig(decay=0.0), checkpoint=CheckpointConfig(every=ckpt_every, keep=keep_checkpoints))
     opts = VAEOptions(config=config, mse_weight=mse_weight, edge_weight=edge_weight, kl_weight=kl_weight,
                       temporal_weight=temporal_weight, init_from=None if init_from is None else str(init_from),
-                      freeze_encoder=freeze_encoder, latent_noise=latent_noise, flip=flip, stat_batches=stat_batches, resume=resume)
+                      freeze_encoder=freeze_encoder, latent_noise=latent_noise, feature_weight=feature_weight, flip=flip, stat_batches=stat_batches, resume=resume)
     tr = VAETrainer(cfg, videos, opts)
     try:
         tr.run()

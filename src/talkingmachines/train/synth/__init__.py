@@ -12,7 +12,8 @@ Modules, bottom up (everything public is re-exported here):
   gaze); `framed(params, version)`, the identity as each data version frames it.
 * `render`: `FaceRenderer(params, size)` draws the static layers once (background, body,
   head with hair and shading) and composes a frame per state; `render_face(params, state,
-  size)` is a cached shortcut; `mouth_roi_from_face`, the mouth's pixel box.
+  size)` is a cached shortcut; `mouth_roi_from_face` and `eyes_roi_from_face`, the mouth's and
+  the eyes' pixel boxes, and `features_mask_from_face` both as a mask.
 * `speech`: `espeak_tts` (espeak-ng, resampled to 16 kHz) or `babble_tts` (a pure numpy
   formant synthesiser, the fallback when espeak-ng is missing).
 * `mouth`: `mouth_drive(audio)`, per video frame (640 samples) mouth opening from the
@@ -35,7 +36,9 @@ from .face import (
     DATA_VERSIONS, HAIR_STYLES, NOSE_STYLES, STYLES, Color, FaceParams, FaceState, check_data_version, framed,
 )
 from .mouth import MOUTH_GATE_RMS, MOUTH_REF_RMS, mouth_drive
-from .render import FaceRenderer, clip_box, mouth_roi_from_face, render_face
+from .render import (
+    FaceRenderer, clip_box, eyes_roi_from_face, features_mask_from_face, mouth_roi_from_face, render_face,
+)
 from .speech import ESPEAK_VOICES, babble_tts, espeak_available, espeak_tts, random_sentence, resample
 from .writer import synth_dataset
 
@@ -43,6 +46,6 @@ __all__ = [
     "Clip", "Color", "DATA_VERSIONS", "ESPEAK_VOICES", "FaceParams", "FaceRenderer", "FaceState", "HAIR_STYLES",
     "MOUTH_GATE_RMS", "MOUTH_REF_RMS", "NOSE_STYLES", "PORTRAIT_SEED", "SPEECH_TEXT", "STYLES", "babble_tts",
     "check_data_version", "clip_box", "clip_frames_for", "default_portrait", "espeak_available", "espeak_tts",
-    "framed", "head_motion", "make_assets", "make_clip", "mouth_drive", "mouth_roi_from_face", "preview",
+    "eyes_roi_from_face", "features_mask_from_face", "framed", "head_motion", "make_assets", "make_clip", "mouth_drive", "mouth_roi_from_face", "preview",
     "random_sentence", "render_face", "resample", "synth_dataset", "write_wav",
 ]

@@ -451,6 +451,36 @@ def mouth_roi_from_face(face, height: int, width: int | None = None, margin: flo
     return clip_box(y0 * height, y1 * height, x0 * width, x1 * width, height, width)
 
 
+def eyes_roi_from_face(face, height: int, width: int | None = None, margin: float = 0.03) -> tuple[int, int, int, int]:
+    """The ROI that holds both of a synthetic face's eyes and brows (at any brow raise), from its
+    `FaceParams` or stored ``face`` dict, plus `margin` (fraction of the side) for head motion;
+    the same geometry `FaceRenderer._draw_features` draws with."""
+    if not isinstance(face, dict):
+        face = dataclasses.asdict(face)
+    width = width or height
+    fw = face["face_w"]
+    fh = fw * face["face_aspect"]
+    ew = fw * face["eye_size"]
+    eh = ew * face["eye_aspect"]
+    ey = face["cy"] - fh * face["eye_y"]
+    y0 = ey - eh * 1.45 - fh * 0.07 - fw * face["brow_thick"] - margin  # the brow at its highest
+    y1 = ey + eh + margin
+    half = fw * face["eye_spacing"] + ew + margin
+    return clip_box(y0 * height, y1 * height, (face["cx"] - half) * width, (face["cx"] + half) * width,
+                    height, width)
+
+
+def features_mask_from_face(face, height: int, width: int | None = None, margin: float = 0.03) -> np.ndarray:
+    """uint8 [H, W]: 1 inside the eyes' and the mouth's boxes (`eyes_roi_from_face`,
+    `mouth_roi_from_face`), the parts of a face a landmark model reads, 0 elsewhere."""
+    width = width or height
+    m = np.zeros((height, width), np.uint8)
+    for roi in (eyes_roi_from_face, mouth_roi_from_face):
+        y0, y1, x0, x1 = roi(face, height, width, margin=margin)
+        m[y0:y1, x0:x1] = 1
+    return m
+
+
 @functools.lru_cache(maxsize=8)
 def _renderer(params: FaceParams, size: int) -> FaceRenderer:
     return FaceRenderer(params, size)
