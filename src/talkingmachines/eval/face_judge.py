@@ -9,8 +9,13 @@ and nothing in the product depends on it.
 
 Per frame (`FaceJudge.frame`): upscale 2x (bicubic; the HOG detector misses faces much under
 80 px, and our tiny model draws 128 px frames), detect, keep the largest face, fit the 68
-landmarks. Lip opening = mean gap between the inner lips (points 61-67, 62-66, 63-65) over the
-mouth width (outer corners 48-54): scale-free, about 0 for a closed mouth.
+landmarks. A second detector from the same package, dlib's CNN (MMOD) face detector, can
+stand in for the HOG one (`use_detector("cnn")`, `--judge-detector cnn`): a second opinion
+when the HOG detector misses a face a person can see. It is about 100x slower (a quarter
+second a frame on this 2-core CPU), so it suits one video, not a 40-clip evaluation.
+
+Lip opening = mean gap between the inner lips (points 61-67, 62-66, 63-65) over the mouth
+width (outer corners 48-54): scale-free, about 0 for a closed mouth.
 
 Per video (`face_metrics(frames, audio)`):
 - ``face_found``: fraction of frames with a face, also split into speech and silence frames;
@@ -34,6 +39,10 @@ from ..errors import InputError
 UPSCALE = 2
 INNER_PAIRS = ((61, 67), (62, 66), (63, 65))
 MOUTH_CORNERS = (48, 54)
+# the face detectors the judge can use, and how a report names them
+DETECTORS = {"hog": "dlib HOG detector + 68 landmarks", "cnn": "dlib CNN (MMOD) detector + 68 landmarks"}
+_DETECTOR_FILES = {"cnn": "mmod_human_face_detector.dat"}
+_detector = "hog"
 EXTRA_HINT = "the face judge needs the optional eval extra: pip install 'talkingmachines[eval]' (dlib-bin, face-recognition-models)"
 
 
@@ -44,6 +53,20 @@ def _model_dir() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise InputError(EXTRA_HINT)
     return os.path.join(list(spec.submodule_search_locations)[0], "models")
+
+
+def use_detector(name: str) -> None:
+    """Pick this process's face detector for every later `FaceJudge.load()`: "hog" (the default)
+    or "cnn"."""
+    global _detector
+    if name not in DETECTORS:
+        raise InputError(f"unknown face detector {name!r}; choose from {', '.join(DETECTORS)}")
+    _detector = name
+
+
+def describe() -> str:
+    """What judges, in words, for reports and cards."""
+    return DETECTORS[_detector]
 
 
 def available() -> bool:
@@ -58,21 +81,19 @@ def available() -> bool:
 class FaceJudge:
     """dlib's detector + 68-point predictor; `frame(rgb)` -> (found, opening, landmarks)."""
 
-    def __init__(self, detector, predictor) -> None:
+    def __init__(self, detector, predictor, name: str = "hog") -> None:
         self.detector = detector
         self.predictor = predictor
+        self.name = name
+        self.cnn = name == "cnn"  # the CNN detector returns scored boxes (.rect), the HOG one boxes
 
     @staticmethod
-    @lru_cache(maxsize=1)
-    def load() -> "FaceJudge":
-        try:
-            import dlib
-        except ImportError as e:
-            raise InputError(EXTRA_HINT) from e
-        path = os.path.join(_model_dir(), "shape_predictor_68_face_landmarks.dat")
-        if not os.path.isfile(path):
-            raise InputError(f"{EXTRA_HINT} (missing {path})")
-        return FaceJudge(dlib.get_frontal_face_detector(), dlib.shape_predictor(path))
+    def load(detector: str | None = None) -> "FaceJudge":
+        """The judge with ``detector`` ("hog" or "cnn"; default: `use_detector`'s choice), loaded once."""
+        name = detector or _detector
+        if name not in DETECTORS:
+            raise InputError(f"unknown face detector {name!r}; choose from {', '.join(DETECTORS)}")
+        return _load(name)
 
     def landmarks(self, rgb: np.ndarray) -> np.ndarray | None:
         """uint8 [H, W, 3] -> the largest face's 68 landmarks [68, 2] in the frame's pixels, or None."""
@@ -81,7 +102,11 @@ class FaceJudge:
         img = np.asarray(rgb, np.uint8)
         h, w = img.shape[:2]
         big = np.asarray(Image.fromarray(img).resize((w * UPSCALE, h * UPSCALE), Image.BICUBIC))
-        dets = self.detector(big, 1)
+        # HOG: one more pyramid upsampling step (faces down to ~40 px); the CNN finds the 2x
+        # frame's faces (~100-200 px) without it, and at 4x the pixels it would be far slower
+        dets = self.detector(big, 0 if self.cnn else 1)
+        if self.cnn:
+            dets = [d.rect for d in dets]
         if len(dets) == 0:
             return None
         d = max(dets, key=lambda r: r.area())
@@ -101,6 +126,22 @@ class FaceJudge:
     def video_landmarks(self, frames) -> list[np.ndarray | None]:
         """`landmarks` of every frame (kept, so a picture of them needs no second pass)."""
         return [self.landmarks(f) for f in frames]
+
+
+@lru_cache(maxsize=None)
+def _load(name: str) -> FaceJudge:
+    try:
+        import dlib
+    except ImportError as e:
+        raise InputError(EXTRA_HINT) from e
+    paths = [os.path.join(_model_dir(), f) for f in ("shape_predictor_68_face_landmarks.dat", _DETECTOR_FILES.get(name))
+             if f]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(f"{EXTRA_HINT} (missing {path})")
+    if name == "cnn":
+        return FaceJudge(dlib.cnn_face_detection_model_v1(paths[1]), dlib.shape_predictor(paths[0]), name)
+    return FaceJudge(dlib.get_frontal_face_detector(), dlib.shape_predictor(paths[0]))
 
 
 def signals(landmarks: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +194,7 @@ def face_metrics(frames, audio, judge: FaceJudge | None = None, landmarks: list 
     out = face_metrics_from_signals(found, opening, audio)
     out["opening"] = [None if not math.isfinite(v) else round(float(v), 4) for v in opening]
     out["found"] = [bool(v) for v in found]
+    out["judge"] = DETECTORS[judge.name] if judge is not None else describe()
     return out
 
 

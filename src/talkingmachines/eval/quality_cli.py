@@ -22,7 +22,7 @@ def _print_face(f: dict) -> None:
     if "unavailable" in f:
         print(f"  face judge: not run ({f['unavailable']})")
         return
-    line = f"  face judge (dlib 68 landmarks): face found in {100 * f['face_found']:.0f} % of frames"
+    line = f"  face judge ({f.get('judge', 'dlib 68 landmarks')}): face found in {100 * f['face_found']:.0f} % of frames"
     if "face_found_speech" in f:
         line += (f" (speech {_pct(f['face_found_speech'])}, silence {_pct(f['face_found_silence'])})")
     print(line)
@@ -38,7 +38,10 @@ def _pct(v) -> str:
 
 
 def cmd_eval(args) -> int:
+    from . import face_judge
     from . import quality as q
+
+    face_judge.use_detector(args.judge_detector)
 
     p = Path(args.video)
     if args.grid:  # decoded and judged once, for the metrics and the picture
@@ -177,7 +180,7 @@ def metrics_markdown(r: dict, command: str) -> str:
 
     face_lines = []
     if faces:
-        face_lines = ["Face judge (dlib's HOG detector and 68-point landmarks, `talkingmachines[eval]`; "
+        face_lines = [f"Face judge ({r.get('face_judge') or 'dlib HOG detector + 68 landmarks'}, `talkingmachines[eval]`; "
                       "lip opening = inner-lip gap / mouth width), the primary figures:", ""]
         face_lines += face_table("face judge", faces, FACE_ROWS)
         vis = r.get("face_visible") or {}
@@ -278,6 +281,7 @@ def cmd_eval_model(args) -> int:
     from . import face_judge
     from . import quality as q
 
+    face_judge.use_detector(args.judge_detector)
     data = Path(args.data)
     if args.card and not Path(args.card).is_file():
         raise InputError(f"--card {args.card}: no such file")
@@ -292,6 +296,8 @@ def cmd_eval_model(args) -> int:
     teacher = _load_teacher(args.teacher, avatar)
     r = q.evaluate_model(avatar, held, long_seconds=args.long_seconds, teacher=teacher, n=args.n, seed=args.seed,
                          progress=not args.json, student=not args.vae)
+    if r.get("face"):
+        r["face_judge"] = face_judge.describe()
     if teacher is not None and getattr(teacher, "sampling", None):
         r["teacher_sampling"] = teacher.sampling
     r["data"] = {"dir": str(data), "held_out_clips": len(held), "evaluated": min(args.n, len(held)),
@@ -312,7 +318,7 @@ def cmd_eval_model(args) -> int:
     faces = r.get("face") or {}
     if faces:
         fn = [k for k in ("ground_truth", "vae_roundtrip", "teacher", "student") if k in faces]
-        print("face judge (dlib 68 landmarks: lip opening = inner-lip gap / mouth width)")
+        print(f"face judge ({r.get('face_judge') or 'dlib'}: lip opening = inner-lip gap / mouth width)")
         print(f"{'':42s}" + "".join(f"{n:>16s}" for n in fn))
         for label, key, fmt in FACE_ROWS:
             print(f"{label[:40]:42s}" + "".join(f"{fmt(faces[n].get(key)):>16s}" for n in fn))
@@ -367,6 +373,8 @@ def register(sub) -> None:
     e.add_argument("--keep-signal", action="store_true", help="include the per-frame mouth signal in the JSON")
     e.add_argument("--grid", default=None, metavar="PNG",
                    help="also write every 2nd frame of 1 s of speech and 1 s of silence, with the judge's landmarks")
+    e.add_argument("--judge-detector", choices=("hog", "cnn"), default="hog",
+                   help="the face judge's detector: dlib's HOG (default) or its CNN (a second opinion, ~100x slower)")
     e.set_defaults(fn=cmd_eval)
 
     m = sub.add_parser("eval-model", help="student (and teacher) vs ground truth on held-out synthetic clips, "
@@ -388,4 +396,6 @@ def register(sub) -> None:
     m.add_argument("--json", action="store_true", help="print one JSON line")
     m.add_argument("--out", default=None, help="also write the full report as JSON here")
     m.add_argument("--card", default=None, help="fill the metrics section of this model card (card.md)")
+    m.add_argument("--judge-detector", choices=("hog", "cnn"), default="hog",
+                   help="the face judge's detector: dlib's HOG (default) or its CNN (a second opinion, ~100x slower)")
     m.set_defaults(fn=cmd_eval_model)
