@@ -226,6 +226,17 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
     assert "VAE decoder, fine-tuned on latents + noise (std up to 0.3; eyes and mouth weighted 4x)" in card
     timings = json.loads((out / "timings.json").read_text())
     assert {"synth", "vae", "decoder", "teacher", "ode", "dmd", "export"} <= set(timings)
+    # a stage resumed across sittings: timings.json saw only the last one, the card counts them all
+    from talkingmachines.config import Preset
+    from talkingmachines.train.recipe import model_card, recipe_config
+
+    r = recipe_config(tmp_path / "recipe.json")
+    r.data = str(out / "data")
+    resumed = model_card(r, out, Preset.load(model / "preset.json"), {**timings, "teacher": 12345.0}, model)
+    line = next(ln for ln in resumed.splitlines() if ln.startswith("Per-stage wall seconds: "))
+    walls = json.loads(line.split(": ", 1)[1].rstrip("."))
+    teacher_done = json.loads((out / "teacher" / "final" / "DONE.json").read_text())
+    assert walls["teacher"] == round(teacher_done["wall_seconds"]) and walls["synth"] == round(timings["synth"])
     assert main(args) == 0  # all done: every stage is skipped
     again = json.loads((out / "timings.json").read_text())
     assert all(again[k] - timings[k] < 5 for k in ("vae", "decoder", "teacher", "ode", "dmd"))

@@ -333,7 +333,11 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
         last = d.get("last") or {}
         rows.append(f"| {label} | {d.get('steps', '?')} | {d.get('wall_seconds', 0) / 60:.1f} | "
                     f"loss {last.get('loss', float('nan')):.4f} |")
-    total = sum(timings.values()) / 60
+    # a stage's DONE.json counts its wall time over every sitting; timings.json only what each
+    # call of the recipe saw finish, so it undercounts a stage that was interrupted and resumed
+    done_wall = {"vae": vae, "decoder": dec, **st}
+    walls = {k: (done_wall[k].get("wall_seconds") or v) if done_wall.get(k) else v for k, v in timings.items()}
+    total = sum(walls.values()) / 60
     cfg = f" --config {r.config_path}" if r.config_path else ""
     reproduce = (f"This model's settings: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r.data}`"
                  if not r.budget_minutes else
@@ -358,7 +362,7 @@ segments in silence. {int(r.held_out * 100)} % of the clips are held out of ever
 {chr(10).join(rows)}
 
 Whole recipe: {total:.1f} min wall on {r.device_name or 'this machine'} ({'budget ' + format(r.budget_minutes, 'g') + ' min' if r.budget_minutes else 'no budget'}).
-Per-stage wall seconds: {json.dumps({k: round(v) for k, v in timings.items()})}.
+Per-stage wall seconds: {json.dumps({k: round(v) for k, v in walls.items()})}.
 Weights in this folder (student DiT, teacher DiT, VAE): {mb:.1f} MB (safetensors, fp32).
 
 ## Metrics (held-out synthetic clips; filled by `talkingmachines eval-model --card`)
