@@ -55,13 +55,17 @@ def _model_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "models")
 
 
+def _checked(name: str) -> str:
+    if name not in DETECTORS:
+        raise InputError(f"unknown face detector {name!r}; choose from {', '.join(DETECTORS)}")
+    return name
+
+
 def use_detector(name: str) -> None:
     """Pick this process's face detector for every later `FaceJudge.load()`: "hog" (the default)
     or "cnn"."""
     global _detector
-    if name not in DETECTORS:
-        raise InputError(f"unknown face detector {name!r}; choose from {', '.join(DETECTORS)}")
-    _detector = name
+    _detector = _checked(name)
 
 
 def describe() -> str:
@@ -85,15 +89,11 @@ class FaceJudge:
         self.detector = detector
         self.predictor = predictor
         self.name = name
-        self.cnn = name == "cnn"  # the CNN detector returns scored boxes (.rect), the HOG one boxes
 
     @staticmethod
     def load(detector: str | None = None) -> "FaceJudge":
         """The judge with ``detector`` ("hog" or "cnn"; default: `use_detector`'s choice), loaded once."""
-        name = detector or _detector
-        if name not in DETECTORS:
-            raise InputError(f"unknown face detector {name!r}; choose from {', '.join(DETECTORS)}")
-        return _load(name)
+        return _load(_checked(detector or _detector))
 
     def landmarks(self, rgb: np.ndarray) -> np.ndarray | None:
         """uint8 [H, W, 3] -> the largest face's 68 landmarks [68, 2] in the frame's pixels, or None."""
@@ -104,8 +104,9 @@ class FaceJudge:
         big = np.asarray(Image.fromarray(img).resize((w * UPSCALE, h * UPSCALE), Image.BICUBIC))
         # HOG: one more pyramid upsampling step (faces down to ~40 px); the CNN finds the 2x
         # frame's faces (~100-200 px) without it, and at 4x the pixels it would be far slower
-        dets = self.detector(big, 0 if self.cnn else 1)
-        if self.cnn:
+        cnn = self.name == "cnn"
+        dets = self.detector(big, 0 if cnn else 1)
+        if cnn:  # the CNN detector returns scored boxes (.rect), the HOG one plain boxes
             dets = [d.rect for d in dets]
         if len(dets) == 0:
             return None

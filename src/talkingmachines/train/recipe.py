@@ -336,7 +336,7 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     # a stage's DONE.json counts its wall time over every sitting; timings.json only what each
     # call of the recipe saw finish, so it undercounts a stage that was interrupted and resumed
     done_wall = {"vae": vae, "decoder": dec, **st}
-    walls = {k: (done_wall[k].get("wall_seconds") or v) if done_wall.get(k) else v for k, v in timings.items()}
+    walls = {k: (done_wall.get(k) or {}).get("wall_seconds") or v for k, v in timings.items()}
     total = sum(walls.values()) / 60
     cfg = f" --config {r.config_path}" if r.config_path else ""
     reproduce = (f"This model's settings: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r.data}`"
