@@ -10,14 +10,14 @@ from talkingmachines import configs
 from talkingmachines.errors import InputError
 from talkingmachines.train.config import FLAT_KEYS, SECTIONS, TrainConfig, load_config, read_config_file
 
-FLAT = {"stage": "dmd", "steps": 7, "lr": 3e-4, "lr_schedule": "cosine", "warmup": 3, "weight_decay": 0.0,
+FLAT = {"stage": "dmd", "steps": 7, "lr": 3e-4, "lr_schedule": "wsd", "lr_decay": 4, "warmup": 3, "weight_decay": 0.0,
         "betas": [0.0, 0.95], "grad_clip": 2.0, "ema_decay": 0.9, "export_ema": False, "ckpt_every": 5,
         "keep_checkpoints": 1, "dist_mode": "ddp", "grad_checkpointing": True, "p_drop_audio": 0.2,
         "p_drop_ref": 0.1, "t_dist": "logit_normal", "mouth_weight": 3.0, "cfg_audio": 4.5, "cfg_ref": 1.5,
         "ode_steps": 8, "ode_pairs": 16, "ode_batch": 2, "fake_ratio": 3, "fake_lr": 1e-3, "dmd_weight": 0.5,
         "regression_weight": 0.1, "real_context_prob": 0.5, "dmd_s_min": 0.1, "dmd_s_max": 0.9}
 NESTED = {"stage": "dmd", "steps": 7,
-          "optim": {"lr": 3e-4, "lr_schedule": "cosine", "warmup": 3, "weight_decay": 0.0, "betas": [0.0, 0.95],
+          "optim": {"lr": 3e-4, "lr_schedule": "wsd", "decay": 4, "warmup": 3, "weight_decay": 0.0, "betas": [0.0, 0.95],
                     "grad_clip": 2.0},
           "ema": {"decay": 0.9, "export": False}, "checkpoint": {"every": 5, "keep": 1},
           "parallel": {"mode": "ddp", "grad_checkpointing": True},
@@ -143,3 +143,22 @@ def test_recipe_errors_are_input_errors():
         RecipeConfig.from_dict({**d, "synth": {"seconds": [1, 2]}})
     with pytest.raises(InputError, match="recipe lacks dmd"):
         RecipeConfig.from_dict({k: v for k, v in d.items() if k != "dmd"})
+
+
+def test_lr_schedules():
+    from talkingmachines.train.optim import lr_at
+    lr = 1e-3
+    assert lr_at(0, lr, 10, "constant", 100) == pytest.approx(1e-4)  # warmup
+    assert lr_at(50, lr, 10, "constant", 100) == lr
+    assert lr_at(100, lr, 10, "cosine", 100) == pytest.approx(0.1 * lr)
+    # wsd: constant until the last `decay` updates, whatever the total, then cosine to 0.1 lr;
+    # so a run extended from 600 to 1000 updates matches the shorter one on its stable part
+    for total in (600, 1000):
+        assert [lr_at(n, lr, 10, "wsd", total, 200) for n in (10, 399)] == [lr, lr]
+        assert lr_at(total - 200, lr, 10, "wsd", total, 200) == lr
+        assert lr_at(total - 100, lr, 10, "wsd", total, 200) == pytest.approx(0.55 * lr)
+        assert lr_at(total, lr, 10, "wsd", total, 200) == pytest.approx(0.1 * lr)
+    with pytest.raises(InputError, match="wsd needs lr_decay > 0"):
+        TrainConfig.from_dict({"lr_schedule": "wsd"})
+    with pytest.raises(InputError, match="lr_schedule must be"):
+        TrainConfig.from_dict({"lr_schedule": "linear"})

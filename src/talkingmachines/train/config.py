@@ -27,11 +27,18 @@ class OptimConfig:
     """AdamW and its learning-rate schedule (`optim.adamw`, `optim.lr_at`)."""
 
     lr: float = 2e-4
-    lr_schedule: str = "constant"  # constant | cosine (after warmup)
+    lr_schedule: str = "constant"  # constant | cosine (after warmup) | wsd (constant, then cosine over `decay`)
     warmup: int = 50
+    decay: int = 0  # wsd: the last `decay` updates anneal to 0.1 lr
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.99)
     grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine", "wsd"):
+            raise InputError(f"lr_schedule must be constant, cosine or wsd, not {self.lr_schedule!r}")
+        if self.lr_schedule == "wsd" and not (isinstance(self.decay, int) and self.decay > 0):
+            raise InputError(f"lr_schedule wsd needs lr_decay > 0 (updates to anneal over), got {self.decay!r}")
 
 
 @dataclass
@@ -99,6 +106,7 @@ SECTIONS = {"optim": OptimConfig, "ema": EMAConfig, "checkpoint": CheckpointConf
 # flat key (the shipped configs, recipe stage dicts, CLI overrides) -> (section, field)
 FLAT_KEYS: dict[str, tuple[str, str]] = {
     "lr": ("optim", "lr"), "lr_schedule": ("optim", "lr_schedule"), "warmup": ("optim", "warmup"),
+    "lr_decay": ("optim", "decay"),
     "weight_decay": ("optim", "weight_decay"), "betas": ("optim", "betas"), "grad_clip": ("optim", "grad_clip"),
     "ema_decay": ("ema", "decay"), "export_ema": ("ema", "export"),
     "ckpt_every": ("checkpoint", "every"), "keep_checkpoints": ("checkpoint", "keep"),

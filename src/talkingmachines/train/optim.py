@@ -16,15 +16,21 @@ def adamw(model: nn.Module, lr: float, betas=(0.9, 0.99), weight_decay: float = 
                              weight_decay=weight_decay)
 
 
-def lr_at(n: int, lr: float, warmup: int, schedule: str, total: int) -> float:
+def lr_at(n: int, lr: float, warmup: int, schedule: str, total: int, decay: int = 0) -> float:
     """The learning rate of update ``n`` (0-based) of ``total``: linear warmup over ``warmup``
-    updates, then constant, or (``schedule="cosine"``) cosine down to 0.1 ``lr`` at ``total``."""
+    updates, then constant, or (``schedule="cosine"``) cosine down to 0.1 ``lr`` at ``total``, or
+    (``"wsd"``, warmup-stable-decay) constant until the last ``decay`` updates, which cosine down
+    to 0.1 ``lr``. wsd lets a long constant-rate run be extended and still end annealed: its
+    first ``total - decay`` updates do not depend on ``total``."""
     if warmup > 0 and n < warmup:
         return lr * (n + 1) / warmup
     if schedule == "cosine":
         p = min(1.0, (n - warmup) / max(1, total - warmup))
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-    return lr
+    elif schedule == "wsd" and decay > 0:
+        p = min(1.0, max(0, n - (total - decay)) / decay)
+    else:
+        return lr
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def optimizer_to_flat(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:

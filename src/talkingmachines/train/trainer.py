@@ -208,7 +208,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def lr_at(self, g: Group) -> float:
         cfg = self.cfg
-        return lr_at(g.updates, g.lr, cfg.optim.warmup, cfg.optim.lr_schedule, self.expected_updates(g))
+        return lr_at(g.updates, g.lr, cfg.optim.warmup, cfg.optim.lr_schedule, self.expected_updates(g),
+                     cfg.optim.decay)
 
     def expected_updates(self, g: Group) -> int:
         return self.cfg.steps
