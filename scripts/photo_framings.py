@@ -8,7 +8,11 @@ size), and in a still clip of it through the model's VAE (the ceiling for anythi
 through that VAE); then the student's video of the speech: face found (all, in speech), lip
 opening vs speech (lag, correlation) and opening speech / silence.
 
-    python scripts/photo_framings.py PHOTO --box 140 10 340 210 [--model DIR] [--audio WAV]
+    python scripts/photo_framings.py PHOTO --box 140 10 340 210 [--model DIR] [--audio WAV] [--align-face]
+
+With ``--align-face`` each framing is first aligned to the model's training faces
+(`talkingmachines.face_align`, as ``generate --align-face`` does), so the rows show how much of
+the crop's effect alignment removes.
 
 The README's photo: scikit-image's ``astronaut.png`` (public domain), box 140 10 340 210.
 """
@@ -50,6 +54,7 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="a model folder (default: the shipped tiny model)")
     ap.add_argument("--audio", default=None, help="speech (default: the bundled speech.wav)")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--align-face", action="store_true", help="align each framing's face first (generate --align-face)")
     a = ap.parse_args()
 
     from talkingmachines.eval import face_judge
@@ -74,9 +79,20 @@ def main() -> int:
         return 2
     avatar = load_avatar(a.model)
     P = avatar.preset
+    if a.align_face:
+        from talkingmachines import face_align
+        from talkingmachines.errors import InputError
+
+        try:
+            template = face_align.load_template(avatar.folder)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     rows = {}
     for name, im in framings(img, tuple(a.box)).items():
         portrait = np.asarray(im)
+        if a.align_face:
+            portrait = face_align.align_face(portrait, template, P.height, P.width, judge)[0]
         still = np.repeat(fit_image(portrait, P.height, P.width)[None], 9, 0)  # as the model sees it
         input_found = judge.frame(still[0])[0]
         vae_found = float(np.mean(judge.video(vae_roundtrip(avatar, still))[0]))
@@ -98,7 +114,9 @@ def main() -> int:
         print(f"| {name} | {'yes' if r['input_found'] else 'no'} | {pct(r['vae_found'])} | {pct(r['face_found'])} | "
               f"{pct(r['face_found_speech'])} | {num(r['lag'], 'd')}, {num(r['corr'], '.2f')} | {num(r['open_ratio'], '.1f')}x |")
     mean = np.mean([r["face_found"] for r in rows.values()])
-    print(f"mean face found over the {len(rows)} framings: {100 * mean:.0f} %")
+    corrs = [r["corr"] for r in rows.values() if r["corr"] is not None]
+    print(f"mean face found over the {len(rows)} framings: {100 * mean:.0f} %; "
+          f"mean lip corr {np.mean(corrs) if corrs else float('nan'):.2f} ({len(corrs)} with a figure)")
     if a.json:
         from talkingmachines.fileio import atomic_write_text
 

@@ -265,18 +265,20 @@ def load_audio(path) -> np.ndarray:
 # ----------------------------------------------------------------------------- image in
 
 
-def load_image(path, size: tuple[int, int]) -> np.ndarray:
+def load_image(path, size: tuple[int, int] | None) -> np.ndarray:
     """Load a portrait as uint8 [H, W, 3] RGB, centre-cropped to the target aspect and resized.
 
-    `size` is `(height, width)` (numpy order, the shape of the result). EXIF orientation is
+    `size` is `(height, width)` (numpy order, the shape of the result), or None for the image
+    as it is (`face_align` frames it itself). EXIF orientation is
     applied; transparency is composited onto white. Raises `InputError` for non-images,
     images under 64 px on the short side, over 12000 px on a side or over 100 MP.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    height, width = int(size[0]), int(size[1])
-    if height <= 0 or width <= 0:
-        raise ValueError(f"bad target size {size!r}")
+    if size is not None:
+        height, width = int(size[0]), int(size[1])
+        if height <= 0 or width <= 0:
+            raise ValueError(f"bad target size {size!r}")
     p = _check_file(path, "image")
     try:
         with warnings.catch_warnings():
@@ -315,13 +317,14 @@ def load_image(path, size: tuple[int, int]) -> np.ndarray:
                 im = Image.fromarray(a, "L").convert("RGB")
             elif im.mode != "RGB":
                 im = im.convert("RGB")
-            im = ImageOps.fit(im, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+            if size is not None:
+                im = ImageOps.fit(im, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
             arr = np.asarray(im, dtype=np.uint8)
         except InputError:
             raise
         except Exception as e:
             raise InputError(f"cannot decode image {p}: {_short(e)}") from None
-    return np.ascontiguousarray(arr.reshape(height, width, 3))
+    return np.ascontiguousarray(arr.reshape(arr.shape[0], arr.shape[1], 3))
 
 
 # ----------------------------------------------------------------------------- MP4 out

@@ -71,12 +71,13 @@ class ServerState:
     def __init__(self, *, agent: str, agent_kwargs: dict, max_sessions: int, token: str | None,
                  portrait: np.ndarray | None, idle_timeout: float, connect_timeout: float = 6.0,
                  allow_origins: list[str] | None = None, host_names: list[str] | None = None,
-                 offers_per_minute: int = OFFERS_PER_MINUTE):
+                 offers_per_minute: int = OFFERS_PER_MINUTE, align_template: np.ndarray | None = None):
         self.agent_name = agent
         self.make_agent = agent_factory(agent, **agent_kwargs)
         self.max_sessions = max_sessions
         self.token = token
         self.portrait = portrait
+        self.align_template = align_template  # uploaded portraits are framed to it (--align-face)
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.allow_origins = {normalize_origin(o) for o in allow_origins or []}
@@ -362,6 +363,16 @@ async def offer(request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
         if portrait is None:
             portrait = await loop.run_in_executor(None, st.avatar.default_portrait)
+        elif params.get("portrait") and st.align_template is not None:
+            from .. import face_align
+            from ..errors import InputError
+
+            pr = st.avatar.preset
+            try:
+                portrait, _ = await loop.run_in_executor(None, lambda: face_align.align_face(
+                    portrait, st.align_template, pr.height, pr.width, source="the uploaded portrait"))
+            except InputError as e:
+                return _bad(str(e), st)
         stream = await loop.run_in_executor(None, st.avatar.new_stream, portrait)
 
         def _closed(s: CallSession) -> None:
@@ -402,16 +413,18 @@ def create_app(*, avatar: Any = None, avatar_loader: Callable[[], Any] | None = 
                agent_kwargs: dict | None = None, image: str | np.ndarray | None = None, max_sessions: int = 2,
                token: str | None = None, idle_timeout: float = 4.0, warmup: bool = True,
                connect_timeout: float = 6.0, allow_origins: list[str] | None = None,
-               host: str | None = None, offers_per_minute: int = OFFERS_PER_MINUTE) -> web.Application:
+               host: str | None = None, offers_per_minute: int = OFFERS_PER_MINUTE,
+               align_template: np.ndarray | None = None) -> web.Application:
     """The aiohttp application. Pass a loaded `avatar` (tests) or an `avatar_loader` run at startup.
     ``allow_origins``: other web origins whose pages may place calls (and whose host names this
     server answers to); ``host``: the name it was started with (--host); ``offers_per_minute``: per
-    client address, more get HTTP 429 (0: no limit)."""
+    client address, more get HTTP 429 (0: no limit); ``align_template``: the model's face template
+    (`face_align`), to which uploaded portraits are framed (``image`` is given framed already)."""
     portrait = load_image(image) if isinstance(image, str) else image
     st = ServerState(agent=agent, agent_kwargs=agent_kwargs or {}, max_sessions=max_sessions, token=token,
                      portrait=portrait, idle_timeout=idle_timeout, connect_timeout=connect_timeout,
                      allow_origins=allow_origins, host_names=[host] if host else None,
-                     offers_per_minute=offers_per_minute)
+                     offers_per_minute=offers_per_minute, align_template=align_template)
     st.avatar = avatar
     app = web.Application(client_max_size=MAX_BODY + 1024, middlewares=[same_origin_only])
     app[STATE] = st
@@ -542,16 +555,25 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, agent: str = "mirror",
                max_sessions: int = 2, token: str | None = None, model: str | None = None, preset: str = "tiny",
                device: str = "cpu", agent_kwargs: dict | None = None, idle_timeout: float = 4.0,
                connect_timeout: float = 6.0, allow_origins: list[str] | None = None,
-               offers_per_minute: int = OFFERS_PER_MINUTE) -> None:
+               offers_per_minute: int = OFFERS_PER_MINUTE, align_face: bool = False) -> None:
     check_bind(host, token)
     from ..errors import InputError
 
     tame_malloc()
+    template = None
+    if align_face:  # checked, and --image framed, before the model loads: a bad photo fails fast
+        from .. import face_align
+        from ..stream.options import preset_from_args
+
+        p = preset_from_args(argparse.Namespace(model=model, preset=preset))
+        template = face_align.template_for(model, preset)
+        if image:
+            image = face_align.align_face(load_image(image), template, p.height, p.width, source=image)[0]
     try:
         app = create_app(avatar_loader=default_loader(model, preset, device), agent=agent,
                          agent_kwargs=agent_kwargs, image=image, max_sessions=max_sessions, token=token,
                          idle_timeout=idle_timeout, connect_timeout=connect_timeout, allow_origins=allow_origins,
-                         host=host, offers_per_minute=offers_per_minute)
+                         host=host, offers_per_minute=offers_per_minute, align_template=template)
     except (ValueError, RuntimeError) as e:
         raise InputError(str(e)) from None
     sock = listen_socket(host, port)
@@ -575,5 +597,5 @@ def serve_main(args: argparse.Namespace) -> int:
     run_server(host=args.host, port=args.port, agent=args.agent, image=args.image, max_sessions=args.max_sessions,
                token=args.token, model=args.model, preset=args.preset, device=args.device, agent_kwargs=kw,
                idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout, allow_origins=args.allow_origin,
-               offers_per_minute=args.offers_per_minute)
+               offers_per_minute=args.offers_per_minute, align_face=args.align_face)
     return 0

@@ -19,6 +19,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="voice agent: mirror (speaks your mic), echo (repeats your turns), tts (typed text), "
                         "realtime (OpenAI-Realtime-compatible server)")
     p.add_argument("--image", default=None, help="portrait image (default: the model's shipped portrait)")
+    p.add_argument("--align-face", action="store_true",
+                   help="frame --image and uploaded portraits so their face sits where the model's training "
+                        "faces did (68 landmarks; needs the eval extra): use it for real photos")
     p.add_argument("--max-sessions", type=int, default=2, help="concurrent calls; more get HTTP 503 busy")
     p.add_argument("--token", default=os.environ.get("TM_TOKEN"), help="required bearer token (env TM_TOKEN)")
     add_model_args(p, seed=False, steps=False)

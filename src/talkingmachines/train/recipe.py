@@ -289,6 +289,7 @@ def export_model(r: RecipeConfig, out: Path, dest: Path, timings: dict) -> Path:
     for k, f in curves.items():
         if f.is_file():
             shutil.copy(f, tmp / f"loss_{k}.png")
+    write_face_template(r, tmp)
     (tmp / "card.md").write_text(model_card(r, out, preset, timings, tmp))
     for f in tmp.iterdir():  # replace the destination's entries one by one
         target = dest / f.name
@@ -299,6 +300,26 @@ def export_model(r: RecipeConfig, out: Path, dest: Path, timings: dict) -> Path:
         f.replace(target)
     shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def write_face_template(r: RecipeConfig, folder: Path) -> None:
+    """``face_template.json``: where the training faces' landmarks sit (`face_align`, for
+    ``--align-face``), measured when the face judge (the eval extra) is installed."""
+    from .. import face_align
+    from ..dataset import ClipDataset, held_out_split
+    from ..eval import face_judge
+
+    if not face_judge.available():
+        _log(f"export: no {face_align.TEMPLATE_FILE} (the face judge is not installed): "
+             "--align-face will refuse this model")
+        return
+    train, _ = held_out_split(ClipDataset(r.data), r.held_out, r.seed)
+    t = face_align.template_from_dataset(train, face_judge.FaceJudge.load("hog"))
+    if t is None:
+        _log(f"export: the face judge found no face in the training clips: no {face_align.TEMPLATE_FILE}")
+    else:
+        face_align.save_template({**t, "data": str(r.data)}, folder)
+        _log(f"export: {face_align.TEMPLATE_FILE} from {t['faces']} of {t['frames']} training faces")
 
 
 def _done(path: Path) -> dict:
