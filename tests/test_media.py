@@ -162,6 +162,8 @@ def test_load_image_crop_and_modes(tmp_path):
     assert out[:, 5:-5, 1].min() > 200 and out[:, 5:-5, 0].max() < 30  # centre crop: all green
     tall = load_image(tmp_path / "wide.png", (96, 32))  # (height, width)
     assert tall.shape == (96, 32, 3)
+    whole = load_image(tmp_path / "wide.png", None)  # as it is (--align-face frames it itself)
+    assert np.array_equal(whole, a)
 
     rgba = np.zeros((80, 80, 4), np.uint8)
     rgba[..., 0] = 255

@@ -5,7 +5,7 @@ that names the file and what is wrong; PyAV / PIL exceptions never escape as tra
 
 * `load_audio(path)` -> float32 mono 16 kHz in [-1, 1] (WAV, MP3, FLAC, OGG, M4A, ... via PyAV);
   `iter_audio(path)` gives the same samples piece by piece (flat memory at any length).
-* `load_image(path, size=(height, width))` -> uint8 [H, W, 3] RGB, centre-cropped + LANCZOS.
+* `load_image(path, size=(height, width))` -> uint8 [H, W, 3] RGB, centre-cropped + LANCZOS (size None: as it is).
 * `write_mp4(path, frames, audio)` / `Mp4Writer(...)`: atomic H.264 (libx264, yuv420p) + AAC
   MP4 writer (temp file in the same directory, `os.replace` on success, removed on error).
 * `read_video(path)` -> (frames, audio, fps); `probe(path)` -> durations and counts.

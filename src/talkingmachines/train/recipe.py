@@ -401,8 +401,10 @@ Trained for {total:.0f} minutes, only on procedural cartoon-to-shaded faces at {
 frames are soft and blurry, a few break into blotches, and the mouth opens less than in the data. Judge the
 face with the landmark columns above (a packaged face-landmark model), not the pixel metrics alone, and look at a
 frame grid (`talkingmachines eval VIDEO --grid grid.png`). A real photo is outside the training distribution:
-its face stays recognisable but soft, and its mouth barely follows the speech. The tiny model proves the
-pipeline; the real presets are for real faces.
+its face stays recognisable but soft, and framed as it comes its mouth barely follows the speech, since the model
+draws a mouth where its training faces had one. `--align-face` (generate, demo, serve) warps the photo so its
+face landmarks land on the training faces' mean landmarks (`face_template.json`, measured at export), and then
+the photo's own mouth opens in speech. The tiny model proves the pipeline; the real presets are for real faces.
 
 ## Reproduce
 {reproduce}
