@@ -187,7 +187,8 @@ def _load_avatar():
 
 async def entrypoint(ctx) -> None:
     """LiveKit avatar worker job: joins the room, receives the agent's audio over data streams,
-    publishes the avatar's video and audio. Portrait from $TM_IMAGE (default: the model's)."""
+    publishes the avatar's video and audio. Portrait from $TM_IMAGE (default: the model's), framed
+    for the model with $TM_ALIGN_FACE=1 (`face_align`)."""
     from livekit.agents.voice.avatar import AvatarOptions, AvatarRunner, DataStreamAudioReceiver
 
     await ctx.connect()
@@ -198,6 +199,12 @@ async def entrypoint(ctx) -> None:
         from .app import load_image
 
         portrait = load_image(image)
+        if os.environ.get("TM_ALIGN_FACE", "") not in ("", "0"):  # as `serve --align-face`
+            from .. import face_align
+
+            p = avatar.preset
+            portrait = (await loop.run_in_executor(None, lambda: face_align.align_face(
+                portrait, face_align.load_template(avatar.folder), p.height, p.width, source=image)))[0]
     else:
         portrait = avatar.default_portrait()
     stream = await loop.run_in_executor(None, avatar.new_stream, portrait)
