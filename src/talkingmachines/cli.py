@@ -104,6 +104,9 @@ def _generate(args, out: Path) -> int:
               f"rotation {how['rotation_deg']:+.1f} deg", file=sys.stderr)
     else:
         portrait = load_image(image, (p.height, p.width))
+        if args.image and getattr(args, "align_face", None) is False:
+            print("note: for a photo of a real face, --align-face puts its mouth where the model draws one",
+                  file=sys.stderr)
     avatar = load_from_args(args)
     stream = avatar.new_stream(portrait, seed=args.seed, steps=args.steps)
     dur = audio_duration(args.audio)
@@ -138,7 +141,6 @@ ALIGN_HELP = ("frame the photo's face where the model's training faces sat (foun
 
 
 def cmd_demo(args) -> int:
-    args.image = args.image or str(ASSETS / "portrait.png")
     args.audio = str(ASSETS / "speech.wav")
     return cmd_generate(args)
 
