@@ -95,7 +95,7 @@ def _generate(args, out: Path) -> int:
         raise InputError(f"{args.audio}: the audio is silent; nothing to lip-sync")
     p = preset_from_args(args)
     image = args.image or ASSETS / "portrait.png"
-    if getattr(args, "align_face", False):
+    if args.align_face:
         from . import face_align
 
         template = face_align.template_for(args.model, args.preset)
@@ -104,7 +104,7 @@ def _generate(args, out: Path) -> int:
               f"rotation {how['rotation_deg']:+.1f} deg", file=sys.stderr)
     else:
         portrait = load_image(image, (p.height, p.width))
-        if args.image and getattr(args, "align_face", None) is False:
+        if args.image:
             print("note: for a photo of a real face, --align-face puts its mouth where the model draws one",
                   file=sys.stderr)
     avatar = load_from_args(args)

@@ -15,15 +15,12 @@ and template are read alike.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
 from .fileio import atomic_write_text
-
-log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "face_template.json"
 # brows, nose, eyes and lips: the jaw line (0-16) is left out of the fit, since a photo's jaw
@@ -125,20 +122,13 @@ def photo_landmarks(img: np.ndarray, judge) -> np.ndarray | None:
         r = cv2.getRotationMatrix2D((sw / 2, sh / 2), a, 1.0)
         turned = small if a == 0 else cv2.warpAffine(small, r, (sw, sh), flags=cv2.INTER_LINEAR,
                                                      borderMode=cv2.BORDER_REPLICATE)
-        if judge.name == "cnn":
-            found = [(d.confidence, d.rect) for d in judge.detector(turned, 1)]
-        else:
-            boxes, scores, _ = judge.detector.run(turned, 1, 0.0)
-            found = list(zip(scores, boxes))
-        for score, box in found:
+        for score, box in judge.faces(turned, 1):
             if best is None or score > best[0]:
                 best = (score, turned, box, r)
     if best is None:
         return None
     _, turned, box, r = best
-    s = judge.predictor(turned, box)
-    pts = np.array([[s.part(i).x, s.part(i).y] for i in range(68)], np.float64)
-    pts = (pts - r[:, 2]) @ np.linalg.inv(r[:, :2]).T  # back into the unturned copy
+    pts = (judge.points(turned, box) - r[:, 2]) @ np.linalg.inv(r[:, :2]).T  # back into the unturned copy
     return pts * np.array([w / sw, h / sh])
 
 
@@ -161,9 +151,13 @@ def align_face(img: np.ndarray, template: np.ndarray, height: int, width: int, j
     again = judge.landmarks(_warp(img, m, width, height))
     if again is not None:
         m = _then(m, similarity(again[FIT_POINTS], dst[FIT_POINTS]))
-    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
     angle = float(np.degrees(np.arctan2(m[1, 0], m[0, 0])))
-    return _warp(img, m, width, height), {"scale": scale, "rotation_deg": angle}
+    return _warp(img, m, width, height), {"scale": _scale(m), "rotation_deg": angle}
+
+
+def _scale(m: np.ndarray) -> float:
+    """The scale factor of a 2x3 similarity."""
+    return float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
 
 
 def _then(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -179,7 +173,7 @@ def _warp(img: np.ndarray, m: np.ndarray, width: int, height: int) -> np.ndarray
 
     # shrink first with a proper low-pass (LANCZOS), so the warp itself is near scale 1 and
     # bilinear sampling does not alias the photo's detail into the small frame
-    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+    scale = _scale(m)
     h, w = img.shape[:2]
     if scale < 1.0:
         sw, sh = max(1, round(w * scale)), max(1, round(h * scale))

@@ -104,15 +104,23 @@ class FaceJudge:
         big = np.asarray(Image.fromarray(img).resize((w * UPSCALE, h * UPSCALE), Image.BICUBIC))
         # HOG: one more pyramid upsampling step (faces down to ~40 px); the CNN finds the 2x
         # frame's faces (~100-200 px) without it, and at 4x the pixels it would be far slower
-        cnn = self.name == "cnn"
-        dets = self.detector(big, 0 if cnn else 1)
-        if cnn:  # the CNN detector returns scored boxes (.rect), the HOG one plain boxes
-            dets = [d.rect for d in dets]
-        if len(dets) == 0:
+        dets = [box for _, box in self.faces(big, 0 if self.name == "cnn" else 1)]
+        if not dets:
             return None
-        d = max(dets, key=lambda r: r.area())
-        s = self.predictor(big, d)
-        return np.array([[s.part(i).x, s.part(i).y] for i in range(68)], np.float64) / UPSCALE
+        return self.points(big, max(dets, key=lambda r: r.area())) / UPSCALE
+
+    def faces(self, img: np.ndarray, upsample: int) -> list:
+        """The detector's (score, box) pairs on ``img``, ``upsample`` pyramid steps up. (The CNN
+        returns scored boxes; HOG's ``run`` gives the same boxes as its plain call, scores beside.)"""
+        if self.name == "cnn":
+            return [(d.confidence, d.rect) for d in self.detector(img, upsample)]
+        boxes, scores, _ = self.detector.run(img, upsample, 0.0)
+        return list(zip(scores, boxes))
+
+    def points(self, img: np.ndarray, box) -> np.ndarray:
+        """The predictor's 68 landmarks [68, 2] of the face in ``box``, in ``img``'s pixels."""
+        s = self.predictor(img, box)
+        return np.array([[s.part(i).x, s.part(i).y] for i in range(68)], np.float64)
 
     def frame(self, rgb: np.ndarray) -> tuple[bool, float]:
         p = self.landmarks(rgb)
