@@ -156,6 +156,13 @@ def test_evaluate_model_smoke_random_weights():
     else:
         assert all(not v for v in fv["systems"].values())
         assert not any(k.startswith("visible_") for k in r["targets"])
+    # and over the clips whose ground-truth lips the judge reads
+    from talkingmachines.eval.runners import reads_lips
+
+    fr = r["face_readable"]
+    reads = reads_lips(row["face"]["ground_truth"])
+    assert fr["of"] == 1 and fr["clips"] == int(reads)
+    assert any(k.startswith("readable_") for k in r["targets"]) == reads
     # and per drawing style: the one clip's style
     style = clip.params["face"]["style"]
     assert list(r["face_by_style"]) == [style]
@@ -167,6 +174,18 @@ def test_evaluate_model_smoke_random_weights():
     v = q.evaluate_model(avatar, [clip], student=False, progress=False)
     assert set(v["summary"]) == {"ground_truth_signal", "ground_truth", "vae_roundtrip"} and "long_stream" not in v
     assert set(v["face"]) == {"ground_truth", "vae_roundtrip"}
+
+
+def test_reads_lips_needs_a_close_lag_and_a_strong_correlation():
+    """A clip counts as one whose ground-truth lips the judge reads only when their opening
+    follows the speech at correlation >= 0.6 within 2 frames; no lip-sync reading (no speech, or
+    no face) never counts."""
+    from talkingmachines.eval.runners import READABLE_MIN_CORR, reads_lips
+
+    assert READABLE_MIN_CORR == 0.6
+    assert reads_lips({"lag": 1, "confidence": 0.6}) and reads_lips({"lag": -2, "confidence": 0.9})
+    assert not reads_lips({"lag": 3, "confidence": 0.9}) and not reads_lips({"lag": 0, "confidence": 0.59})
+    assert not reads_lips({"lag": None, "confidence": float("nan")}) and not reads_lips({"face_found": 1.0})
 
 
 def test_fill_card_replaces_only_the_metrics_section(tmp_path):

@@ -190,6 +190,13 @@ def metrics_markdown(r: dict, command: str) -> str:
                            "drawn faces outright, the ground truth's too):", ""]
             face_lines += face_table("face judge, clips it can see", vis["systems"],
                                      [rw for rw in FACE_ROWS if rw[1] != "clips_lag_within_2"])
+        read = r.get("face_readable") or {}
+        if read.get("clips"):
+            face_lines += ["", f"The same, on the {read['clips']} of {read['of']} clips whose ground-truth lips the judge "
+                           f"reads (their opening follows the speech at correlation >= {read['min_ground_truth_corr']} "
+                           "within 2 frames; it misreads some drawn mouths):", ""]
+            face_lines += face_table("face judge, lips it reads", read["systems"],
+                                     [rw for rw in FACE_ROWS if rw[1] != "clips_lag_within_2"])
         styles = style_lines(r.get("face_by_style") or {}, [k for k, _ in cols if k in faces])
         if styles:
             face_lines += ["", "By drawing style (the synthetic data's four; a lip correlation needs frames where "
@@ -239,7 +246,8 @@ def metrics_markdown(r: dict, command: str) -> str:
                               "lip lag, corr", f"{_pct(f['face_found_first_window'])} / {_pct(f['face_found_last_window'])}; "
                               f"{_fmt(f.get('lag'))}, {_fmt(f.get('confidence'), 2)}"))
     verdict = {True: "met", False: "NOT met", None: "not measured"}
-    lines += ["", "Targets (`targets` in the report; `visible_`: on the clips the judge can see): "
+    lines += ["", "Targets (`targets` in the report; `visible_`: on the clips the judge can see; `readable_`: on the clips "
+              "whose ground-truth lips it reads): "
               + ", ".join(f"{k} {verdict[v]}" for k, v in r["targets"].items()) + "."]
     return "\n".join(lines)
 
@@ -330,6 +338,14 @@ def cmd_eval_model(args) -> int:
             for label, key, fmt in FACE_ROWS:
                 if key != "clips_lag_within_2":
                     print(f"{label[:40]:42s}" + "".join(f"{fmt((seen.get(n) or {}).get(key)):>16s}" for n in fn))
+        read = r.get("face_readable") or {}
+        if read.get("clips"):
+            print(f"on the {read['clips']} of {read['of']} clips whose ground-truth lips the judge reads "
+                  f"(corr >= {read['min_ground_truth_corr']}, lag within 2):")
+            for label, key, fmt in FACE_ROWS:
+                if key != "clips_lag_within_2":
+                    print(f"{label[:40]:42s}" + "".join(f"{fmt((read['systems'].get(n) or {}).get(key)):>16s}"
+                                                        for n in fn))
         gen = [n for n in fn if n != "ground_truth"]
         groups = [("style", st, d) for st, d in (r.get("face_by_style") or {}).items()]
         groups += [("skin", sk, d) for sk, d in (r.get("face_by_skin") or {}).items()]

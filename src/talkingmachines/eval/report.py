@@ -24,6 +24,10 @@ def targets(out: dict) -> dict:
         vis = out.get("face_visible") or {}
         if vis.get("clips"):
             t.update(_face_targets(vis["systems"], "visible_", all_frames=False))
+        # and on the clips whose ground-truth lips it reads (lip corr >= 0.6 there)
+        read = out.get("face_readable") or {}
+        if read.get("clips"):
+            t.update(_face_targets(read["systems"], "readable_", all_frames=False))
     ls = out.get("long_stream")
     if ls:
         d = ls["drift"]

@@ -3,6 +3,7 @@ stream, the VAE's round trip, scored by `metrics` on the `mouth` signal (and by 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -18,6 +19,9 @@ from ..train.synth.face import SKIN_BANDS, skin_band
 __all__ = ["evaluate_model", "generate_video", "vae_roundtrip", "face_judge_available"]
 
 VISIBLE_MIN_FOUND = 0.5  # a clip counts as one the judge can see when it finds its ground-truth face this often
+# a clip counts as one whose lips the judge reads when its ground truth's lip opening follows the
+# speech this well (best lag within 2 frames): the bar the student is held to
+READABLE_MIN_CORR = 0.6
 LONG_PORTRAIT_MIN_FOUND = 0.9  # the long stream's portrait comes from a clip the judge sees this well
 
 
@@ -163,6 +167,11 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
         seen = {i for i, f in gt.items() if f["face_found"] >= VISIBLE_MIN_FOUND}
         out["face_visible"] = {"min_ground_truth_found": VISIBLE_MIN_FOUND, "clips": len(seen), "of": len(gt),
                                "systems": pool_clips(faces, face_clip, seen)}
+        # and over the clips whose ground-truth lips it reads (it misreads some drawn mouths, the
+        # ground truth's too): what is left there is the models' doing, not the judge's
+        read = {i for i, f in gt.items() if reads_lips(f)}
+        out["face_readable"] = {"min_ground_truth_corr": READABLE_MIN_CORR, "clips": len(read), "of": len(gt),
+                                "systems": pool_clips(faces, face_clip, read)}
         out["face_by_style"] = by_style(items, faces, face_clip)
         out["face_by_skin"] = by_skin(items, faces, face_clip)
         out["face_by_style_skin"] = by_style_skin(items, faces, face_clip)
@@ -216,6 +225,13 @@ def by_style_skin(items: list[dict], faces: dict[str, list], face_clip: dict[str
     names = {key(c.get("face") or {}) for c in items} - {None}
     order = sorted(names, key=lambda n: (n.split("/")[0], bands.index(n.split("/")[1])))
     return by_group(items, faces, face_clip, key, order=order)
+
+
+def reads_lips(gt_face: dict) -> bool:
+    """Whether the judge reads a clip's ground-truth lips: their opening follows the speech at a
+    best lag within 2 frames with correlation >= READABLE_MIN_CORR."""
+    conf, lag = gt_face.get("confidence"), gt_face.get("lag")
+    return lag is not None and abs(lag) <= 2 and conf is not None and math.isfinite(conf) and conf >= READABLE_MIN_CORR
 
 
 def pool_clips(faces: dict[str, list], face_clip: dict[str, list], clips: set[int]) -> dict:

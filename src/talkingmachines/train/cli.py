@@ -138,7 +138,8 @@ def register(sub) -> None:
             s.add_argument("--data-version", type=int, default=1, choices=synth.DATA_VERSIONS,
                            help="1: the original clips; 2: close-up faces whose head and brows ignore the speech; "
                                 "3: as 2 with a wider opening and less head motion; 4: as 3 drawn with a real face's "
-                                "light-dark layout in every style (what a face detector keys on)")
+                                "light-dark layout in every style (what a face detector keys on); 5: as 4 with a lens-shaped "
+                                "open mouth, a dark inside and lighter lips (what a landmark model reads)")
             s.add_argument("--preview", metavar="PNG", default=None,
                            help="only write a contact sheet of 16 random faces (--seed, --size)")
             s.set_defaults(fn=cmd_synth)

@@ -44,7 +44,7 @@ def _smooth_noise(rng: np.random.Generator, T: int, sigma: float) -> np.ndarray:
 
 
 # per close-up version: head-motion amplitude (v1's varies with speech; max opening: `face._OPEN_SCALE`)
-_HEAD_AMP = {2: 1.6, 3: 0.55, 4: 0.55}
+_HEAD_AMP = {2: 1.6, 3: 0.55, 4: 0.55, 5: 0.55}
 
 
 def head_motion(rng: np.random.Generator, speaking: np.ndarray, mouth_open: np.ndarray, version: int = 1):

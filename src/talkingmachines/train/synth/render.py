@@ -363,6 +363,9 @@ class FaceRenderer:
         up = opening * 0.3  # the jaw drops: most of the opening goes down
         dn = opening * 0.7
         smile = p.smile * fh * 0.08 * (1.0 - mo)
+        if p.mouth_shape == "lens" and opening >= S * 0.01:
+            self._lens_mouth(d, mx, my, hw, lt, opening, mr)
+            return self._glasses(d, cx, cy, ey, ew, eh)
         if opening < S * 0.01:  # closed: lips and a line between them
             d.ellipse([mx - hw, my - lt, mx + hw, my + lt * 1.1], fill=p.lip,
                       outline=olc if mow else None, width=mow)
@@ -386,6 +389,34 @@ class FaceRenderer:
             ang = math.asin(max(-1.0, min(1.0, 1 - tg / ih)))
             d.polygon(_ellipse_pts(mx, (dn - up) / 2 + my, iw, ih, ang, math.pi - ang, 16), fill=p.tongue)
         self._glasses(d, cx, cy, ey, ew, eh)
+
+    def _lens_mouth(self, d, mx, my, hw, lt, opening, mr) -> None:
+        """An open mouth shaped as a real one is: the lips meet in pointed corners, the upper lip
+        is thin and the lower one full, the opening is a lens no taller than `open_aspect` x its
+        width, with the upper teeth showing (a face-landmark model reads an ellipse in a ring of
+        lip as a pursed mouth, whatever its height)."""
+        p = self.p
+        iw = hw * (0.9 - 0.08 * mr)
+        opening = min(opening, p.open_aspect * 2 * iw)
+        up, dn = opening * 0.3, opening * 0.7
+
+        def arc(half_w, rise, n=24):  # corner to corner, rise > 0 upwards; corners pointed
+            xs = np.linspace(-1.0, 1.0, n)
+            return [(mx + half_w * x, my - rise * (1.0 - x * x) ** 0.75) for x in xs]
+
+        outer = arc(hw, up + lt * 0.8) + arc(hw, -(dn + lt * 1.3))[::-1]
+        d.polygon(outer, fill=p.lip)
+        top = arc(iw, up)
+        bottom = arc(iw, -dn)[::-1]
+        d.polygon(top + bottom, fill=p.mouth_inner)
+        S = self.S
+        ih = up + dn
+        if ih > S * 0.012:  # upper teeth: the top of the opening, a band at most 0.018 S high
+            tb = min(ih * 0.35, S * 0.018)
+            d.polygon(top + [(x, min(y + tb, my)) for x, y in top[::-1]], fill=p.teeth)
+            tg = min(ih * 0.3, S * 0.02)  # the tongue's top, low in the opening
+            low = arc(iw * 0.7, -dn)
+            d.polygon(low + [(x, max(y - tg, my)) for x, y in low[::-1]], fill=p.tongue)
 
     def _glasses(self, d, cx, cy, ey, ew, eh):
         p = self.p
