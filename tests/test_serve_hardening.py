@@ -221,3 +221,22 @@ def test_too_many_offers_from_one_address_get_429():
             await pc.close()
 
     run(main())
+
+
+def test_serve_image_is_read_like_generates(tmp_path):
+    """`serve --image` reads its portrait as `generate` does (media.load_image, whole): EXIF
+    orientation applied, and a clear InputError, not a traceback, for a missing or tiny file."""
+    from PIL import Image
+
+    from talkingmachines.errors import InputError
+    from talkingmachines.serve.app import load_image
+
+    img = Image.fromarray(np.arange(120 * 80 * 3, dtype=np.uint8).reshape(80, 120, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    img.save(tmp_path / "turned.jpg", exif=exif)
+    assert load_image(str(tmp_path / "turned.jpg")).shape == (120, 80, 3)  # displayed upright: tall
+    Image.new("RGB", (40, 40)).save(tmp_path / "tiny.png")
+    for bad, words in ((tmp_path / "nope.png", "not found"), (tmp_path / "tiny.png", "too small")):
+        with pytest.raises(InputError, match=words):
+            load_image(str(bad))

@@ -229,16 +229,12 @@ def decode_portrait(data: str) -> np.ndarray:
 
 
 def load_image(path: str) -> np.ndarray:
-    from PIL import Image
+    """The portrait at ``path``, whole (the stream frames it), read as `generate` reads one: EXIF
+    orientation applied, transparency on white, and a clear InputError for a missing, unreadable,
+    tiny or oversized image."""
+    from ..media import load_image as read
 
-    from ..errors import InputError
-
-    try:
-        return np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise InputError(f"image not found: {path}") from None
-    except Exception as e:
-        raise InputError(f"cannot read image {path}: {e}") from None
+    return read(path, None)
 
 
 # ------------------------------------------------------------------------------------------
