@@ -262,7 +262,8 @@ def test_data_version_5_draws_a_mouth_the_landmark_model_reads():
     from talkingmachines.train.synth.face import INNER_MAX_LUM, LIP_LIGHT, LIP_OVER_INNER, _lum
 
     for seed in range(40):
-        p, q4, q5 = FaceParams.sample(seed), framed(FaceParams.sample(seed), 4), framed(FaceParams.sample(seed), 5)
+        p = FaceParams.sample(seed)
+        q4, q5 = framed(p, 4), framed(p, 5)
         assert q5.mouth_shape == "lens" and q4.mouth_shape == "ellipse"
         assert q5.max_open == pytest.approx(p.max_open) and (q5.face_w, q5.cy) == (q4.face_w, q4.cy)
         assert _lum(q5.mouth_inner) <= INNER_MAX_LUM + 0.01

@@ -117,7 +117,7 @@ CARD_BEGIN, CARD_END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
 
 
 # the face judge's rows, (label, key, format), in the card's tables and in eval-model's printout;
-# the table of the clips it can see leaves out the clip count
+# the tables of a subset of clips (SUBSET_ROWS) leave out the clip count
 FACE_ROWS = [("face found (all frames)", "face_found", _pct),
              ("face found where the ground truth's is", "found_where_reference_found", _pct),
              ("face found in speech", "face_found_speech", _pct),
@@ -126,6 +126,37 @@ FACE_ROWS = [("face found (all frames)", "face_found", _pct),
              ("lip opening vs speech: correlation", "confidence", lambda v: _fmt(v, 2)),
              ("clips with best lag within 2 frames", "clips_lag_within_2", _pct),
              ("lip opening speech / silence (median)", "open_ratio_median", lambda v: _fmt(v, 2))]
+
+
+SUBSET_ROWS = [rw for rw in FACE_ROWS if rw[1] != "clips_lag_within_2"]
+
+
+def judge_subsets(r: dict) -> list[tuple[dict, str, str, str]]:
+    """The clip subsets the judge's figures are pooled again over (``face_visible``: the clips
+    whose ground-truth face it sees; ``face_readable``: whose ground-truth lips it reads), those
+    with clips, each as (its systems' figures, the card's sentence, the card's table title, the
+    printout's line)."""
+    out = []
+    vis = r.get("face_visible") or {}
+    if vis.get("clips"):
+        pct = f"{100 * vis['min_ground_truth_found']:.0f} %"
+        out.append((vis["systems"],
+                    f"The same, on the {vis['clips']} of {vis['of']} clips whose ground-truth face the judge finds "
+                    f"in at least {pct} of the frames (it misses some drawn faces outright, the ground truth's too):",
+                    "face judge, clips it can see",
+                    f"on the {vis['clips']} of {vis['of']} clips whose ground-truth face the judge finds in >= "
+                    f"{pct} of frames:"))
+    read = r.get("face_readable") or {}
+    if read.get("clips"):
+        corr = read["min_ground_truth_corr"]
+        out.append((read["systems"],
+                    f"The same, on the {read['clips']} of {read['of']} clips whose ground-truth lips the judge reads "
+                    f"(their opening follows the speech at correlation >= {corr} within 2 frames; it misreads some "
+                    "drawn mouths):",
+                    "face judge, lips it reads",
+                    f"on the {read['clips']} of {read['of']} clips whose ground-truth lips the judge reads "
+                    f"(corr >= {corr}, lag within 2):"))
+    return out
 
 
 STYLE_LABELS = {"vae_roundtrip": "VAE round trip"}
@@ -183,20 +214,8 @@ def metrics_markdown(r: dict, command: str) -> str:
         face_lines = [f"Face judge ({r.get('face_judge') or 'dlib HOG detector + 68 landmarks'}, `talkingmachines[eval]`; "
                       "lip opening = inner-lip gap / mouth width), the primary figures:", ""]
         face_lines += face_table("face judge", faces, FACE_ROWS)
-        vis = r.get("face_visible") or {}
-        if vis.get("clips"):
-            face_lines += ["", f"The same, on the {vis['clips']} of {vis['of']} clips whose ground-truth face the judge "
-                           f"finds in at least {100 * vis['min_ground_truth_found']:.0f} % of the frames (it misses some "
-                           "drawn faces outright, the ground truth's too):", ""]
-            face_lines += face_table("face judge, clips it can see", vis["systems"],
-                                     [rw for rw in FACE_ROWS if rw[1] != "clips_lag_within_2"])
-        read = r.get("face_readable") or {}
-        if read.get("clips"):
-            face_lines += ["", f"The same, on the {read['clips']} of {read['of']} clips whose ground-truth lips the judge "
-                           f"reads (their opening follows the speech at correlation >= {read['min_ground_truth_corr']} "
-                           "within 2 frames; it misreads some drawn mouths):", ""]
-            face_lines += face_table("face judge, lips it reads", read["systems"],
-                                     [rw for rw in FACE_ROWS if rw[1] != "clips_lag_within_2"])
+        for systems, sentence, title, _ in judge_subsets(r):
+            face_lines += ["", sentence, ""] + face_table(title, systems, SUBSET_ROWS)
         styles = style_lines(r.get("face_by_style") or {}, [k for k, _ in cols if k in faces])
         if styles:
             face_lines += ["", "By drawing style (the synthetic data's four; a lip correlation needs frames where "
@@ -330,22 +349,10 @@ def cmd_eval_model(args) -> int:
         print(f"{'':42s}" + "".join(f"{n:>16s}" for n in fn))
         for label, key, fmt in FACE_ROWS:
             print(f"{label[:40]:42s}" + "".join(f"{fmt(faces[n].get(key)):>16s}" for n in fn))
-        vis = r.get("face_visible") or {}
-        if vis.get("clips"):
-            seen = vis["systems"]
-            print(f"on the {vis['clips']} of {vis['of']} clips whose ground-truth face the judge finds in >= "
-                  f"{100 * vis['min_ground_truth_found']:.0f} % of frames:")
-            for label, key, fmt in FACE_ROWS:
-                if key != "clips_lag_within_2":
-                    print(f"{label[:40]:42s}" + "".join(f"{fmt((seen.get(n) or {}).get(key)):>16s}" for n in fn))
-        read = r.get("face_readable") or {}
-        if read.get("clips"):
-            print(f"on the {read['clips']} of {read['of']} clips whose ground-truth lips the judge reads "
-                  f"(corr >= {read['min_ground_truth_corr']}, lag within 2):")
-            for label, key, fmt in FACE_ROWS:
-                if key != "clips_lag_within_2":
-                    print(f"{label[:40]:42s}" + "".join(f"{fmt((read['systems'].get(n) or {}).get(key)):>16s}"
-                                                        for n in fn))
+        for systems, _, _, line in judge_subsets(r):
+            print(line)
+            for label, key, fmt in SUBSET_ROWS:
+                print(f"{label[:40]:42s}" + "".join(f"{fmt((systems.get(n) or {}).get(key)):>16s}" for n in fn))
         gen = [n for n in fn if n != "ground_truth"]
         groups = [("style", st, d) for st, d in (r.get("face_by_style") or {}).items()]
         groups += [("skin", sk, d) for sk, d in (r.get("face_by_skin") or {}).items()]
