@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from train_fixtures import make_clips, make_vae, micro_config
 
 from talkingmachines.train.checkpoint import latest_checkpoint
+from talkingmachines.errors import InputError
 from talkingmachines.pipeline import rollout
 from talkingmachines.train.student import DmdTrainer, OdeTrainer, train_ode
 from talkingmachines.train.teacher import TeacherTrainer, train_teacher
@@ -246,6 +247,54 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
     s.end_audio()
     chunk = s.next_chunk()
     assert chunk is not None and chunk.frames.shape[1:] == (32, 32, 3)
+
+
+def test_tiny_recipe_with_a_4x_vae_micro(tmp_path):
+    """``vae.spatial`` 4: the VAE keeps a latent pixel per 4x4 pixels, the DiT stages work on that
+    grid (the preset follows the VAE; a patch of 4 keeps the token count), the card says so and
+    the exported model generates. A preset that disagrees with its VAE is a one-line error."""
+    import json
+
+    from train_fixtures import MICRO_PRESET
+
+    from talkingmachines.cli import main
+    from talkingmachines.config import Preset
+    from talkingmachines.stream.generator import load_avatar
+
+    overrides = {**MICRO_PRESET, "dit": {**MICRO_PRESET["dit"], "patch_size": [1, 4, 4]}}
+    cfg = {"preset": "tiny", "preset_overrides": overrides, "seed": 0, "held_out": 0.25, "device": "cpu",
+           "synth": {"n": 3, "seconds": [2.0, 2.5], "workers": 1, "speech": "babble", "video": False},
+           "vae": {"steps": 2, "batch_size": 2, "clip_frames": 5, "lr": 1e-3, "spatial": 4,
+                   "enc_widths": [8, 16], "dec_widths": [16, 8]},
+           "decoder": {"steps": 0, "batch_size": 2, "latent_noise": 0.3},
+           "common": {"clip_chunks": 1, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress": False},
+           "teacher": {"steps": 1, "lr": 1e-3}, "ode": {"steps": 1, "ode_steps": 2, "ode_pairs": 2, "ode_batch": 2},
+           "dmd": {"steps": 0}}
+    (tmp_path / "recipe.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    assert main(["train", "tiny-recipe", "--config", str(tmp_path / "recipe.json"), "--out", str(out)]) == 0
+    model = out / "model"
+    p = Preset.load(model / "preset.json")
+    assert p.vae_spatial == 4 and p.latent_hw == (8, 8) and tuple(p.dit.patch_size) == (1, 4, 4)
+    assert "TinyVAE (32x32, 4x spatial" in (model / "card.md").read_text()
+    (cache,) = (out / "data").glob("latents-*")
+    from safetensors import safe_open
+
+    f = next(cache.glob("*.safetensors"))
+    with safe_open(str(f), "pt") as sf:
+        assert tuple(sf.get_slice("latents").get_shape()[-2:]) == (8, 8)
+    s = load_avatar(model).new_stream(seed=0)
+    s.push_audio(np.zeros(16000, np.float32))
+    s.end_audio()
+    chunk = s.next_chunk()
+    assert chunk is not None and chunk.frames.shape[1:] == (32, 32, 3)
+    # a preset.json that disagrees with its VAE is refused in one line
+    (model / "preset.json").write_text(json.dumps({**json.loads((model / "preset.json").read_text()), "vae_spatial": 8}))
+    with pytest.raises(InputError, match="latents are 1/8 of the frame, its VAE makes them 1/4"):
+        load_avatar(model)
+    bad = {**cfg, "vae": {**cfg["vae"], "dec_widths": [16, 8, 4]}}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert main(["train", "tiny-recipe", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) != 0
 
 
 def test_mouth_weighted_mse():

@@ -176,6 +176,32 @@ def test_tiny_save_load_round_trip(tiny, tmp_path):
     assert torch.equal(loaded.encode_video(video), tiny.encode_video(video))
 
 
+def test_tiny_spatial_4_streams_round_trips_and_loads(tmp_path):
+    """A TinyVAE with 4x spatial compression (a latent pixel per 4x4 pixels, for faces whose
+    mouth an 8x latent blurs): latents at H/4, streaming decode == whole decode, save/load."""
+    torch.manual_seed(0)
+    vae = TinyVAE(TinyVAEConfig(latent_channels=4, spatial=4, enc_widths=(8, 16), dec_widths=(16, 8))).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    assert vae.spatial == 4 and vae.latent_hw(64, 96) == (16, 24)
+    video = torch.rand(1, 3, 9, 32, 48) * 2 - 1
+    z = vae.encode_video(video)
+    assert z.shape == (1, 4, 3, 8, 12)
+    assert vae.decode_float(z).shape == (1, 3, 9, 32, 48)
+    zz = torch.randn(1, 4, 7, 8, 12)
+    whole = vae.decode_float(zz)
+    outs = _stream(vae.stream_decoder(), zz)
+    assert (torch.cat(outs, dim=2) - whole).abs().max().item() < 1e-5
+    vae.save_pretrained(tmp_path / "v4")
+    loaded = load_vae("tiny", tmp_path / "v4")
+    assert loaded.spatial == 4 and torch.equal(loaded.decode_float(zz), whole)
+    with pytest.raises(ValueError, match="needs 2 encoder and decoder widths"):
+        TinyVAEConfig(spatial=4)  # the 8x default widths
+    with pytest.raises(ValueError, match="spatial 8 or 4"):
+        TinyVAEConfig(spatial=2, enc_widths=(8,), dec_widths=(8,))
+
+
 def test_tiny_decode_timing(tiny):
     """Prints the time to decode one 3-latent chunk (12 frames at 128x128); not asserted."""
     threads = torch.get_num_threads()

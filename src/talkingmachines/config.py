@@ -93,13 +93,14 @@ class Preset:
     height: int = 512
     width: int = 512
     vae: str = "wan"  # "wan" (diffusers AutoencoderKLWan) or "tiny"
+    vae_spatial: int = 8  # pixels per latent pixel, each way (Wan: 8; a TinyVAE can be 4)
     audio_frontend: str = "wav2vec2"  # "wav2vec2" or "logmel"
     text_len: int = 512  # umT5 tokens; tiny uses a single learned-free constant token
     image_len: int = 257  # CLIP tokens for I2V
 
     @property
     def latent_hw(self) -> tuple[int, int]:
-        return self.height // 8, self.width // 8
+        return self.height // self.vae_spatial, self.width // self.vae_spatial
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -107,14 +107,14 @@ def _wav2vec2_params() -> int:
 
 def sp_degrees(p: Preset, max_k: int) -> list[int]:
     """Sequence-parallel degrees the model allows: k divides the heads and the tokens per frame."""
-    hw = (p.height // 8 // p.dit.patch_size[1]) * (p.width // 8 // p.dit.patch_size[2])
+    hw = (p.latent_hw[0] // p.dit.patch_size[1]) * (p.latent_hw[1] // p.dit.patch_size[2])
     return [k for k in range(1, max_k + 1) if p.dit.num_attention_heads % k == 0 and hw % k == 0]
 
 
 def dit_memory(p: Preset, k: int, b: int) -> dict:
     d = p.dit
     F = p.stream.chunk_frames
-    hw = (p.height // 8 // d.patch_size[1]) * (p.width // 8 // d.patch_size[2])
+    hw = (p.latent_hw[0] // d.patch_size[1]) * (p.latent_hw[1] // d.patch_size[2])
     L, dim = d.num_layers, d.dim
     local = F * hw / k
     kv = L * 2 * (1 + F) * hw * dim * b / k

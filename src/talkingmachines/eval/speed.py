@@ -82,7 +82,7 @@ def _dit_pass(cfg, p: Preset, device, dtype, hw=None):
 
     with torch.device(device):
         m = AudioDiT(cfg).to(dtype).eval()
-    h, w = hw or (p.height // 8, p.width // 8)
+    h, w = hw or p.latent_hw
     F = p.stream.chunk_frames
     kw = {"device": device, "dtype": dtype}
     text = torch.zeros(1, p.text_len, cfg.text_dim, **kw)
@@ -252,7 +252,7 @@ def _alltoall_s(p: Preset, k: int, g: GPU) -> float:
     """Per pass: 4 all-to-alls per block of the rank's [tokens / k, dim] bf16 activations."""
     if k == 1:
         return 0.0
-    hw = (p.height // 8 // p.dit.patch_size[1]) * (p.width // 8 // p.dit.patch_size[2])
+    hw = (p.latent_hw[0] // p.dit.patch_size[1]) * (p.latent_hw[1] // p.dit.patch_size[2])
     n = p.stream.chunk_frames * hw
     sent = 4 * p.dit.num_layers * (n / k) * p.dit.dim * 2 * (k - 1) / k
     return sent / (g.link_gbps * 1e9) + 4 * p.dit.num_layers * 20e-6  # + ~20 us latency per collective

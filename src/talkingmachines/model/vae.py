@@ -187,11 +187,11 @@ class VideoVAE:
 class TinyVAEConfig:
     latent_channels: int = 8
     in_channels: int = 3
-    spatial: int = SPATIAL  # fixed: pixel-unshuffle 2x + two stride-2 convs
+    spatial: int = SPATIAL  # 8 or 4: pixel-unshuffle 2x + one stride-2 conv per further 2x
     temporal: int = TEMPORAL  # fixed: 4 frames stacked on channels per latent
-    enc_widths: tuple[int, int, int] = (32, 64, 128)  # at H/2, H/4, H/8
+    enc_widths: tuple[int, ...] = (32, 64, 128)  # at H/2, H/4(, H/8): one per 2x of `spatial`
     enc_res_blocks: int = 1
-    dec_widths: tuple[int, int, int] = (96, 48, 24)  # at H/8, H/4, H/2
+    dec_widths: tuple[int, ...] = (96, 48, 24)  # at (H/8,) H/4, H/2
     dec_res_blocks: int = 1
     latents_mean: list[float] = field(default_factory=lambda: [0.0] * 8)
     latents_std: list[float] = field(default_factory=lambda: [1.0] * 8)
@@ -199,8 +199,12 @@ class TinyVAEConfig:
     def __post_init__(self) -> None:
         self.enc_widths = tuple(self.enc_widths)
         self.dec_widths = tuple(self.dec_widths)
-        if self.spatial != SPATIAL or self.temporal != TEMPORAL:
-            raise ValueError("TinyVAE supports spatial=8, temporal=4 only")
+        if self.spatial not in (4, 8) or self.temporal != TEMPORAL:
+            raise ValueError("TinyVAE supports spatial 8 or 4 and temporal 4 only")
+        levels = self.spatial.bit_length() - 1  # 2x steps: 3 for 8, 2 for 4
+        if len(self.enc_widths) != levels or len(self.dec_widths) != levels:
+            raise ValueError(f"spatial {self.spatial} needs {levels} encoder and decoder widths, "
+                             f"got {list(self.enc_widths)} and {list(self.dec_widths)}")
         c = self.latent_channels
         if len(self.latents_mean) != c:
             self.latents_mean = [0.0] * c
@@ -248,15 +252,19 @@ class _Up(nn.Module):
 
 
 class TinyEncoder(nn.Module):
-    """One temporal group (4 frames stacked on channels, [N, 12, H, W]) -> [N, 2C, H/8, W/8]."""
+    """One temporal group (4 frames stacked on channels, [N, 12, H, W]) -> [N, 2C, H/s, W/s]
+    (s = ``cfg.spatial``)."""
 
     def __init__(self, cfg: TinyVAEConfig) -> None:
         super().__init__()
-        w0, w1, w2 = cfg.enc_widths
+        w = cfg.enc_widths
         cin = cfg.in_channels * TEMPORAL * 4  # after pixel-unshuffle 2x
-        self.conv_in = nn.Conv2d(cin, w0, 3, padding=1)
-        self.down1 = nn.Conv2d(w0, w1, 3, stride=2, padding=1)
-        self.down2 = nn.Conv2d(w1, w2, 3, stride=2, padding=1)
+        self.spatial = cfg.spatial
+        self.conv_in = nn.Conv2d(cin, w[0], 3, padding=1)
+        self.down1 = nn.Conv2d(w[0], w[1], 3, stride=2, padding=1)
+        if len(w) > 2:  # spatial 8 (named down2 so that older checkpoints load)
+            self.down2 = nn.Conv2d(w[1], w[2], 3, stride=2, padding=1)
+        w2 = w[-1]
         self.res = nn.ModuleList(_Res(w2) for _ in range(cfg.enc_res_blocks))
         self.conv_out = nn.Conv2d(w2, 2 * cfg.latent_channels, 3, padding=1)
         # linear shortcut: 8x8 average colour of the 4 frames -> latent mean (coarse colour is
@@ -268,11 +276,12 @@ class TinyEncoder(nn.Module):
             self.conv_out.bias[c:].fill_(-6.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = self.skip(F.avg_pool2d(x, SPATIAL))
+        skip = self.skip(F.avg_pool2d(x, self.spatial))
         x = F.pixel_unshuffle(x, 2)
         x = F.silu(self.conv_in(x))
-        x = F.silu(self.down1(x))
-        x = self.down2(x)
+        x = self.down1(x)
+        if hasattr(self, "down2"):
+            x = self.down2(F.silu(x))
         for r in self.res:
             x = r(x)
         out = self.conv_out(F.silu(x))
@@ -281,27 +290,32 @@ class TinyEncoder(nn.Module):
 
 
 class TinyDecoder(nn.Module):
-    """[N, 2C + 1, h, w] (latent j, latent j-1, is-first flag) -> 4 frames [N, 12, 8h, 8w]."""
+    """[N, 2C + 1, h, w] (latent j, latent j-1, is-first flag) -> 4 frames [N, 12, s*h, s*w]
+    (s = ``cfg.spatial``)."""
 
     def __init__(self, cfg: TinyVAEConfig) -> None:
         super().__init__()
-        d0, d1, d2 = cfg.dec_widths
-        self.conv_in = nn.Conv2d(2 * cfg.latent_channels + 1, d0, 3, padding=1)
-        self.res = nn.ModuleList(_Res(d0) for _ in range(cfg.dec_res_blocks))
-        self.up1 = _Up(d0, d1)
-        self.up2 = _Up(d1, d2)
-        self.conv_out = nn.Conv2d(d2, 4 * cfg.in_channels * TEMPORAL, 3, padding=1)
+        d = cfg.dec_widths
+        self.spatial = cfg.spatial
+        self.conv_in = nn.Conv2d(2 * cfg.latent_channels + 1, d[0], 3, padding=1)
+        self.res = nn.ModuleList(_Res(d[0]) for _ in range(cfg.dec_res_blocks))
+        self.up1 = _Up(d[0], d[1])
+        if len(d) > 2:  # spatial 8
+            self.up2 = _Up(d[1], d[2])
+        self.conv_out = nn.Conv2d(d[-1], 4 * cfg.in_channels * TEMPORAL, 3, padding=1)
         # linear shortcut: latent j -> the 4 frames' coarse colour, bilinearly upsampled 8x
         self.skip = nn.Conv2d(cfg.latent_channels, cfg.in_channels * TEMPORAL, 1)
         self.latent_channels = cfg.latent_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.skip(x[:, : self.latent_channels])
-        skip = F.interpolate(skip, scale_factor=SPATIAL, mode="bilinear", align_corners=False)
+        skip = F.interpolate(skip, scale_factor=self.spatial, mode="bilinear", align_corners=False)
         x = self.conv_in(x)
         for r in self.res:
             x = r(x)
-        x = self.up2(self.up1(x))
+        x = self.up1(x)
+        if hasattr(self, "up2"):
+            x = self.up2(x)
         return F.pixel_shuffle(self.conv_out(F.silu(x)), 2) + skip
 
 
@@ -331,6 +345,10 @@ class TinyVAE(nn.Module, VideoVAE):
         return self.config.latent_channels
 
     @property
+    def spatial(self) -> int:  # type: ignore[override]
+        return self.config.spatial
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -358,8 +376,9 @@ class TinyVAE(nn.Module, VideoVAE):
         """float ``[B, 3, T, H, W]`` in [-1, 1] -> raw (mean, logvar), each ``[B, C, t, h, w]``."""
         b, ch, t, hh, ww = x.shape
         _check_frames(t)
-        if hh % SPATIAL or ww % SPATIAL:
-            raise ValueError(f"height and width must be divisible by 8, got {hh}x{ww}")
+        s = self.spatial
+        if hh % s or ww % s:
+            raise ValueError(f"height and width must be divisible by {s}, got {hh}x{ww}")
         first = x[:, :, :1].expand(b, ch, TEMPORAL, hh, ww)
         groups = torch.cat([first, x[:, :, 1:]], dim=2)  # [B, 3, 4n, H, W]
         n = groups.shape[2] // TEMPORAL
@@ -390,8 +409,9 @@ class TinyVAE(nn.Module, VideoVAE):
         inp = torch.cat([z, ctx, flag], dim=1).permute(0, 2, 1, 3, 4).reshape(b * t, 2 * c + 1, h, w)
         out = self.decoder(inp)  # [B*t, 12, H, W]
         ch = self.config.in_channels
-        out = out.view(b, t, TEMPORAL, ch, h * SPATIAL, w * SPATIAL).permute(0, 3, 1, 2, 4, 5)
-        out = out.reshape(b, ch, t * TEMPORAL, h * SPATIAL, w * SPATIAL)
+        s = self.spatial
+        out = out.view(b, t, TEMPORAL, ch, h * s, w * s).permute(0, 3, 1, 2, 4, 5)
+        out = out.reshape(b, ch, t * TEMPORAL, h * s, w * s)
         if first:
             out = out[:, :, TEMPORAL - 1:]
         return out

@@ -193,6 +193,11 @@ def load_avatar(model: str | Path | None = None, preset: str = "tiny", device: s
         p = Preset.load(folder / "preset.json")
         dit = AudioDiT.from_pretrained(folder / "dit", device=dev, dtype=dtype)
         vae = vae_mod.load_vae(p.vae, folder / "vae", device=dev)
+        if vae.spatial != p.vae_spatial:
+            from ..errors import InputError
+
+            raise InputError(f"{folder}: preset.json says the latents are 1/{p.vae_spatial} of the frame, "
+                             f"its VAE makes them 1/{vae.spatial}")
         fe_path = folder / "wav2vec2" if p.audio_frontend == "wav2vec2" else None
     else:
         p = get_preset(preset)

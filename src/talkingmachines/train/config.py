@@ -311,6 +311,9 @@ class VAESection:
     temporal_weight: float = 0.0
     latent_channels: int | None = None  # None: TinyVAEConfig's
     feature_weight: float = 0.0  # extra loss weight on synthetic faces' eyes and mouth (vae_train)
+    spatial: int | None = None  # pixels per latent pixel (8 or 4; None: 8); the DiT stages' preset follows it
+    enc_widths: list | None = None  # None: TinyVAEConfig's (which suit spatial 8)
+    dec_widths: list | None = None
 
 
 @dataclass
@@ -407,8 +410,11 @@ class RecipeConfig:
         stage's settings, then what the recipe decides (paths, seed, device, held-out split)."""
         job = dict(stage=stage, preset=self.preset, seed=self.seed, device=self.device, held_out=self.held_out,
                    data=str(self.data), vae=str(out / "vae"), out=str(out / stage))
-        if self.preset_overrides:
-            job["preset_overrides"] = self.preset_overrides
+        overrides = dict(self.preset_overrides)
+        if self.vae.spatial is not None:  # the DiT works on the VAE's latent grid
+            overrides["vae_spatial"] = int(self.vae.spatial)
+        if overrides:
+            job["preset_overrides"] = overrides
         if stage in ("ode", "dmd"):
             job["teacher"] = str(out / "teacher")
         if stage == "dmd":

@@ -241,8 +241,12 @@ def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
     if (vdir / "DONE.json").is_file():
         return
     v = r.vae
-    vcfg = TinyVAEConfig(latent_channels=int(TinyVAEConfig.latent_channels if v.latent_channels is None
-                                             else v.latent_channels))
+    shape = {k: getattr(v, k) for k in ("spatial", "enc_widths", "dec_widths") if getattr(v, k) is not None}
+    try:
+        vcfg = TinyVAEConfig(latent_channels=int(TinyVAEConfig.latent_channels if v.latent_channels is None
+                                                 else v.latent_channels), **shape)
+    except ValueError as e:
+        raise InputError(f"recipe section 'vae': {e}") from None
     # writes OUT/vae/DONE.json (steps, wall_seconds, the last step's losses) when it has finished
     train_tiny_vae(_train_clips(r, v.clip_frames, v.feature_weight > 0), vdir, steps=steps, batch_size=v.batch_size,
                    lr=v.lr, seed=r.seed, device=r.device, ckpt_every=max(50, steps // 10),
@@ -367,7 +371,7 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     return f"""# talkingmachines `tiny` model card
 
 A {count_parameters(preset.dit) / 1e6:.2f} M-parameter audio-driven DiT (Wan2.1 layout, {preset.dit.num_layers} blocks,
-width {preset.dit.dim}) with a TinyVAE ({preset.width}x{preset.height}, 8x spatial, 4x temporal) and a log-mel audio
+width {preset.dit.dim}) with a TinyVAE ({preset.width}x{preset.height}, {preset.vae_spatial}x spatial, 4x temporal) and a log-mel audio
 front end, trained from scratch with `talkingmachines train tiny-recipe` (TalkingMachines recipe: bidirectional
 teacher -> ODE-pair student initialisation -> asymmetric DMD, sparse-causal student, {preset.stream.student_steps}
 steps per chunk of {preset.stream.chunk_frames} latent frames).
