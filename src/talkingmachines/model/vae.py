@@ -267,7 +267,7 @@ class TinyEncoder(nn.Module):
         w2 = w[-1]
         self.res = nn.ModuleList(_Res(w2) for _ in range(cfg.enc_res_blocks))
         self.conv_out = nn.Conv2d(w2, 2 * cfg.latent_channels, 3, padding=1)
-        # linear shortcut: 8x8 average colour of the 4 frames -> latent mean (coarse colour is
+        # linear shortcut: s x s average colour of the 4 frames -> latent mean (coarse colour is
         # learnt in a few steps; the conv path learns the detail)
         self.skip = nn.Conv2d(cfg.in_channels * TEMPORAL, cfg.latent_channels, 1)
         with torch.no_grad():  # start with a narrow posterior (logvar ~ -6) so the decoder sees the mean
@@ -303,7 +303,7 @@ class TinyDecoder(nn.Module):
         if len(d) > 2:  # spatial 8
             self.up2 = _Up(d[1], d[2])
         self.conv_out = nn.Conv2d(d[-1], 4 * cfg.in_channels * TEMPORAL, 3, padding=1)
-        # linear shortcut: latent j -> the 4 frames' coarse colour, bilinearly upsampled 8x
+        # linear shortcut: latent j -> the 4 frames' coarse colour, bilinearly upsampled s x
         self.skip = nn.Conv2d(cfg.latent_channels, cfg.in_channels * TEMPORAL, 1)
         self.latent_channels = cfg.latent_channels
 
@@ -320,7 +320,7 @@ class TinyDecoder(nn.Module):
 
 
 class TinyVAE(nn.Module, VideoVAE):
-    """A small, fast causal video VAE (8x spatial, 4x temporal) for the `tiny` preset.
+    """A small, fast causal video VAE (8x or 4x spatial, 4x temporal) for the `tiny` preset.
 
     Encoder: each temporal group is encoded independently by a 2-D conv net; group 0 is
     frame 0 replicated 4 times (a still), group j >= 1 is frames 4j-3..4j stacked on channels.
