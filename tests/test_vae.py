@@ -234,3 +234,31 @@ def test_saved_vae_files_have_ordinary_permissions(tmp_path):
     os.umask(umask)
     for f in (tmp_path / "vae").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+def test_vae_grid_script_draws_ground_truth_and_each_round_trip(tmp_path):
+    """scripts/vae_grid.py: a row of real frames and one per VAE for each clip, judged per frame;
+    bad input is a one-line error and writes nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+    from train_fixtures import make_clips
+
+    pytest.importorskip("dlib")
+    spec = importlib.util.spec_from_file_location("vae_grid", Path(__file__).parents[1] / "scripts" / "vae_grid.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    make_clips(tmp_path / "data", n=2)
+    for name, spatial, widths in (("a", 8, ((8, 8, 8), (8, 8, 8))), ("b", 4, ((8, 8), (8, 8)))):
+        TinyVAE(TinyVAEConfig(latent_channels=4, spatial=spatial, enc_widths=widths[0], dec_widths=widths[1])).save_pretrained(tmp_path / name)
+    out = tmp_path / "grid.png"
+    args = ["--data", str(tmp_path / "data"), "--clips", "clip_00000,clip_00001", "--start", "2", "--frames", "5",
+            "--out", str(out), f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]
+    assert mod.main(args) == 0
+    img = Image.open(out)
+    assert img.size == (mod.LABEL_W + 5 * 32, 2 * 3 * 32)  # 2 clips x (ground truth + 2 VAEs), 32 px frames
+    assert mod.main(args[:-2] + ["nolabel"]) == 2
+    assert mod.main([*args[:3], "clip_00009", *args[4:]]) == 2
+    assert mod.main(args[:-1] + [f"c={tmp_path}"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == ["grid.png"]
