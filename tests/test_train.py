@@ -292,6 +292,10 @@ def test_tiny_recipe_with_a_4x_vae_micro(tmp_path):
     (model / "preset.json").write_text(json.dumps({**json.loads((model / "preset.json").read_text()), "vae_spatial": 8}))
     with pytest.raises(InputError, match="latents are 1/8 of the frame, its VAE makes them 1/4"):
         load_avatar(model)
+    from talkingmachines.stream.disagg import _vae_only  # the decoder process loads the VAE alone
+
+    with pytest.raises(InputError, match="latents are 1/8 of the frame, its VAE makes them 1/4"):
+        _vae_only(model, "tiny", "cpu")
     bad = {**cfg, "vae": {**cfg["vae"], "dec_widths": [16, 8, 4]}}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     assert main(["train", "tiny-recipe", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) != 0

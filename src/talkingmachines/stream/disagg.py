@@ -312,13 +312,11 @@ def _backend_for(device: torch.device) -> str:
 def _vae_only(model, preset: str, device):
     """The VAE of a model folder (or the random one the avatar would build); True if random."""
     from ..config import Preset, get_preset
-    from ..model import vae as vae_mod
-    from .generator import SHIPPED_MODEL, _random_vae
+    from .generator import SHIPPED_MODEL, _random_vae, model_vae
 
     folder = Path(model) if model else (SHIPPED_MODEL if preset == "tiny" else None)
     if folder is not None and (folder / "preset.json").exists():
-        p = Preset.load(folder / "preset.json")
-        return vae_mod.load_vae(p.vae, folder / "vae", device=torch.device(device)), False
+        return model_vae(folder, Preset.load(folder / "preset.json"), torch.device(device)), False
     p = get_preset(preset)
     return _random_vae(p.vae, torch.device(device)), True
 

@@ -150,6 +150,18 @@ def random_dit(cfg, device, dtype) -> AudioDiT:
     return dit
 
 
+def model_vae(folder: Path, p: Preset, dev):
+    """A model folder's VAE (``folder/vae``), which must make the latent grid its preset says."""
+    from ..errors import InputError
+    from ..model import vae as vae_mod
+
+    vae = vae_mod.load_vae(p.vae, folder / "vae", device=dev)
+    if vae.spatial != p.vae_spatial:
+        raise InputError(f"{folder}: preset.json says the latents are 1/{p.vae_spatial} of the frame, "
+                         f"its VAE makes them 1/{vae.spatial}")
+    return vae
+
+
 def _random_vae(kind: str, dev):
     from ..model import vae as vae_mod
 
@@ -179,7 +191,6 @@ def load_avatar(model: str | Path | None = None, preset: str = "tiny", device: s
     random weights for `preset` when no trained weights exist (benchmarks; said loudly).
     ``device``: as `devices.resolve_device` reads it (``auto``: CUDA when there is a GPU)."""
     from ..devices import resolve_device
-    from ..model import vae as vae_mod
 
     dev = torch.device(resolve_device(device))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -192,12 +203,7 @@ def load_avatar(model: str | Path | None = None, preset: str = "tiny", device: s
     if not random_weights:
         p = Preset.load(folder / "preset.json")
         dit = AudioDiT.from_pretrained(folder / "dit", device=dev, dtype=dtype)
-        vae = vae_mod.load_vae(p.vae, folder / "vae", device=dev)
-        if vae.spatial != p.vae_spatial:
-            from ..errors import InputError
-
-            raise InputError(f"{folder}: preset.json says the latents are 1/{p.vae_spatial} of the frame, "
-                             f"its VAE makes them 1/{vae.spatial}")
+        vae = model_vae(folder, p, dev)
         fe_path = folder / "wav2vec2" if p.audio_frontend == "wav2vec2" else None
     else:
         p = get_preset(preset)
