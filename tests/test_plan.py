@@ -54,6 +54,30 @@ def test_cli_human_and_json(capsys):
     assert main(["plan", "--preset", "nope", "--gpus", "1"]) == 2
 
 
+
+def test_a_4x_vae_preset_is_planned_with_the_4x_vae():
+    """A preset whose VAE is 4x (tiny-face5-x4) is sized with that VAE and its 4x latent grid, not
+    the default 8x one: the parameters are the 4x module's and its decode sees 4x the latent pixels."""
+    import dataclasses
+
+    import torch
+
+    from talkingmachines.eval import speed as S
+    from talkingmachines.model.vae import TinyVAE, tiny_vae_config
+
+    p8 = get_preset("tiny")
+    p4 = dataclasses.replace(p8, vae_spatial=4)
+    c = p8.dit.latent_channels
+    for p, s in ((p8, 8), (p4, 4)):
+        with torch.device("meta"):
+            n = sum(t.numel() for t in TinyVAE(tiny_vae_config(s, c)).parameters())
+        assert P.vae_memory(p, 4)["params"] == n
+    # the 4x decoder upsamples once less, but works on 4x the latent pixels: more work per chunk
+    assert S._vae_chunk(p4)["flops"] > S._vae_chunk(p8)["flops"]
+    assert P.vae_memory(p4, 4)["causal_cache"] > P.vae_memory(p8, 4)["causal_cache"]
+    with pytest.raises(ValueError, match="spatial 8 or 4"):
+        tiny_vae_config(2)
+
 # ----------------------------------------------------------------------------- speed on paper
 def test_counted_work_is_the_engines_work():
     """The meta-device count of one DiT pass (cache filled without running it) is what the real

@@ -58,14 +58,15 @@ def _dit_params_for(p: Preset) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _vae_numbers(kind: str, height: int, width: int, chunk_frames: int) -> dict:
+def _vae_numbers(kind: str, height: int, width: int, chunk_frames: int, spatial: int = 8,
+                 latent_channels: int = 8) -> dict:
     """Parameters, causal-state elements and the largest intermediate of one streaming decode,
     from the real modules on the meta device."""
     from ..model import vae as vae_mod
 
     with torch.device("meta"):
         if kind == "tiny":
-            vae = vae_mod.TinyVAE()
+            vae = vae_mod.TinyVAE(vae_mod.tiny_vae_config(spatial, latent_channels))
             module = vae
             dec = vae.stream_decoder()
             channels = vae.latent_channels
@@ -86,7 +87,7 @@ def _vae_numbers(kind: str, height: int, width: int, chunk_frames: int) -> dict:
     hooks = [m.register_forward_hook(hook) for m in module.modules()]
     try:
         with torch.no_grad():
-            h, w = height // 8, width // 8
+            h, w = height // spatial, width // spatial
             dec.decode_float(torch.empty(1, channels, 1, h, w, device="meta"))  # the sink
             dec.decode_float(torch.empty(1, channels, chunk_frames, h, w, device="meta"))
         state = dec.state_numel()
@@ -136,7 +137,7 @@ def dit_memory(p: Preset, k: int, b: int) -> dict:
 
 
 def vae_memory(p: Preset, vb: int) -> dict:
-    n = _vae_numbers(p.vae, p.height, p.width, p.stream.chunk_frames)
+    n = _vae_numbers(p.vae, p.height, p.width, p.stream.chunk_frames, p.vae_spatial, p.dit.latent_channels)
     return {"params": n["params"], "weights": n["params"] * vb, "causal_cache": n["state_numel"] * vb,
             "activations": 3 * n["peak_numel"] * vb}
 

@@ -175,17 +175,17 @@ def host_pass_s(p: Preset, repeats: int = 20) -> float:
 
 
 def _vae_chunk(p: Preset) -> dict:
-    return _vae_work(p.vae, p.height, p.width, p.stream.chunk_frames, p.dit.latent_channels)
+    return _vae_work(p.vae, p.height, p.width, p.stream.chunk_frames, p.dit.latent_channels, p.vae_spatial)
 
 
 @functools.lru_cache(maxsize=8)
-def _vae_work(kind: str, height: int, width: int, chunk_frames: int, latent_channels: int) -> dict:
+def _vae_work(kind: str, height: int, width: int, chunk_frames: int, latent_channels: int, spatial: int = 8) -> dict:
     """The VAE's streaming decode of one chunk; a tiny VAE as wide as the DiT's latents."""
     from ..model import vae as vae_mod
 
     with torch.device("meta"):
         if kind == "tiny":
-            vae = vae_mod.TinyVAE(vae_mod.TinyVAEConfig(latent_channels=latent_channels))
+            vae = vae_mod.TinyVAE(vae_mod.tiny_vae_config(spatial, latent_channels))
             channels = vae.latent_channels
         else:
             from diffusers import AutoencoderKLWan
@@ -194,7 +194,7 @@ def _vae_work(kind: str, height: int, width: int, chunk_frames: int, latent_chan
             vae = vae_mod.WanVAE(module)
             channels = module.config.z_dim
     dec = vae.stream_decoder()
-    h, w = height // 8, width // 8
+    h, w = height // spatial, width // spatial
     with torch.no_grad():
         dec.decode_float(torch.empty(1, channels, 1, h, w, device="meta"))  # the sink primes the state
         return _count(lambda: dec.decode_float(torch.empty(1, channels, chunk_frames, h, w, device="meta")))

@@ -226,6 +226,19 @@ class TinyVAEConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# The widths the recipes train, per spatial factor: 8x is the shipped `tiny` VAE; 4x drops the H/8
+# level (configs/tiny-face5-x4.json). Used where only a preset is known (plan, speed estimates).
+TINY_WIDTHS = {8: ((32, 64, 128), (96, 48, 24)), 4: ((32, 128), (96, 48))}
+
+
+def tiny_vae_config(spatial: int = 8, latent_channels: int = 8) -> TinyVAEConfig:
+    """The recipe's TinyVAE geometry for a spatial factor (8 or 4)."""
+    if spatial not in TINY_WIDTHS:
+        raise ValueError(f"TinyVAE supports spatial 8 or 4, got {spatial}")
+    enc, dec = TINY_WIDTHS[spatial]
+    return TinyVAEConfig(latent_channels=latent_channels, spatial=spatial, enc_widths=enc, dec_widths=dec)
+
+
 class _Res(nn.Module):
     def __init__(self, ch: int) -> None:
         super().__init__()

@@ -234,7 +234,7 @@ def _train_clips(r: RecipeConfig, clip_frames: int, features: bool = False):
 
 
 def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
-    from ..model.vae import TinyVAEConfig
+    from ..model.vae import TINY_WIDTHS, TinyVAEConfig
     from .vae_train import train_tiny_vae
 
     vdir = out / "vae"
@@ -242,6 +242,9 @@ def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
         return
     v = r.vae
     shape = {k: getattr(v, k) for k in ("spatial", "enc_widths", "dec_widths") if getattr(v, k) is not None}
+    if shape.get("spatial") in TINY_WIDTHS:  # widths not given: the ones this spatial factor was tuned with
+        enc, dec = TINY_WIDTHS[shape["spatial"]]
+        shape = {"enc_widths": enc, "dec_widths": dec, **shape}
     try:
         vcfg = TinyVAEConfig(latent_channels=int(TinyVAEConfig.latent_channels if v.latent_channels is None
                                                  else v.latent_channels), **shape)
