@@ -249,7 +249,7 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
     assert chunk is not None and chunk.frames.shape[1:] == (32, 32, 3)
 
 
-def test_tiny_recipe_with_a_4x_vae_micro(tmp_path):
+def test_tiny_recipe_with_a_4x_vae_micro(tmp_path, capsys):
     """``vae.spatial`` 4: the VAE keeps a latent pixel per 4x4 pixels, the DiT stages work on that
     grid (the preset follows the VAE; a patch of 4 keeps the token count), the card says so and
     the exported model generates. A preset that disagrees with its VAE is a one-line error."""
@@ -273,6 +273,8 @@ def test_tiny_recipe_with_a_4x_vae_micro(tmp_path):
     (tmp_path / "recipe.json").write_text(json.dumps(cfg))
     out = tmp_path / "run"
     assert main(["train", "tiny-recipe", "--config", str(tmp_path / "recipe.json"), "--out", str(out)]) == 0
+    # 8 channels x 4x4 patch = 128 values per token from a 32-wide micro DiT: the recipe says so
+    assert "warning: each token predicts 128 latent values (patch 1x4x4 x 8 channels) from 32" in capsys.readouterr().out
     model = out / "model"
     p = Preset.load(model / "preset.json")
     assert p.vae_spatial == 4 and p.latent_hw == (8, 8) and tuple(p.dit.patch_size) == (1, 4, 4)

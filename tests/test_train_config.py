@@ -162,3 +162,16 @@ def test_lr_schedules():
         TrainConfig.from_dict({"lr_schedule": "wsd"})
     with pytest.raises(InputError, match="lr_schedule must be"):
         TrainConfig.from_dict({"lr_schedule": "linear"})
+
+
+def test_token_bottleneck_flags_patches_wider_than_the_dit():
+    """proj_out maps dim features to out_channels x patch values: the shipped geometries fit, the
+    tiny-face5-x4 recipe's (patch 4 on a 16-channel 4x VAE, 256 values from 128) does not."""
+    from talkingmachines.config import get_preset
+    from talkingmachines.train.recipe import recipe_config
+
+    for name in ("tiny", "wan-1.3b-audio", "wan-i2v-14b-audio"):
+        assert get_preset(name).dit.token_bottleneck() is None, name
+    x4 = recipe_config(configs.shipped("tiny-face5-x4"))
+    why = x4.stage_config("teacher", Path("unused")).make_preset().dit.token_bottleneck()
+    assert why and why.startswith("each token predicts 256 latent values (patch 1x4x4 x 16 channels) from 128")

@@ -464,6 +464,11 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
     from .student import train_dmd, train_ode
     from .teacher import train_teacher
 
+    if any(s in stages for s in ("teacher", "ode", "dmd")):
+        why = r.stage_config("teacher", out).make_preset().dit.token_bottleneck()
+        if why:
+            _log(f"warning: {why}")
+
     if "vae" in stages:
         timed("vae", lambda: run_vae(r, out, int(r.vae.steps)))
     if "decoder" in stages and r.decoder.steps > 0:
