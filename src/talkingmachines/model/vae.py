@@ -183,15 +183,21 @@ class VideoVAE:
 # --------------------------------------------------------------------------------------
 
 
+# The widths the recipes train, per spatial factor: 8x is the shipped `tiny` VAE; 4x drops the H/8
+# level (configs/tiny-face5-x4.json). Used where only a preset is known (plan, speed estimates),
+# and the config's defaults.
+TINY_WIDTHS = {8: ((32, 64, 128), (96, 48, 24)), 4: ((32, 128), (96, 48))}
+
+
 @dataclass
 class TinyVAEConfig:
     latent_channels: int = 8
     in_channels: int = 3
     spatial: int = SPATIAL  # 8 or 4: pixel-unshuffle 2x + one stride-2 conv per further 2x
     temporal: int = TEMPORAL  # fixed: 4 frames stacked on channels per latent
-    enc_widths: tuple[int, ...] = (32, 64, 128)  # at H/2, H/4(, H/8): one per 2x of `spatial`
+    enc_widths: tuple[int, ...] = TINY_WIDTHS[8][0]  # at H/2, H/4(, H/8): one per 2x of `spatial`
     enc_res_blocks: int = 1
-    dec_widths: tuple[int, ...] = (96, 48, 24)  # at (H/8,) H/4, H/2
+    dec_widths: tuple[int, ...] = TINY_WIDTHS[8][1]  # at (H/8,) H/4, H/2
     dec_res_blocks: int = 1
     latents_mean: list[float] = field(default_factory=lambda: [0.0] * 8)
     latents_std: list[float] = field(default_factory=lambda: [1.0] * 8)
@@ -224,11 +230,6 @@ class TinyVAEConfig:
     def from_dict(cls, d: dict) -> "TinyVAEConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# The widths the recipes train, per spatial factor: 8x is the shipped `tiny` VAE; 4x drops the H/8
-# level (configs/tiny-face5-x4.json). Used where only a preset is known (plan, speed estimates).
-TINY_WIDTHS = {8: ((32, 64, 128), (96, 48, 24)), 4: ((32, 128), (96, 48))}
 
 
 def tiny_vae_config(spatial: int = 8, latent_channels: int = 8) -> TinyVAEConfig:
