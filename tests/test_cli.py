@@ -100,6 +100,13 @@ def test_info_counts_parameters_on_meta_device():
     assert 18.0e9 < info["t2v_trunk_plus_audio"] < 18.7e9  # the paper's "18B": 14B trunk + audio
 
 
+def test_info_unknown_preset_is_one_line():
+    r = run("info", "--preset", "nope")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0] and "tiny" in lines[0]
+
+
 def test_bench_json(tmp_path):
     r = run("bench", "--json", "--chunks", "24", "--plot", str(tmp_path / "lat.png"))
     assert r.returncode == 0, r.stderr

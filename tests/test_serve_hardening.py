@@ -187,6 +187,16 @@ def test_port_in_use_is_a_one_line_error():
     assert "in use" in lines[0]
 
 
+def test_port_out_of_range_is_a_one_line_error():
+    # the resolver would wrap 99999 to 34463 and the server would print a URL it does not serve
+    r = subprocess.run([sys.executable, "-m", "talkingmachines", "serve", "--port", "99999"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "99999" in lines[0], r.stderr
+    assert "http://" not in r.stdout
+
+
 def test_offer_rate_limit_per_address_slides():
     from talkingmachines.serve.ratelimit import OfferRateLimit
 

@@ -146,10 +146,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .config import get_preset
     from .model.weights import parameter_breakdown
+    from .stream.options import preset_from_args
 
-    p = get_preset(args.preset)
+    p = preset_from_args(argparse.Namespace(model=None, preset=args.preset))  # a bad name: one line
     b = parameter_breakdown(p.dit)
     if args.json:
         print(json.dumps({"preset": p.name, **b}))

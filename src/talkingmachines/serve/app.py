@@ -529,6 +529,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
     """Bind the port before the (slow) model load, so a busy port is one clear line at once."""
     from ..errors import InputError
 
+    if not 0 <= port <= 65535:  # getaddrinfo would wrap it (99999 -> 34463) and we would print the wrong URL
+        raise InputError(f"--port must be 0-65535 (0: any free port), got {port}")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -573,6 +575,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, agent: str = "mirror",
     except (ValueError, RuntimeError) as e:
         raise InputError(str(e)) from None
     sock = listen_socket(host, port)
+    port = sock.getsockname()[1]  # the port it got, for --port 0
     shown = f"[{host}]" if ":" in host else host
     print(f"talkingmachines serve: http://{shown}:{port}/  (agent {agent}, max {max_sessions} calls)", flush=True)
     web.run_app(app, sock=sock, print=None, access_log=None, **RUNNER_KW)
