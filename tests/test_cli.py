@@ -107,6 +107,17 @@ def test_info_unknown_preset_is_one_line():
     assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0] and "tiny" in lines[0]
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = run("data", "synth", "--out", str(tmp_path / "file" / "ds"), "--n", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "file/ds" in lines[0], r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+    r = run("-v", "data", "synth", "--out", str(tmp_path / "file" / "ds"), "--n", "1")
+    assert r.returncode != 0 and "Traceback" in r.stderr  # -v: the traceback, for a bug report
+
+
 def test_bench_json(tmp_path):
     r = run("bench", "--json", "--chunks", "24", "--plot", str(tmp_path / "lat.png"))
     assert r.returncode == 0, r.stderr

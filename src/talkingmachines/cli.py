@@ -228,6 +228,13 @@ def main(argv=None) -> int:
         print(f"error: `{args.cmd}` needs the Python package {top!r}, which is not installed here "
               f"(pip install {PIP_NAMES[top]})", file=sys.stderr)
         return 2
+    except OSError as e:
+        # a path the user named that cannot be made, read or written (a missing or read-only folder, a
+        # full disk): one line; -v keeps the traceback for when it is our bug
+        if e.filename is None or args.verbose:
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
