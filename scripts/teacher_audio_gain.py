@@ -5,15 +5,19 @@ A teacher that ignores the audio scores about 0; one that knew the lip opening e
 0.2-0.3 on data version 3 (the opening explains 0.039 of the mouth box's 0.099 per-element variance over time).
 
     python scripts/teacher_audio_gain.py RUN DIT [PRESET_JSON]
+    python scripts/teacher_audio_gain.py RUN RUN/teacher/checkpoints/step_N --config CONFIG [--data DATA]
 
-RUN: a recipe run folder (RUN/data with its latent cache, RUN/teacher/held_out.json); DIT: a DiT folder
-(RUN/teacher/final/dit) or a teacher checkpoint folder (RUN/teacher/checkpoints/step_N, its EMA weights);
-PRESET_JSON: default RUN/teacher/final/preset.json.
+RUN: a recipe run folder (RUN/teacher/held_out.json; the latent cache of RUN/vae, under RUN/data or
+--data); DIT: a DiT folder (RUN/teacher/final/dit) or a teacher checkpoint folder (its EMA weights);
+PRESET_JSON: default RUN/teacher/final/preset.json. Mid-run there is no final preset yet: --config names
+the recipe config the run was started with, and its teacher stage's preset is used (so a teacher can be
+scored while it trains; copy the checkpoint first, they rotate).
 """
+import argparse
 import glob
 import json
 import os
-import sys
+from pathlib import Path
 
 import torch
 
@@ -24,9 +28,33 @@ from talkingmachines.pipeline import bidirectional_v
 from talkingmachines.train.latents import LatentClips
 
 
-def main(run: str, dit: str, preset: str | None = None, n_max: int = 24) -> None:
+def run_preset(run: str, preset: str | None, config: str | None, data: str | None) -> Preset:
+    if config is None:
+        return Preset.load(preset or f"{run}/teacher/final/preset.json")
+    from talkingmachines.train.recipe import recipe_config
+
+    rc = recipe_config(config, data=data)
+    return rc.stage_config("teacher", Path(run)).make_preset()
+
+
+def latent_cache(run: str, data: str | None) -> str:
+    """RUN/vae's latent cache (the one the teacher trained on), under --data or RUN/data."""
+    from talkingmachines.train.latents import _file_id
+
+    root = Path(data or f"{run}/data")
+    cache = root / f"latents-{_file_id(Path(run) / 'vae')}"
+    if cache.is_dir():
+        return str(cache)
+    found = sorted(glob.glob(f"{root}/latents-*"))  # runs older than the vae id in the name
+    if len(found) != 1:
+        raise SystemExit(f"error: no latent cache of {run}/vae under {root} (pass --data)")
+    return found[0]
+
+
+def main(run: str, dit: str, preset: str | None = None, n_max: int = 24, config: str | None = None,
+         data: str | None = None) -> None:
     torch.set_num_threads(1)
-    p = Preset.load(preset or f"{run}/teacher/final/preset.json")
+    p = run_preset(run, preset, config, data)
     ema = os.path.join(dit, "ema.teacher.safetensors")
     if os.path.isfile(ema):
         from safetensors.torch import load_file
@@ -37,7 +65,7 @@ def main(run: str, dit: str, preset: str | None = None, n_max: int = 24) -> None
         m = AudioDiT.from_pretrained(dit)
     m.eval()
     held = json.load(open(f"{run}/teacher/held_out.json"))["clips"]
-    cache = sorted(glob.glob(f"{run}/data/latents-*"))[0]
+    cache = latent_cache(run, data)
     ho = LatentClips(cache, 2, p.stream.chunk_frames, p.stream.audio_context, 0, clip_ids=sorted(held))
     items = [ho.collate([ho.get(i, 0)]) for i in range(min(len(ho), n_max))]
     n = len(items)
@@ -62,6 +90,15 @@ def main(run: str, dit: str, preset: str | None = None, n_max: int = 24) -> None
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    main(*sys.argv[1:4])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("dit")
+    ap.add_argument("preset", nargs="?", default=None)
+    ap.add_argument("--config", default=None, help="the run's recipe config (mid-run: builds the teacher's preset)")
+    ap.add_argument("--data", default=None, help="the run's data folder (default RUN/data)")
+    ap.add_argument("--n", type=int, default=24, help="held-out crops")
+    a = ap.parse_args()
+    try:
+        main(a.run, a.dit, a.preset, a.n, a.config, a.data)
+    except (ValueError, OSError) as e:  # InputError and WeightsError are ValueErrors: a bad path, one line
+        raise SystemExit(f"error: {e}") from None
