@@ -39,10 +39,10 @@ def run_preset(run: str, preset: str | None, config: str | None, data: str | Non
 
 def latent_cache(run: str, data: str | None) -> str:
     """RUN/vae's latent cache (the one the teacher trained on), under --data or RUN/data."""
-    from talkingmachines.train.latents import _file_id
+    from talkingmachines.train.latents import _file_id, cache_dir
 
     root = Path(data or f"{run}/data")
-    cache = root / f"latents-{_file_id(Path(run) / 'vae')}"
+    cache = cache_dir(root, _file_id(Path(run) / "vae"))
     if cache.is_dir():
         return str(cache)
     found = sorted(glob.glob(f"{root}/latents-*"))  # runs older than the vae id in the name

@@ -135,7 +135,7 @@ class TrainConfig:
     out: str | None = None
     init_from: str | None = None  # teacher: Wan2.1 dir or our DiT folder; ode: teacher run; dmd: ode run
     teacher: str | None = None  # ode / dmd: the teacher run folder (or a DiT folder)
-    cache: str | None = None  # latent cache folder (default: OUT/../cache/latents-<vae id>)
+    cache: str | None = None  # latent cache folder (default: DATA/latents-<vae id>, `latents.cache_dir`)
     steps: int = 1000
     batch_size: int = 8  # global: the same whatever the world size
     clip_chunks: int = 2  # crops of 1 + 12 n video frames

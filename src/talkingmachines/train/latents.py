@@ -79,6 +79,12 @@ class Batch:
 
 
 # ----------------------------------------------------------------------------- cache
+def cache_dir(data: str | Path, vae_id: str) -> Path:
+    """Where a data set's latents under the VAE of id `vae_id` (`_file_id`) are cached: one folder
+    per VAE, beside the clips, so every VAE trained on the same data keeps its own."""
+    return Path(data) / f"latents-{vae_id}"
+
+
 def _file_id(path: Path) -> str:
     """A cheap identity of a weights folder/file: names, sizes and the first MiB of each."""
     h = hashlib.sha1()

@@ -176,7 +176,7 @@ class DiTStage(Trainer):
         from ..model import audio as audio_fe
         from ..model.vae import load_vae
         from ..dataset import ClipDataset, held_out_split
-        from .latents import _file_id
+        from .latents import _file_id, cache_dir
 
         if not cfg.vae:
             raise InputError("no VAE folder (--vae): train one first (train tiny-recipe does)")
@@ -184,7 +184,7 @@ class DiTStage(Trainer):
         if not vae_dir.exists():
             raise InputError(f"{vae_dir}: no such VAE folder")
         vae_id = _file_id(vae_dir)
-        cache = Path(cfg.cache) if cfg.cache else Path(cfg.data) / f"latents-{vae_id}"
+        cache = Path(cfg.cache) if cfg.cache else cache_dir(cfg.data, vae_id)
         if not (cache / "index.json").is_file() or json.loads((cache / "index.json").read_text()).get("vae_id") != vae_id:
             vae = load_vae(p.vae, vae_dir, device=self.device)
             fe = audio_fe.build_frontend(p)
