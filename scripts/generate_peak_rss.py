@@ -7,6 +7,7 @@ video for SECONDS after its temp MP4 appears (model loaded, chunks being written
 with SIGTERM and prints one JSON line with the child's peak RSS (``ru_maxrss`` from os.wait4).
 """
 
+import argparse
 import glob
 import json
 import os
@@ -16,7 +17,16 @@ import sys
 import tempfile
 import time
 
-src, wav, wait = sys.argv[1], sys.argv[2], float(sys.argv[3])
+ap = argparse.ArgumentParser(description="peak RSS of `talkingmachines generate` while it writes video")
+ap.add_argument("src", help="a checkout's src folder (put on PYTHONPATH)")
+ap.add_argument("wav", help="the speech to generate from")
+ap.add_argument("seconds", type=float, help="how long to let it write video before stopping it")
+args = ap.parse_args()
+src, wav, wait = args.src, args.wav, args.seconds
+if not os.path.isdir(os.path.join(src, "talkingmachines")):
+    sys.exit(f"error: {src}: not a src folder (no talkingmachines package in it)")
+if not os.path.isfile(wav):
+    sys.exit(f"error: {wav}: no such file")
 out = tempfile.mkdtemp(prefix="peak-")
 env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1")
 t0 = time.time()
