@@ -277,3 +277,17 @@ def test_info_logs_shown_for_serve_or_with_v_only(argv, shown):
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == shown
+
+
+def test_bad_budget_and_eval_counts_are_one_line(tmp_path):
+    # a negative budget once started synthesising data; eval-model --n 0 raised a ValueError traceback
+    cases = [(("train", "tiny-recipe", "--out", str(tmp_path / "run"), "--budget-minutes", "-5"), "budget_minutes"),
+             (("eval-model", "--data", str(tmp_path), "--n", "0"), "--n must be >= 1"),
+             (("eval-model", "--data", str(tmp_path), "--long-seconds", "-1"), "--long-seconds must be >= 0"),
+             (("eval-model", "--data", str(tmp_path), "--held-out", "1.5"), "--held-out must be a fraction")]
+    for argv, says in cases:
+        r = run(*argv)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (argv, r.stderr)
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], (argv, r.stderr)
+    assert not (tmp_path / "run").exists()  # nothing was started

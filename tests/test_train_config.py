@@ -128,6 +128,14 @@ def test_recipe_stage_settings_flat_or_nested_and_plan_set():
         assert (c.steps, c.ode.pairs, c.ode.batch) == (7, 16, d["ode"]["ode_batch"])
 
 
+def test_bad_counts_are_input_errors():
+    for key, bad in (("steps", -3), ("batch_size", 0), ("clip_chunks", 0), ("steps", 2.5), ("steps", "10"),
+                     ("dark_skin_repeat", 0), ("held_out", 1.0), ("held_out", -0.1)):
+        with pytest.raises(InputError, match=f"config {key} must be"):
+            TrainConfig.from_dict({key: bad})
+    assert TrainConfig.from_dict({"steps": 0, "held_out": 0}).steps == 0  # 0 steps: export the init as it is
+
+
 def test_recipe_errors_are_input_errors():
     from talkingmachines.train.config import RecipeConfig
     from talkingmachines.train.recipe import load_recipe
@@ -143,6 +151,10 @@ def test_recipe_errors_are_input_errors():
         RecipeConfig.from_dict({**d, "synth": {"seconds": [1, 2]}})
     with pytest.raises(InputError, match="recipe lacks dmd"):
         RecipeConfig.from_dict({k: v for k, v in d.items() if k != "dmd"})
+    for bad in (-5, 0, "ten", True):
+        with pytest.raises(InputError, match="budget_minutes must be a number of minutes > 0"):
+            RecipeConfig.from_dict({**d, "budget_minutes": bad})
+    assert RecipeConfig.from_dict({**d, "budget_minutes": 90}).budget_minutes == 90
 
 
 def test_lr_schedules():

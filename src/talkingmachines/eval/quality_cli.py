@@ -310,9 +310,17 @@ def cmd_eval_model(args) -> int:
 
     face_judge.use_detector(args.judge_detector)
     data = Path(args.data)
+    if args.n < 1:
+        raise InputError(f"--n must be >= 1 (got {args.n})")
+    if args.long_seconds < 0:
+        raise InputError(f"--long-seconds must be >= 0 (got {args.long_seconds:g}; 0 skips the stream)")
+    if not 0 < args.held_out < 1:
+        raise InputError(f"--held-out must be a fraction between 0 and 1 (got {args.held_out:g})")
     if args.card and not Path(args.card).is_file():
         raise InputError(f"--card {args.card}: no such file")
     held = eval_clips(ClipDataset(data), args.held_out, args.seed, args.held_out_json, args.all_clips)
+    if len(held) == 0:
+        raise InputError(f"{data}: no clips to evaluate (the held-out split is empty; --all-clips judges every clip)")
     avatar = load_from_args(args)
     if args.vae:
         from ..model.vae import TinyVAE

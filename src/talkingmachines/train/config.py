@@ -156,6 +156,17 @@ class TrainConfig:
     ode: ODEConfig = field(default_factory=ODEConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
 
+    def __post_init__(self):
+        # a bad count would otherwise surface deep in a stage (an empty batch, an endless epoch)
+        for name, low in (("steps", 0), ("batch_size", 1), ("clip_chunks", 1), ("log_every", 0),
+                          ("dark_skin_repeat", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InputError(f"config {name} must be a whole number >= {low} (got {v!r})")
+        if isinstance(self.held_out, bool) or not isinstance(self.held_out, (int, float)) \
+                or not 0 <= self.held_out < 1:
+            raise InputError(f"config held_out must be a fraction in [0, 1) (got {self.held_out!r})")
+
     def to_dict(self) -> dict:
         """Nested: one mapping per section (`from_dict` reads it back)."""
         d = dataclasses.asdict(self)
@@ -381,6 +392,11 @@ class RecipeConfig:
     device_name: str | None = None  # the device the run uses (the card)
 
     STAGES = ("teacher", "ode", "dmd")
+
+    def __post_init__(self):
+        b = self.budget_minutes
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
+            raise InputError(f"budget_minutes must be a number of minutes > 0 (got {b!r})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RecipeConfig":

@@ -425,8 +425,8 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
                data: str | None = None, export: str | Path | None = None, stages: list[str] | None = None,
                device: str | None = None) -> Path:
     out = Path(out)
+    r = recipe_config(config, budget_minutes=budget_minutes, device=device)  # a bad config makes no run folder
     out.mkdir(parents=True, exist_ok=True)
-    r = recipe_config(config, budget_minutes=budget_minutes, device=device)
     r.config_path = str(config) if config else None
     r.data = str(Path(data) if data else (Path(r.data) if r.data else out / "data"))
     stages = list(stages or STAGES)
