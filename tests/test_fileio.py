@@ -36,3 +36,9 @@ def test_written_files_read_back_with_ordinary_mode(tmp_path):
     assert nz.name == "c.npz" and np.load(nz)["a"].tolist() == [0, 1, 2]
     for p in (st, nz):
         assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_an_output_in_a_missing_folder_names_the_output(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        atomic_write_text(tmp_path / "nope" / "g.png", "x")
+    assert e.value.filename == str(tmp_path / "nope" / "g.png")  # not the temp file's name

@@ -26,7 +26,10 @@ def atomic_write(dest, write: Callable[[Path], object], mkdir: bool = False) -> 
     dest = Path(dest)
     if mkdir:
         dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
+    except OSError as e:  # name the file asked for, not a temp name the user never chose
+        raise OSError(e.errno, e.strerror, str(dest)) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
