@@ -291,4 +291,3 @@ def test_bad_budget_and_eval_counts_are_one_line(tmp_path):
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], (argv, r.stderr)
     assert not (tmp_path / "run").exists()  # nothing was started
-
