@@ -168,6 +168,43 @@ def test_temporal_term_and_decoder_only_finetune(tmp_path):
         train_tiny_vae(clips, tmp_path / "bad2", steps=1, latent_noise=0.3, progress=False)
 
 
+def test_new_larger_decoder_keeps_encoder_and_resumes(tmp_path):
+    """``dec_widths`` / ``dec_res_blocks``: a fresh decoder of other widths under a trained encoder.
+    The encoder and its latent statistics stay bit for bit (the latents a DiT was trained on), the
+    saved folder loads with the new geometry, and a run stopped at a checkpoint resumes to the
+    same weights as one that was not stopped."""
+    from talkingmachines.model.vae import TinyVAE, TinyVAEConfig
+    from talkingmachines.train.vae_train import train_tiny_vae
+
+    rng = np.random.default_rng(1)
+    clips = [rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    torch.manual_seed(0)
+    base = TinyVAE(TinyVAEConfig(enc_widths=(8, 8, 8), dec_widths=(8, 8, 8)))
+    base.set_latent_stats(torch.linspace(-0.2, 0.2, 8), torch.linspace(0.5, 1.5, 8))
+    base.save_pretrained(tmp_path / "base")
+    kw = dict(batch_size=2, lr=1e-2, progress=False, init_from=tmp_path / "base", freeze_encoder=True,
+              latent_noise=0.2, dec_widths=(16, 12, 8), dec_res_blocks=2, ckpt_every=2, log_every=0)
+    train_tiny_vae(clips, tmp_path / "big", steps=4, **kw)
+    big = TinyVAE.from_pretrained(tmp_path / "big")
+    assert big.config.dec_widths == (16, 12, 8) and big.config.dec_res_blocks == 2 and len(big.decoder.res) == 2
+    ea, eb = base.encoder.state_dict(), big.encoder.state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert torch.equal(base.latents_mean, big.latents_mean) and torch.equal(base.latents_std, big.latents_std)
+    x = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    assert big.decode_float(big.encode_video(x)).shape == (1, 3, 5, 32, 32)
+
+    # as if stopped after step 2: the step-4 checkpoint and the exported model are gone
+    import shutil
+
+    shutil.copytree(tmp_path / "big" / "checkpoints" / "step_00000002", tmp_path / "stopped" / "checkpoints" / "step_00000002")
+    res = train_tiny_vae(clips, tmp_path / "stopped", steps=4, **kw)
+    assert res.start_step == 2
+    for (k, a), (_, b) in zip(res.vae.state_dict().items(), big.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    with pytest.raises(ValueError, match="dec_widths"):
+        train_tiny_vae(clips, tmp_path / "bad", steps=1, dec_widths=(16, 12, 8), progress=False)
+
+
 def test_older_vae_checkpoint_is_refused_in_one_line(tmp_path):
     """Checkpoints of the VAE trainer before it used the stages' Trainer (model.safetensors +
     optimizer.safetensors) are not resumed: one line says why and what to do."""

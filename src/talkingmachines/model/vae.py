@@ -455,6 +455,18 @@ class TinyVAE(nn.Module, VideoVAE):
     def stream_decoder(self) -> "TinyStreamingDecoder":
         return TinyStreamingDecoder(self)
 
+    def with_new_decoder(self, dec_widths: Any, dec_res_blocks: int, seed: int = 0) -> "TinyVAE":
+        """A copy with this encoder (weights and latent statistics, so the same latents) and a freshly
+        initialised decoder of other widths: a larger decoder can then be trained under a DiT that
+        was trained on this encoder's latents (`vae_train.VAEOptions.dec_widths`)."""
+        d = self.config.to_dict()
+        d.update(dec_widths=list(dec_widths), dec_res_blocks=int(dec_res_blocks))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the new decoder's initial weights depend on the seed only
+            vae = TinyVAE(TinyVAEConfig.from_dict(d))
+        vae.encoder.load_state_dict(self.encoder.state_dict())
+        return vae.to(self.device, self.dtype)
+
     # ---- persistence (safetensors + config.json, never pickle)
     def save_pretrained(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file

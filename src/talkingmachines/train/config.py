@@ -22,6 +22,11 @@ from ..config import Preset, get_preset
 from ..errors import InputError
 
 
+def _is_number(v, kind: type | tuple = (int, float)) -> bool:
+    """A JSON number of ``kind``; not a bool, which Python counts as an int."""
+    return isinstance(v, kind) and not isinstance(v, bool)
+
+
 @dataclass
 class OptimConfig:
     """AdamW and its learning-rate schedule (`optim.adamw`, `optim.lr_at`)."""
@@ -161,10 +166,9 @@ class TrainConfig:
         for name, low in (("steps", 0), ("batch_size", 1), ("clip_chunks", 1), ("log_every", 0),
                           ("dark_skin_repeat", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            if not _is_number(v, int) or v < low:
                 raise InputError(f"config {name} must be a whole number >= {low} (got {v!r})")
-        if isinstance(self.held_out, bool) or not isinstance(self.held_out, (int, float)) \
-                or not 0 <= self.held_out < 1:
+        if not _is_number(self.held_out) or not 0 <= self.held_out < 1:
             raise InputError(f"config held_out must be a fraction in [0, 1) (got {self.held_out!r})")
 
     def to_dict(self) -> dict:
@@ -338,6 +342,9 @@ class DecoderSection:
     lr: float
     latent_noise: float  # max std of the noise, in normalised latent units
     feature_weight: float = 0.0  # extra loss weight on synthetic faces' eyes and mouth (vae_train)
+    # a fresh, larger decoder under the same encoder (and so the same DiT); None: fine-tune the VAE's own
+    dec_widths: list | None = None
+    dec_res_blocks: int | None = None
 
 
 @dataclass
@@ -395,7 +402,7 @@ class RecipeConfig:
 
     def __post_init__(self):
         b = self.budget_minutes
-        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
+        if b is not None and (not _is_number(b) or not b > 0):
             raise InputError(f"budget_minutes must be a number of minutes > 0 (got {b!r})")
 
     @classmethod

@@ -267,7 +267,8 @@ def run_decoder(r: RecipeConfig, out: Path) -> None:
     train_tiny_vae(_train_clips(r, r.vae.clip_frames, d.feature_weight > 0), ddir, steps=d.steps,
                    batch_size=d.batch_size, lr=d.lr, seed=r.seed, device=r.device, ckpt_every=max(50, d.steps // 10),
                    init_from=out / "vae", freeze_encoder=True, latent_noise=d.latent_noise,
-                   temporal_weight=r.vae.temporal_weight, feature_weight=d.feature_weight)
+                   temporal_weight=r.vae.temporal_weight, feature_weight=d.feature_weight,
+                   dec_widths=d.dec_widths, dec_res_blocks=d.dec_res_blocks)
 
 
 def exported_vae(out: Path) -> Path:

@@ -16,6 +16,8 @@ learns to forgive small latent errors: each clip's latents get Gaussian noise of
 uniformly from [0, ``latent_noise``] (in the DiT's normalised units) and it must still give the
 clean clip. A generator's latents are never exactly on the encoder's manifold, and a decoder
 that has only seen clean latents turns those errors into streaks over the face.
+With ``dec_widths`` / ``dec_res_blocks`` the decoder is a fresh, larger one (the encoder and its
+statistics stay ``init_from``'s), for a sharper decoder under a DiT that is already trained.
 
 Reproducible and resumable as every stage (`trainer.Trainer`): an indexable data set is read
 in the `rng.GlobalOrder` of ``(seed, step)`` (a plain iterable is consumed in order, and
@@ -77,6 +79,9 @@ class VAEOptions:
     init_from: str | None = None  # a trained TinyVAE folder
     freeze_encoder: bool = False  # train the decoder only (needs init_from)
     latent_noise: float = 0.0  # decoder-only: max std of the noise added to the normalised latents
+    # decoder-only: a fresh decoder of these widths / res blocks in place of init_from's (None: keep it)
+    dec_widths: tuple[int, ...] | None = None
+    dec_res_blocks: int | None = None
     feature_weight: float = 0.0  # extra weight of the eyes' and mouth's pixels (clips with a "features" mask)
     flip: bool = True  # random horizontal flips
     stat_batches: int = 4  # batches for the latent statistics
@@ -170,6 +175,8 @@ class VAETrainer(Trainer):
             raise InputError("freeze_encoder needs init_from (a trained VAE folder)")
         if opts.latent_noise < 0 or (opts.latent_noise > 0 and not opts.freeze_encoder):
             raise InputError("latent_noise must be >= 0 and needs freeze_encoder (a decoder-only fine-tune)")
+        if (opts.dec_widths is not None or opts.dec_res_blocks is not None) and not (opts.freeze_encoder and opts.init_from):
+            raise InputError("dec_widths / dec_res_blocks need init_from and freeze_encoder (a new decoder for a trained encoder)")
         self.videos, self.opts = videos, opts
         self.final = self.out  # a loadable TinyVAE folder: load_vae("tiny", OUT)
         self._it = None
@@ -192,6 +199,10 @@ class VAETrainer(Trainer):
             config = TinyVAEConfig.from_dict(json.loads((ck / "config.json").read_text()))
         if opts.init_from is not None:
             model = TinyVAE.from_pretrained(opts.init_from, device=self.device)
+            widths = model.config.dec_widths if opts.dec_widths is None else tuple(opts.dec_widths)
+            blocks = model.config.dec_res_blocks if opts.dec_res_blocks is None else int(opts.dec_res_blocks)
+            if (widths, blocks) != (model.config.dec_widths, model.config.dec_res_blocks):
+                model = model.with_new_decoder(widths, blocks, seed=self.cfg.seed)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed)  # the initial weights depend on the seed only
@@ -308,6 +319,8 @@ def train_tiny_vae(
     freeze_encoder: bool = False,
     latent_noise: float = 0.0,
     feature_weight: float = 0.0,
+    dec_widths: tuple[int, ...] | None = None,
+    dec_res_blocks: int | None = None,
     grad_clip: float = 1.0,
     flip: bool = True,
     stat_batches: int = 4,
@@ -329,7 +342,8 @@ def train_tiny_vae(
                       ema=EMAConfig(decay=0.0), checkpoint=CheckpointConfig(every=ckpt_every, keep=keep_checkpoints))
     opts = VAEOptions(config=config, mse_weight=mse_weight, edge_weight=edge_weight, kl_weight=kl_weight,
                       temporal_weight=temporal_weight, init_from=None if init_from is None else str(init_from),
-                      freeze_encoder=freeze_encoder, latent_noise=latent_noise, feature_weight=feature_weight, flip=flip, stat_batches=stat_batches, resume=resume)
+                      freeze_encoder=freeze_encoder, latent_noise=latent_noise, feature_weight=feature_weight,
+                      dec_widths=None if dec_widths is None else tuple(dec_widths), dec_res_blocks=dec_res_blocks, flip=flip, stat_batches=stat_batches, resume=resume)
     tr = VAETrainer(cfg, videos, opts)
     try:
         tr.run()
