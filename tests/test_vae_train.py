@@ -203,6 +203,11 @@ def test_new_larger_decoder_keeps_encoder_and_resumes(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), k
     with pytest.raises(ValueError, match="dec_widths"):
         train_tiny_vae(clips, tmp_path / "bad", steps=1, dec_widths=(16, 12, 8), progress=False)
+    # widths that do not fit the VAE, a negative count: one line each, before any training
+    for bad in (dict(dec_widths=(16, 12)), dict(dec_res_blocks=-1), dict(dec_widths=(16, 0, 8))):
+        with pytest.raises(ValueError, match="the new decoder"):
+            train_tiny_vae(clips, tmp_path / "bad", steps=1, **{**kw, **bad})
+        assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
 def test_older_vae_checkpoint_is_refused_in_one_line(tmp_path):

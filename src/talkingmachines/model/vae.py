@@ -211,6 +211,12 @@ class TinyVAEConfig:
         if len(self.enc_widths) != levels or len(self.dec_widths) != levels:
             raise ValueError(f"spatial {self.spatial} needs {levels} encoder and decoder widths, "
                              f"got {list(self.enc_widths)} and {list(self.dec_widths)}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (*self.enc_widths, *self.dec_widths)):
+            raise ValueError(f"widths must be whole numbers >= 1, got {list(self.enc_widths)} and {list(self.dec_widths)}")
+        for name in ("enc_res_blocks", "dec_res_blocks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {v!r}")
         c = self.latent_channels
         if len(self.latents_mean) != c:
             self.latents_mean = [0.0] * c
@@ -460,7 +466,7 @@ class TinyVAE(nn.Module, VideoVAE):
         initialised decoder of other widths: a larger decoder can then be trained under a DiT that
         was trained on this encoder's latents (`vae_train.VAEOptions.dec_widths`)."""
         d = self.config.to_dict()
-        d.update(dec_widths=list(dec_widths), dec_res_blocks=int(dec_res_blocks))
+        d.update(dec_widths=list(dec_widths), dec_res_blocks=dec_res_blocks)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the new decoder's initial weights depend on the seed only
             vae = TinyVAE(TinyVAEConfig.from_dict(d))

@@ -199,10 +199,13 @@ class VAETrainer(Trainer):
             config = TinyVAEConfig.from_dict(json.loads((ck / "config.json").read_text()))
         if opts.init_from is not None:
             model = TinyVAE.from_pretrained(opts.init_from, device=self.device)
-            widths = model.config.dec_widths if opts.dec_widths is None else tuple(opts.dec_widths)
-            blocks = model.config.dec_res_blocks if opts.dec_res_blocks is None else int(opts.dec_res_blocks)
-            if (widths, blocks) != (model.config.dec_widths, model.config.dec_res_blocks):
-                model = model.with_new_decoder(widths, blocks, seed=self.cfg.seed)
+            try:
+                widths = model.config.dec_widths if opts.dec_widths is None else tuple(opts.dec_widths)
+                blocks = model.config.dec_res_blocks if opts.dec_res_blocks is None else opts.dec_res_blocks
+                if (widths, blocks) != (model.config.dec_widths, model.config.dec_res_blocks):
+                    model = model.with_new_decoder(widths, blocks, seed=self.cfg.seed)
+            except (TypeError, ValueError) as e:  # widths that do not fit the VAE's spatial factor, a bad count
+                raise InputError(f"the new decoder (dec_widths, dec_res_blocks): {e}") from None
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed)  # the initial weights depend on the seed only
@@ -343,7 +346,7 @@ def train_tiny_vae(
     opts = VAEOptions(config=config, mse_weight=mse_weight, edge_weight=edge_weight, kl_weight=kl_weight,
                       temporal_weight=temporal_weight, init_from=None if init_from is None else str(init_from),
                       freeze_encoder=freeze_encoder, latent_noise=latent_noise, feature_weight=feature_weight,
-                      dec_widths=None if dec_widths is None else tuple(dec_widths), dec_res_blocks=dec_res_blocks, flip=flip, stat_batches=stat_batches, resume=resume)
+                      dec_widths=dec_widths, dec_res_blocks=dec_res_blocks, flip=flip, stat_batches=stat_batches, resume=resume)
     tr = VAETrainer(cfg, videos, opts)
     try:
         tr.run()
