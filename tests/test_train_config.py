@@ -187,3 +187,16 @@ def test_token_bottleneck_flags_patches_wider_than_the_dit():
     x4 = recipe_config(configs.shipped("tiny-face5-x4"))
     why = x4.stage_config("teacher", Path("unused")).make_preset().dit.token_bottleneck()
     assert why and why.startswith("each token predicts 256 latent values (patch 1x4x4 x 16 channels) from 128")
+
+
+def test_every_shipped_recipe_config_reads():
+    """Each ``tiny-*`` config a user can name (`--config tiny-face-dec160`, ...) reads into a typed
+    RecipeConfig: no unknown key, no setting of the wrong kind."""
+    from talkingmachines.train.recipe import recipe_config
+
+    names = [n for n in configs.names() if n.startswith("tiny-")]
+    assert "tiny-face" in names and "tiny-face-dec160" in names
+    for name in names:
+        r = recipe_config(configs.resolve(name))
+        assert r.synth.n > 0, name
+    assert recipe_config(configs.resolve("tiny-face-dec160")).decoder.dec_widths == [160, 80, 40]
