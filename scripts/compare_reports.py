@@ -1,0 +1,76 @@
+"""Put `talkingmachines eval-model --out` reports side by side, by the face judge's figures.
+
+    python scripts/compare_reports.py ship=src/talkingmachines/weights/tiny/eval.json:student \
+        new=runs/new/eval.json:student [more LABEL=REPORT:SYSTEM ...]
+
+SYSTEM is a column of the report: ``student``, ``teacher``, ``vae_roundtrip`` or ``ground_truth``.
+One row per argument with the pooled figures (all frames of all clips), and the same on the clips
+whose ground-truth lips the judge reads where the report has them. The first argument is the
+baseline: every other row that shares clips with it also gets the per-clip difference of its lip
+correlation (mean, standard error, on how many clips it is higher), since pooled figures over a
+few dozen clips move with a handful of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _num(d: dict, key: str) -> float:
+    v = d.get(key)
+    return float("nan") if v is None else float(v)
+
+
+def _load(arg: str) -> tuple[str, dict, dict, dict]:
+    if "=" not in arg or ":" not in arg.split("=", 1)[1]:
+        sys.exit(f"error: {arg!r} is not LABEL=REPORT.json:SYSTEM")
+    label, rest = arg.split("=", 1)
+    path, system = rest.rsplit(":", 1)
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {path}: {e}")
+    face = report.get("face", {}).get(system)
+    if face is None:
+        sys.exit(f"error: {path} has no {system!r} column (it has {sorted(report.get('face', {}))})")
+    readable = report.get("face_readable", {}).get("systems", {}).get(system, {})
+    clips = {c["name"]: c["face"][system] for c in report.get("clips", []) if c.get("face", {}).get(system)}
+    return label, face, readable, clips
+
+
+def _paired(base: dict, other: dict) -> str:
+    d = [other[n]["confidence"] - base[n]["confidence"] for n in base
+         if n in other and base[n].get("confidence") is not None and other[n].get("confidence") is not None]
+    if len(d) < 2:
+        return ""
+    mu = sum(d) / len(d)
+    se = math.sqrt(sum((x - mu) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return f"lip corr per clip {mu:+.3f} (s.e. {se:.3f}), higher on {sum(x > 0 for x in d)}/{len(d)}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("columns", nargs="+", metavar="LABEL=REPORT:SYSTEM")
+    rows = [_load(a) for a in ap.parse_args().columns]
+    w = max(len(r[0]) for r in rows)
+    print(f"{'':{w}s}  found  where-GT  speech  silence  lag   corr  opening |  readable: where-GT   corr  opening")
+    for label, f, r, _ in rows:
+        lag = f.get("lag")
+        print(f"{label:{w}s} {100 * _num(f, 'face_found'):5.1f} %  {100 * _num(f, 'found_where_reference_found'):5.1f} %"
+              f"  {100 * _num(f, 'face_found_speech'):5.1f} %  {100 * _num(f, 'face_found_silence'):5.1f} %"
+              f"  {'-' if lag is None else lag:>3}  {_num(f, 'confidence'):5.3f}  {_num(f, 'open_ratio_median'):5.2f}x |"
+              f"            {100 * _num(r, 'found_where_reference_found'):5.1f} %  {_num(r, 'confidence'):5.3f}"
+              f"  {_num(r, 'open_ratio_median'):5.2f}x")
+    base_label, *_, base_clips = rows[0]
+    for label, *_, clips in rows[1:]:
+        text = _paired(base_clips, clips)
+        if text:
+            print(f"{label} against {base_label}: {text}")
+
+
+if __name__ == "__main__":
+    main()
