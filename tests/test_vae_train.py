@@ -126,11 +126,25 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     assert torch.equal(again.vae.decoder.conv_out.weight, res.vae.decoder.conv_out.weight)
 
 
+def _random_clips_and_saved_vae(folder, seed: int):
+    """Four random 5-frame 32x32 clips and a small TinyVAE with non-trivial latent statistics, saved
+    to ``folder``: what a decoder-only fine-tune starts from."""
+    from talkingmachines.model.vae import TinyVAE
+
+    rng = np.random.default_rng(seed)
+    clips = [rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    torch.manual_seed(0)
+    base = TinyVAE(TinyVAEConfig(enc_widths=(8, 8, 8), dec_widths=(8, 8, 8)))
+    base.set_latent_stats(torch.linspace(-0.2, 0.2, 8), torch.linspace(0.5, 1.5, 8))
+    base.save_pretrained(folder)
+    return clips, base
+
+
 def test_temporal_term_and_decoder_only_finetune(tmp_path):
     """The temporal term penalises a reconstruction that wobbles where the clip is still; a
     decoder-only fine-tune (init_from + freeze_encoder) leaves the encoder and its latent
     statistics bit for bit, so latents a DiT was trained on do not move, and changes the decoder."""
-    from talkingmachines.model.vae import TinyVAE, TinyVAEConfig
+    from talkingmachines.model.vae import TinyVAE
     from talkingmachines.train.vae_train import train_tiny_vae, vae_loss
 
     x = torch.zeros(1, 3, 5, 8, 8)
@@ -140,12 +154,7 @@ def test_temporal_term_and_decoder_only_finetune(tmp_path):
     assert vae_loss(wobble, x, m, m, temporal_weight=1.0)[1]["temporal"] > 0.15
     assert vae_loss(shifted, x, m, m, temporal_weight=1.0)[1]["temporal"] < 1e-7
 
-    rng = np.random.default_rng(0)
-    clips = [rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8) for _ in range(4)]
-    torch.manual_seed(0)
-    base = TinyVAE(TinyVAEConfig(enc_widths=(8, 8, 8), dec_widths=(8, 8, 8)))
-    base.set_latent_stats(torch.linspace(-0.2, 0.2, 8), torch.linspace(0.5, 1.5, 8))
-    base.save_pretrained(tmp_path / "base")
+    clips, base = _random_clips_and_saved_vae(tmp_path / "base", seed=0)
     train_tiny_vae(clips, tmp_path / "ft", steps=3, batch_size=2, lr=1e-2, progress=False, init_from=tmp_path / "base",
                    freeze_encoder=True, temporal_weight=1.0, ckpt_every=0)
     a, b = TinyVAE.from_pretrained(tmp_path / "base"), TinyVAE.from_pretrained(tmp_path / "ft")
@@ -173,15 +182,10 @@ def test_new_larger_decoder_keeps_encoder_and_resumes(tmp_path):
     The encoder and its latent statistics stay bit for bit (the latents a DiT was trained on), the
     saved folder loads with the new geometry, and a run stopped at a checkpoint resumes to the
     same weights as one that was not stopped."""
-    from talkingmachines.model.vae import TinyVAE, TinyVAEConfig
+    from talkingmachines.model.vae import TinyVAE
     from talkingmachines.train.vae_train import train_tiny_vae
 
-    rng = np.random.default_rng(1)
-    clips = [rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8) for _ in range(4)]
-    torch.manual_seed(0)
-    base = TinyVAE(TinyVAEConfig(enc_widths=(8, 8, 8), dec_widths=(8, 8, 8)))
-    base.set_latent_stats(torch.linspace(-0.2, 0.2, 8), torch.linspace(0.5, 1.5, 8))
-    base.save_pretrained(tmp_path / "base")
+    clips, base = _random_clips_and_saved_vae(tmp_path / "base", seed=1)
     kw = dict(batch_size=2, lr=1e-2, progress=False, init_from=tmp_path / "base", freeze_encoder=True,
               latent_noise=0.2, dec_widths=(16, 12, 8), dec_res_blocks=2, ckpt_every=2, log_every=0)
     train_tiny_vae(clips, tmp_path / "big", steps=4, **kw)
