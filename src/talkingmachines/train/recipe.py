@@ -353,10 +353,11 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
             f"{vae.get('wall_seconds', 0) / 60:.1f} | last loss {last:.4f} |"]
     dec = _done(out / "decoder" / "DONE.json")
     if dec:
-        what = "fine-tuned"
-        if r.decoder.dec_widths or r.decoder.dec_res_blocks:  # a fresh decoder: say its size, from what was saved
-            c = json.loads((out / "decoder" / "config.json").read_text())
-            what = f"a new one (widths {c['dec_widths']}, {c['dec_res_blocks']} res blocks) trained"
+        # a fresh decoder when its saved geometry differs from the VAE stage's: say its size
+        c, v = (json.loads((out / s / "config.json").read_text()) for s in ("decoder", "vae"))
+        geometry = lambda d: (d["dec_widths"], d["dec_res_blocks"])  # noqa: E731
+        what = ("fine-tuned" if geometry(c) == geometry(v)
+                else f"a new one (widths {c['dec_widths']}, {c['dec_res_blocks']} res blocks) trained")
         rows.append(f"| VAE decoder, {what} on latents + noise (std up to {r.decoder.latent_noise:g}"
                     f"{eyes_mouth(r.decoder.feature_weight)}) | "
                     f"{dec.get('steps', '?')} | {dec.get('wall_seconds', 0) / 60:.1f} | "
