@@ -240,6 +240,14 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
     walls = json.loads(line.split(": ", 1)[1].rstrip("."))
     teacher_done = json.loads((out / "teacher" / "final" / "DONE.json").read_text())
     assert walls["teacher"] == round(teacher_done["wall_seconds"]) and walls["synth"] == round(timings["synth"])
+    # a decoder saved with the VAE stage's own geometry is that decoder fine-tuned, not a new one
+    dec_cfg = out / "decoder" / "config.json"
+    saved = dec_cfg.read_text()
+    vae_cfg = json.loads((out / "vae" / "config.json").read_text())
+    dec_cfg.write_text(json.dumps({**json.loads(saved), **{k: vae_cfg[k] for k in ("dec_widths", "dec_res_blocks")}}))
+    same = model_card(r, out, Preset.load(model / "preset.json"), timings, model)
+    assert "| VAE decoder, fine-tuned on latents + noise (std up to 0.3;" in same and "a new one" not in same
+    dec_cfg.write_text(saved)
     assert main(args) == 0  # all done: every stage is skipped
     again = json.loads((out / "timings.json").read_text())
     assert all(again[k] - timings[k] < 5 for k in ("vae", "decoder", "teacher", "ode", "dmd"))
