@@ -186,7 +186,7 @@ def test_cli_errors_are_input_errors(tmp_path, capsys):
     assert "unknown config keys" in capsys.readouterr().err
 
 
-def test_tiny_recipe_end_to_end_micro(tmp_path):
+def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
     """`train tiny-recipe` at micro scale, from data synth to the exported model folder, then
     run again: every stage is skipped (resumable), and the model generates a chunk."""
     import json
@@ -249,6 +249,19 @@ def test_tiny_recipe_end_to_end_micro(tmp_path):
     assert "| VAE decoder, fine-tuned on latents + noise (std up to 0.3;" in same and "a new one" not in same
     dec_cfg.write_text(saved)
     assert main(args) == 0  # all done: every stage is skipped
+    # scripts/teacher_audio_gain.py scores the finished teacher and a mid-run checkpoint (its EMA weights,
+    # the preset built from the config); with one crop "another clip's audio" is its own, so no gain
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tag", Path(__file__).parents[1] / "scripts" / "teacher_audio_gain.py")
+    tag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tag)
+    capsys.readouterr()
+    tag.main(str(out), str(out / "teacher" / "final" / "dit"), n_max=1)
+    (ckpt,) = sorted((out / "teacher" / "checkpoints").glob("step_*"))[-1:]
+    tag.main(str(out), str(ckpt), n_max=1, config=str(tmp_path / "recipe.json"))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("noise ")]
+    assert len(lines) == 4 and all("gain +0.000 (1 held-out crops)" in ln for ln in lines), lines
     again = json.loads((out / "timings.json").read_text())
     assert all(again[k] - timings[k] < 5 for k in ("vae", "decoder", "teacher", "ode", "dmd"))
     avatar = load_avatar(model)
