@@ -239,3 +239,23 @@ def test_figures_pooled_per_style_and_skin_together():
     assert r["outline/dark"]["clips"] == 2
     assert r["outline/dark"]["systems"]["student"]["found_where_reference_found"] == pytest.approx(0.3)
     assert r["flat/light"]["systems"]["student"]["found_where_reference_found"] == pytest.approx(1.0)
+
+
+def test_judge_reads_data_version_5_mouths_better_than_version_4(judge):
+    """scripts/mouth_readability.py: version 5 draws the open mouth so the judge can follow it (lips round a
+    lens-shaped opening); version 4's round hole in a ring of lip it often reads as closed. Six new identities
+    each, 20 drawn openings per identity: the judge's lip opening against the drawn one."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "mouth_readability", Path(__file__).parents[1] / "scripts" / "mouth_readability.py")
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    from talkingmachines.train.synth import FaceParams, framed
+
+    scores = {v: np.array([mr.read_identity(judge, framed(FaceParams.sample(s), v)) for s in range(900000, 900006)])
+              for v in (4, 5)}
+    found5, corr5 = scores[5].mean(0)
+    assert found5 == 1.0 and corr5 >= 0.75, scores[5]
+    assert corr5 > np.nanmean(scores[4][:, 1]) + 0.1, scores
