@@ -155,6 +155,14 @@ def test_recipe_errors_are_input_errors():
         with pytest.raises(InputError, match="budget_minutes must be a number of minutes > 0"):
             RecipeConfig.from_dict({**d, "budget_minutes": bad})
     assert RecipeConfig.from_dict({**d, "budget_minutes": 90}).budget_minutes == 90
+    dec = {**d["decoder"], "steps": 100}
+    for key, bad in (("refine_steps", -1), ("refine_steps", 1.5), ("refine_steps", True), ("refine_latent_noise", -0.1),
+                     ("refine_latent_noise", "low")):
+        with pytest.raises(InputError, match=f"decoder.{key} must be"):
+            RecipeConfig.from_dict({**d, "decoder": {**dec, key: bad}})
+    with pytest.raises(InputError, match=r"decoder.refine_steps needs decoder.steps > 0"):
+        RecipeConfig.from_dict({**d, "decoder": {**dec, "steps": 0, "refine_steps": 10}})
+    assert RecipeConfig.from_dict({**d, "decoder": {**dec, "refine_steps": 10}}).decoder.refine_steps == 10
 
 
 def test_lr_schedules():

@@ -345,6 +345,18 @@ class DecoderSection:
     # a fresh, larger decoder under the same encoder (and so the same DiT); None: fine-tune the VAE's own
     dec_widths: list | None = None
     dec_res_blocks: int | None = None
+    # then a second fine-tune of that decoder at lower noise (into OUT/decoder_refine): the first one's high
+    # noise teaches it to draw a face from the student's slightly-off latents, the second sharpens it again
+    refine_steps: int = 0
+    refine_latent_noise: float = 0.1
+
+    def __post_init__(self):
+        if not _is_number(self.refine_steps, int) or self.refine_steps < 0:
+            raise InputError(f"decoder.refine_steps must be a whole number >= 0 (got {self.refine_steps!r})")
+        if not _is_number(self.refine_latent_noise) or self.refine_latent_noise < 0:
+            raise InputError(f"decoder.refine_latent_noise must be a number >= 0 (got {self.refine_latent_noise!r})")
+        if self.refine_steps > 0 and not (_is_number(self.steps, int) and self.steps > 0):
+            raise InputError("decoder.refine_steps needs decoder.steps > 0 (it refines that stage's decoder)")
 
 
 @dataclass

@@ -5,7 +5,8 @@
 ``decoder`` (optional, ``decoder.steps`` > 0) fine-tunes the VAE's decoder alone on latents with
 noise added (`vae_train.VAEOptions.latent_noise`): the encoder and its latent statistics stay bit
 for bit, so the teacher and student train on the same latents, and the exported VAE decodes the
-student's slightly-off latents into a face rather than into streaks.
+student's slightly-off latents into a face rather than into streaks. ``decoder.refine_steps`` > 0 then
+fine-tunes that decoder again at lower noise (``OUT/decoder_refine``), which gives back some sharpness.
 
 The config is `configs/tiny-recipe.json` with ``--config`` and the overrides merged onto it, typed
 by `recipe_config` (`config.RecipeConfig`).
@@ -257,23 +258,33 @@ def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
 
 
 def run_decoder(r: RecipeConfig, out: Path) -> None:
-    """The decoder-only fine-tune on latents + noise, into ``OUT/decoder`` (skipped when steps is 0)."""
+    """The decoder-only fine-tune on latents + noise, into ``OUT/decoder`` (skipped when steps is 0), then,
+    with ``refine_steps`` > 0, that decoder fine-tuned again at ``refine_latent_noise`` into ``OUT/decoder_refine``."""
     from .vae_train import train_tiny_vae
 
     d = r.decoder
-    ddir = out / "decoder"
-    if d.steps <= 0 or (ddir / "DONE.json").is_file():
-        return
-    train_tiny_vae(_train_clips(r, r.vae.clip_frames, d.feature_weight > 0), ddir, steps=d.steps,
-                   batch_size=d.batch_size, lr=d.lr, seed=r.seed, device=r.device, ckpt_every=max(50, d.steps // 10),
-                   init_from=out / "vae", freeze_encoder=True, latent_noise=d.latent_noise,
-                   temporal_weight=r.vae.temporal_weight, feature_weight=d.feature_weight,
-                   dec_widths=d.dec_widths, dec_res_blocks=d.dec_res_blocks)
+    clips = None
+    phases = [(out / "decoder", out / "vae", d.steps, d.latent_noise, d.dec_widths, d.dec_res_blocks)]
+    if d.refine_steps > 0:  # the same geometry as the first phase's: it starts from that decoder
+        phases.append((out / "decoder_refine", out / "decoder", d.refine_steps, d.refine_latent_noise, None, None))
+    for ddir, init, steps, noise, widths, res_blocks in phases:
+        if steps <= 0 or (ddir / "DONE.json").is_file():
+            continue
+        if clips is None:
+            clips = _train_clips(r, r.vae.clip_frames, d.feature_weight > 0)
+        train_tiny_vae(clips, ddir, steps=steps, batch_size=d.batch_size, lr=d.lr, seed=r.seed, device=r.device,
+                       ckpt_every=max(50, steps // 10), init_from=init, freeze_encoder=True, latent_noise=noise,
+                       temporal_weight=r.vae.temporal_weight, feature_weight=d.feature_weight,
+                       dec_widths=widths, dec_res_blocks=res_blocks)
 
 
 def exported_vae(out: Path) -> Path:
-    """The VAE the model ships: the fine-tuned decoder's when that stage ran, else the VAE stage's."""
-    return out / "decoder" if (out / "decoder" / "DONE.json").is_file() else out / "vae"
+    """The VAE the model ships: the last decoder fine-tune that finished (refined, then the first), else the
+    VAE stage's."""
+    for stage in ("decoder_refine", "decoder"):
+        if (out / stage / "DONE.json").is_file():
+            return out / stage
+    return out / "vae"
 
 
 def export_model(r: RecipeConfig, out: Path, dest: Path, timings: dict) -> Path:
@@ -292,7 +303,8 @@ def export_model(r: RecipeConfig, out: Path, dest: Path, timings: dict) -> Path:
     if r.export_teacher:
         shutil.copytree(out / "teacher" / "final" / "dit", tmp / "teacher")
     TinyVAE.from_pretrained(exported_vae(out)).save_pretrained(tmp / "vae")
-    curves = {"vae": out / "vae" / "loss.png", "decoder": out / "decoder" / "loss.png", "teacher": out / "teacher" / "loss.png",
+    curves = {"vae": out / "vae" / "loss.png", "decoder": out / "decoder" / "loss.png",
+              "decoder_refine": out / "decoder_refine" / "loss.png", "teacher": out / "teacher" / "loss.png",
               "ode": out / "ode" / "loss.png", "dmd": out / "dmd" / "loss.png"}
     for k, f in curves.items():
         if f.is_file():
@@ -362,6 +374,11 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
                     f"{eyes_mouth(r.decoder.feature_weight)}) | "
                     f"{dec.get('steps', '?')} | {dec.get('wall_seconds', 0) / 60:.1f} | "
                     f"loss {(dec.get('last') or {}).get('loss', float('nan')):.4f} |")
+    ref = _done(out / "decoder_refine" / "DONE.json")
+    if ref:
+        rows.append(f"| VAE decoder, that one fine-tuned again at lower noise (std up to {r.decoder.refine_latent_noise:g}) | "
+                    f"{ref.get('steps', '?')} | {ref.get('wall_seconds', 0) / 60:.1f} | "
+                    f"loss {(ref.get('last') or {}).get('loss', float('nan')):.4f} |")
     for s, label in (("teacher", "teacher (bidirectional, flow matching)"), ("ode", "student init (ODE pairs)"),
                      ("dmd", "student (asymmetric DMD)")):
         d = st[s]
@@ -372,6 +389,8 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     # call of the recipe saw finish, so it undercounts a stage that was interrupted and resumed
     done_wall = {"vae": vae, "decoder": dec, **st}
     walls = {k: (done_wall.get(k) or {}).get("wall_seconds") or v for k, v in timings.items()}
+    if ref and "decoder" in walls:  # the decoder stage's two fine-tunes, each counted over all its sittings
+        walls["decoder"] = (dec.get("wall_seconds") or 0) + (ref.get("wall_seconds") or 0)
     total = sum(walls.values()) / 60
     cfg = f" --config {r.config_path}" if r.config_path else ""
     reproduce = (f"This model's settings: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r.data}`"
