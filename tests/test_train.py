@@ -257,6 +257,14 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
     assert "| VAE decoder, fine-tuned on latents + noise (std up to 0.3;" in same and "a new one" not in same
     dec_cfg.write_text(saved)
     assert main(args) == 0  # all done: every stage is skipped
+    # a run whose decoder finished before it had a refinement gets one on the next call, and its export ships it
+    import shutil
+
+    shutil.rmtree(out / "decoder_refine")
+    assert main(args) == 0 and (out / "decoder_refine" / "DONE.json").is_file()
+    again_vae = TinyVAE.from_pretrained(model / "vae").state_dict()
+    redone = TinyVAE.from_pretrained(out / "decoder_refine").state_dict()
+    assert all(torch.equal(again_vae[k], redone[k]) for k in redone)
     # scripts/teacher_audio_gain.py scores the finished teacher and a mid-run checkpoint (its EMA weights,
     # the preset built from the config); with one crop "another clip's audio" is its own, so no gain
     import importlib.util
