@@ -303,12 +303,9 @@ def export_model(r: RecipeConfig, out: Path, dest: Path, timings: dict) -> Path:
     if r.export_teacher:
         shutil.copytree(out / "teacher" / "final" / "dit", tmp / "teacher")
     TinyVAE.from_pretrained(exported_vae(out)).save_pretrained(tmp / "vae")
-    curves = {"vae": out / "vae" / "loss.png", "decoder": out / "decoder" / "loss.png",
-              "decoder_refine": out / "decoder_refine" / "loss.png", "teacher": out / "teacher" / "loss.png",
-              "ode": out / "ode" / "loss.png", "dmd": out / "dmd" / "loss.png"}
-    for k, f in curves.items():
-        if f.is_file():
-            shutil.copy(f, tmp / f"loss_{k}.png")
+    for stage in ("vae", "decoder", "decoder_refine", "teacher", "ode", "dmd"):
+        if (out / stage / "loss.png").is_file():
+            shutil.copy(out / stage / "loss.png", tmp / f"loss_{stage}.png")
     write_face_template(r, tmp)
     (tmp / "card.md").write_text(model_card(r, out, preset, timings, tmp))
     for f in tmp.iterdir():  # replace the destination's entries one by one
@@ -363,6 +360,9 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     eyes_mouth = lambda w: f"; eyes and mouth weighted {1 + w:g}x" if w > 0 else ""  # noqa: E731
     rows = [f"| VAE (TinyVAE{eyes_mouth(r.vae.feature_weight)}) | {vae.get('steps', '?')} | "
             f"{vae.get('wall_seconds', 0) / 60:.1f} | last loss {last:.4f} |"]
+    # one row per finished stage: its steps, its wall minutes over every sitting, its last loss
+    row = lambda label, d: (f"| {label} | {d.get('steps', '?')} | {d.get('wall_seconds', 0) / 60:.1f} | "  # noqa: E731
+                            f"loss {(d.get('last') or {}).get('loss', float('nan')):.4f} |")
     dec = _done(out / "decoder" / "DONE.json")
     if dec:
         # a fresh decoder when its saved geometry differs from the VAE stage's: say its size
@@ -370,27 +370,20 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
         geometry = lambda d: (d["dec_widths"], d["dec_res_blocks"])  # noqa: E731
         what = ("fine-tuned" if geometry(c) == geometry(v)
                 else f"a new one (widths {c['dec_widths']}, {c['dec_res_blocks']} res blocks) trained")
-        rows.append(f"| VAE decoder, {what} on latents + noise (std up to {r.decoder.latent_noise:g}"
-                    f"{eyes_mouth(r.decoder.feature_weight)}) | "
-                    f"{dec.get('steps', '?')} | {dec.get('wall_seconds', 0) / 60:.1f} | "
-                    f"loss {(dec.get('last') or {}).get('loss', float('nan')):.4f} |")
+        rows.append(row(f"VAE decoder, {what} on latents + noise (std up to {r.decoder.latent_noise:g}"
+                        f"{eyes_mouth(r.decoder.feature_weight)})", dec))
     ref = _done(out / "decoder_refine" / "DONE.json")
     if ref:
-        rows.append(f"| VAE decoder, that one fine-tuned again at lower noise (std up to {r.decoder.refine_latent_noise:g}) | "
-                    f"{ref.get('steps', '?')} | {ref.get('wall_seconds', 0) / 60:.1f} | "
-                    f"loss {(ref.get('last') or {}).get('loss', float('nan')):.4f} |")
+        rows.append(row(f"VAE decoder, that one fine-tuned again at lower noise (std up to "
+                        f"{r.decoder.refine_latent_noise:g})", ref))
     for s, label in (("teacher", "teacher (bidirectional, flow matching)"), ("ode", "student init (ODE pairs)"),
                      ("dmd", "student (asymmetric DMD)")):
-        d = st[s]
-        last = d.get("last") or {}
-        rows.append(f"| {label} | {d.get('steps', '?')} | {d.get('wall_seconds', 0) / 60:.1f} | "
-                    f"loss {last.get('loss', float('nan')):.4f} |")
+        rows.append(row(label, st[s]))
     # a stage's DONE.json counts its wall time over every sitting; timings.json only what each
-    # call of the recipe saw finish, so it undercounts a stage that was interrupted and resumed
-    done_wall = {"vae": vae, "decoder": dec, **st}
-    walls = {k: (done_wall.get(k) or {}).get("wall_seconds") or v for k, v in timings.items()}
-    if ref and "decoder" in walls:  # the decoder stage's two fine-tunes, each counted over all its sittings
-        walls["decoder"] = (dec.get("wall_seconds") or 0) + (ref.get("wall_seconds") or 0)
+    # call of the recipe saw finish, so it undercounts a stage that was interrupted and resumed.
+    # The decoder stage is its two fine-tunes.
+    done_wall = {"vae": [vae], "decoder": [dec, ref], **{k: [d] for k, d in st.items()}}
+    walls = {k: sum((d or {}).get("wall_seconds") or 0 for d in done_wall.get(k, [])) or v for k, v in timings.items()}
     total = sum(walls.values()) / 60
     cfg = f" --config {r.config_path}" if r.config_path else ""
     reproduce = (f"This model's settings: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r.data}`"
