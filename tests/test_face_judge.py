@@ -245,14 +245,11 @@ def test_judge_reads_data_version_5_mouths_better_than_version_4(judge):
     """scripts/mouth_readability.py: version 5 draws the open mouth so the judge can follow it (lips round a
     lens-shaped opening); version 4's round hole in a ring of lip it often reads as closed. Six new identities
     each, 20 drawn openings per identity: the judge's lip opening against the drawn one."""
-    import importlib.util
-    from pathlib import Path
+    from script_loader import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "mouth_readability", Path(__file__).parents[1] / "scripts" / "mouth_readability.py")
-    mr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mr)
     from talkingmachines.train.synth import FaceParams, framed
+
+    mr = load_script("scripts/mouth_readability.py")
 
     scores = {v: np.array([mr.read_identity(judge, framed(FaceParams.sample(s), v)) for s in range(900000, 900006)])
               for v in (4, 5)}

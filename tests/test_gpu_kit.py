@@ -130,14 +130,12 @@ def test_device_emulation_runs_every_gpu_check(tmp_path):
 
 def test_avshim_resamples_like_pyav():
     """scripts/gpu_capacity's PyAV stand-in (the box has no PyAV) gives the speech PyAV gives."""
-    import importlib.util
-
     pytest.importorskip("av")
+    from script_loader import load_script
+
     from talkingmachines.train.synth.speech import resample
 
-    spec = importlib.util.spec_from_file_location("avshim", SRC.parent / "scripts/gpu_capacity/avshim/av.py")
-    shim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shim)
+    shim = load_script("scripts/gpu_capacity/avshim/av.py")
     x = np.random.default_rng(0).standard_normal(22050 * 2).astype(np.float32) * 0.1
     want = resample(x, 22050, 16000)
     fr = shim.AudioFrame.from_ndarray(x[None])

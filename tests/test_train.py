@@ -267,11 +267,9 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
     assert all(torch.equal(again_vae[k], redone[k]) for k in redone)
     # scripts/teacher_audio_gain.py scores the finished teacher and a mid-run checkpoint (its EMA weights,
     # the preset built from the config); with one crop "another clip's audio" is its own, so no gain
-    import importlib.util
+    from script_loader import load_script
 
-    spec = importlib.util.spec_from_file_location("tag", Path(__file__).parents[1] / "scripts" / "teacher_audio_gain.py")
-    tag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tag)
+    tag = load_script("scripts/teacher_audio_gain.py")
     capsys.readouterr()
     tag.main(str(out), str(out / "teacher" / "final" / "dit"), n_max=1)
     (ckpt,) = sorted((out / "teacher" / "checkpoints").glob("step_*"))[-1:]

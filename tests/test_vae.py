@@ -239,16 +239,12 @@ def test_saved_vae_files_have_ordinary_permissions(tmp_path):
 def test_vae_grid_script_draws_ground_truth_and_each_round_trip(tmp_path):
     """scripts/vae_grid.py: a row of real frames and one per VAE for each clip, judged per frame;
     bad input is a one-line error and writes nothing."""
-    import importlib.util
-    from pathlib import Path
-
     from PIL import Image
+    from script_loader import load_script
     from train_fixtures import make_clips
 
     pytest.importorskip("dlib")
-    spec = importlib.util.spec_from_file_location("vae_grid", Path(__file__).parents[1] / "scripts" / "vae_grid.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/vae_grid.py")
     make_clips(tmp_path / "data", n=2)
     for name, spatial, widths in (("a", 8, ((8, 8, 8), (8, 8, 8))), ("b", 4, ((8, 8), (8, 8)))):
         TinyVAE(TinyVAEConfig(latent_channels=4, spatial=spatial, enc_widths=widths[0], dec_widths=widths[1])).save_pretrained(tmp_path / name)
