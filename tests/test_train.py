@@ -340,6 +340,58 @@ def test_tiny_recipe_with_a_4x_vae_micro(tmp_path, capsys):
     assert main(["train", "tiny-recipe", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) != 0
 
 
+def test_tiny_recipe_grows_the_teacher_micro(tmp_path, capsys):
+    """``grow``: the finished teacher deepened (new blocks start as the identity) and trained on in
+    OUT/teacher_grow; the student is distilled from it with its depth, the export ships both, the card
+    has the row, a second call skips it, and a grown depth that is not deeper is a one-line error."""
+    import json
+
+    from train_fixtures import MICRO_PRESET
+
+    from talkingmachines.cli import main
+    from talkingmachines.model.dit import AudioDiT
+    from talkingmachines.stream.generator import load_avatar
+
+    cfg = {"preset": "tiny", "preset_overrides": MICRO_PRESET, "seed": 0, "held_out": 0.25, "device": "cpu",
+           "synth": {"n": 4, "seconds": [2.0, 2.5], "workers": 1, "speech": "babble", "video": False},
+           "vae": {"steps": 2, "batch_size": 2, "clip_frames": 5, "lr": 1e-3},
+           "decoder": {"steps": 0, "batch_size": 2, "latent_noise": 0.3},
+           "common": {"clip_chunks": 1, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress": False},
+           "teacher": {"steps": 2, "lr": 1e-3}, "grow": {"layers": 3, "steps": 2, "lr": 1e-3},
+           "ode": {"steps": 2, "ode_steps": 2, "ode_pairs": 2, "ode_batch": 2}, "dmd": {"steps": 0}}
+    (tmp_path / "recipe.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    args = ["train", "tiny-recipe", "--config", str(tmp_path / "recipe.json"), "--out", str(out)]
+    assert main(args) == 0
+    model = out / "model"
+    small = AudioDiT.from_pretrained(out / "teacher" / "final" / "dit")
+    grown = AudioDiT.from_pretrained(out / "teacher_grow" / "final" / "dit")
+    shipped_teacher = AudioDiT.from_pretrained(model / "teacher")
+    assert small.config.num_layers == 2 and grown.config.num_layers == 3
+    assert AudioDiT.from_pretrained(model / "dit").config.num_layers == 3
+    g, st = grown.state_dict(), shipped_teacher.state_dict()
+    assert all(torch.equal(g[k], st[k]) for k in g)  # the export's teacher is the grown one
+    sm = small.state_dict()
+    assert any(not torch.equal(sm[k], g[k]) for k in sm)  # trained on after growing
+    card = (model / "card.md").read_text()
+    assert "DiT (Wan2.1 layout, 3 blocks," in card
+    assert "| teacher grown to 3 blocks (the new ones start as the identity), trained on | 2 |" in card
+    timings = json.loads((out / "timings.json").read_text())
+    assert "grow" in timings and '"grow": ' in card
+    assert main(args) == 0  # all done: the grown teacher is not trained again
+    assert json.loads((out / "timings.json").read_text())["grow"] - timings["grow"] < 5
+    s = load_avatar(model).new_stream(seed=0)
+    s.push_audio(np.zeros(16000, np.float32))
+    s.end_audio()
+    assert s.next_chunk().frames.shape[1:] == (32, 32, 3)
+    capsys.readouterr()
+    cfg["grow"]["layers"] = 2
+    (tmp_path / "same.json").write_text(json.dumps(cfg))
+    assert main(["train", "tiny-recipe", "--config", str(tmp_path / "same.json"), "--out", str(tmp_path / "r2"),
+                 "--data", str(out / "data"), "--stages", "grow"]) == 2
+    assert "grow.layers (2) must be more than the teacher's 2 blocks" in capsys.readouterr().err
+
+
 def test_mouth_weighted_mse():
     from talkingmachines.train.teacher import mouth_weighted_mse
 

@@ -163,6 +163,34 @@ def test_recipe_errors_are_input_errors():
     with pytest.raises(InputError, match=r"decoder.refine_steps needs decoder.steps > 0"):
         RecipeConfig.from_dict({**d, "decoder": {**dec, "steps": 0, "refine_steps": 10}})
     assert RecipeConfig.from_dict({**d, "decoder": {**dec, "refine_steps": 10}}).decoder.refine_steps == 10
+    for key, bad in (("layers", -1), ("layers", 2.5), ("layers", True), ("steps", -3), ("steps", "many")):
+        with pytest.raises(InputError, match=f"grow.{key} must be a whole number"):
+            RecipeConfig.from_dict({**d, "grow": {"layers": 12, "steps": 10, key: bad}})
+    with pytest.raises(InputError, match=r"grow.layers needs grow.steps > 0"):
+        RecipeConfig.from_dict({**d, "grow": {"layers": 12}})
+    with pytest.raises(InputError, match="recipe section 'grow': unknown config keys: learning_rate"):
+        RecipeConfig.from_dict({**d, "grow": {"layers": 12, "steps": 10, "learning_rate": 1.0}})
+    assert RecipeConfig.from_dict(d).grow.layers == 0  # no grow section: no grown teacher
+
+
+def test_grow_stage_configs(tmp_path):
+    """``grow``: a teacher stage into OUT/teacher_grow, started from OUT/teacher, with the teacher's settings
+    and grow's over them; the student stages distil the grown teacher and have its depth."""
+    from talkingmachines.train.config import RecipeConfig
+    from talkingmachines.train.recipe import load_recipe
+
+    d = load_recipe()
+    r = RecipeConfig.from_dict({**d, "teacher": {**d["teacher"], "lr": 3e-4, "mouth_weight": 5.0},
+                                "grow": {"layers": 9, "steps": 40, "lr_schedule": "wsd", "lr_decay": 10}})
+    r.data = str(tmp_path / "data")
+    t, g, o, m = (r.stage_config(s, tmp_path) for s in ("teacher", "grow", "ode", "dmd"))
+    assert t.out == str(tmp_path / "teacher") and t.make_preset().dit.num_layers == 6
+    assert g.stage == "teacher" and g.out == str(tmp_path / "teacher_grow") and g.steps == 40
+    assert g.init_from == str(tmp_path / "teacher") and g.make_preset().dit.num_layers == 9
+    assert g.optim.lr == 3e-4 and g.flow.mouth_weight == 5.0 and g.optim.lr_schedule == "wsd" and g.optim.decay == 10
+    assert t.optim.lr_schedule == "constant"
+    for c in (o, m):
+        assert c.teacher == str(tmp_path / "teacher_grow") and c.make_preset().dit.num_layers == 9
 
 
 def test_lr_schedules():

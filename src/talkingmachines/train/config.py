@@ -388,6 +388,35 @@ class StageSection:
 
 
 @dataclass
+class GrowSection:
+    """The optional second phase of the teacher (``OUT/teacher_grow``): the finished teacher grown to
+    ``layers`` blocks (`weights.grow_depth`: its blocks first, each new one starting as the identity) and
+    trained ``steps`` more with the teacher's settings, ``settings`` (TrainConfig keys) merged over them.
+    The student stages then distil the grown teacher and have its depth. ``layers`` 0 skips it."""
+
+    layers: int = 0
+    steps: int = 0
+    settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d) -> "GrowSection":
+        if not isinstance(d, dict):
+            raise InputError(f"recipe section 'grow' must be a mapping, got {type(d).__name__}")
+        layers, steps = d.get("layers", 0), d.get("steps", 0)
+        if not _is_number(layers, int) or layers < 0:
+            raise InputError(f"grow.layers must be a whole number >= 0 (got {layers!r})")
+        if not _is_number(steps, int) or steps < 0:
+            raise InputError(f"grow.steps must be a whole number >= 0 (got {steps!r})")
+        if layers > 0 and steps == 0:
+            raise InputError("grow.layers needs grow.steps > 0 (the steps that train the new blocks)")
+        try:
+            settings = nest({k: v for k, v in d.items() if k not in ("layers", "steps") and k not in IGNORED_KEYS})
+        except InputError as e:
+            raise InputError(f"recipe section 'grow': {e}") from None
+        return cls(layers=layers, steps=steps, settings=settings)
+
+
+@dataclass
 class RecipeConfig:
     """`train tiny-recipe`'s config: the shipped ``configs/tiny-recipe.json`` with the
     ``--config`` file and the overrides merged onto it (`recipe.recipe_config`)."""
@@ -401,6 +430,7 @@ class RecipeConfig:
     ode: StageSection
     dmd: StageSection
     decoder: DecoderSection
+    grow: GrowSection = field(default_factory=GrowSection)
     device: str = "auto"
     budget_minutes: float | None = None
     export_teacher: bool = True
@@ -419,7 +449,7 @@ class RecipeConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RecipeConfig":
-        sections = {"synth", "vae", "decoder", "common", *cls.STAGES}
+        sections = {"synth", "vae", "decoder", "grow", "common", *cls.STAGES}
         top = {f.name for f in dataclasses.fields(cls)} - sections - {"config_path", "device_name"}
         unknown = sorted(set(d) - top - sections - IGNORED_KEYS)
         if unknown:
@@ -435,28 +465,42 @@ class RecipeConfig:
         return cls(**kw, common=common, synth=_section(SynthSection, "synth", d["synth"]),
                    vae=_section(VAESection, "vae", d["vae"]),
                    decoder=_section(DecoderSection, "decoder", d["decoder"]),
+                   grow=GrowSection.from_dict(d.get("grow", {})),
                    **{s: StageSection.from_dict(s, d[s]) for s in cls.STAGES})
 
     def stage(self, name: str) -> StageSection:
         return getattr(self, name)
 
+    def teacher_dir(self, out: Path) -> Path:
+        """The run's final teacher: the grown one when ``grow.layers`` > 0."""
+        return out / ("teacher_grow" if self.grow.layers else "teacher")
+
     def stage_config(self, stage: str, out: Path, steps: int | None = None) -> TrainConfig:
-        """The `TrainConfig` of DiT stage `stage` in run folder `out`: ``common``, then the
-        stage's settings, then what the recipe decides (paths, seed, device, held-out split)."""
-        job = dict(stage=stage, preset=self.preset, seed=self.seed, device=self.device, held_out=self.held_out,
-                   data=str(self.data), vae=str(out / "vae"), out=str(out / stage))
+        """The `TrainConfig` of DiT stage `stage` (teacher, grow, ode, dmd) in run folder `out`:
+        ``common``, then the stage's settings, then what the recipe decides (paths, seed, device,
+        held-out split). ``grow`` is a teacher stage: the teacher's settings, then grow's."""
+        folder = "teacher_grow" if stage == "grow" else stage
+        job = dict(stage="teacher" if stage == "grow" else stage, preset=self.preset, seed=self.seed,
+                   device=self.device, held_out=self.held_out, data=str(self.data), vae=str(out / "vae"),
+                   out=str(out / folder))
         overrides = dict(self.preset_overrides)
         if self.vae.spatial is not None:  # the DiT works on the VAE's latent grid
             overrides["vae_spatial"] = int(self.vae.spatial)
+        if self.grow.layers and stage != "teacher":  # every DiT after the grown teacher has its depth
+            overrides["dit"] = {**overrides.get("dit", {}), "num_layers": int(self.grow.layers)}
         if overrides:
             job["preset_overrides"] = overrides
+        if stage == "grow":
+            job["init_from"] = str(out / "teacher")
+            job["steps"] = int(self.grow.steps)
         if stage in ("ode", "dmd"):
-            job["teacher"] = str(out / "teacher")
+            job["teacher"] = str(self.teacher_dir(out))
         if stage == "dmd":
             job["init_from"] = str(out / "ode")
         if steps is not None:
             job["steps"] = int(steps)
-        return TrainConfig.from_dict(merge(merge(self.common, self.stage(stage).settings), job))
+        settings = merge(self.teacher.settings, self.grow.settings) if stage == "grow" else self.stage(stage).settings
+        return TrainConfig.from_dict(merge(merge(self.common, settings), job))
 
 
 def read_config_file(path: str | os.PathLike) -> dict:

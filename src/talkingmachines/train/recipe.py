@@ -1,12 +1,14 @@
 """`talkingmachines train tiny-recipe`: the whole `tiny` model from nothing, on one machine.
 
-    synth data -> TinyVAE -> decoder -> teacher -> ode (pairs + regression) -> dmd -> export
+    synth data -> TinyVAE -> decoder -> teacher -> grow -> ode (pairs + regression) -> dmd -> export
 
 ``decoder`` (optional, ``decoder.steps`` > 0) fine-tunes the VAE's decoder alone on latents with
 noise added (`vae_train.VAEOptions.latent_noise`): the encoder and its latent statistics stay bit
 for bit, so the teacher and student train on the same latents, and the exported VAE decodes the
 student's slightly-off latents into a face rather than into streaks. ``decoder.refine_steps`` > 0 then
 fine-tunes that decoder again at lower noise (``OUT/decoder_refine``), which gives back some sharpness.
+``grow`` (optional, ``grow.layers`` > 0) deepens the finished teacher (`weights.grow_depth`: the new blocks
+start as the identity) and trains it on (``OUT/teacher_grow``); the student stages then distil that one.
 
 The config is `configs/tiny-recipe.json` with ``--config`` and the overrides merged onto it, typed
 by `recipe_config` (`config.RecipeConfig`).
@@ -44,7 +46,7 @@ from ..fileio import atomic_write_text
 from .checkpoint import final_done
 from .config import RecipeConfig, merge, read_config_file
 
-STAGES = ("synth", "vae", "decoder", "teacher", "ode", "dmd", "export")
+STAGES = ("synth", "vae", "decoder", "teacher", "grow", "ode", "dmd", "export")
 DEFAULT_CONFIG = "tiny-recipe"  # the shipped talkingmachines/configs/tiny-recipe.json: the one source of defaults
 
 
@@ -301,9 +303,9 @@ def export_model(r: RecipeConfig, out: Path, dest: Path, timings: dict) -> Path:
     preset.save(tmp / "preset.json")
     shutil.copytree(out / "dmd" / "final" / "dit", tmp / "dit")
     if r.export_teacher:
-        shutil.copytree(out / "teacher" / "final" / "dit", tmp / "teacher")
+        shutil.copytree(r.teacher_dir(out) / "final" / "dit", tmp / "teacher")
     TinyVAE.from_pretrained(exported_vae(out)).save_pretrained(tmp / "vae")
-    for stage in ("vae", "decoder", "decoder_refine", "teacher", "ode", "dmd"):
+    for stage in ("vae", "decoder", "decoder_refine", "teacher", "teacher_grow", "ode", "dmd"):
         if (out / stage / "loss.png").is_file():
             shutil.copy(out / stage / "loss.png", tmp / f"loss_{stage}.png")
     write_face_template(r, tmp)
@@ -352,6 +354,7 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     n_clips = data.get("n", len(data.get("clips", [])))
     secs = sum(c.get("seconds", 0) for c in data.get("clips", []))
     st = {s: _done(out / s / "final" / "DONE.json") for s in ("teacher", "ode", "dmd")}
+    grown = _done(out / "teacher_grow" / "final" / "DONE.json")
     vae = _done(out / "vae" / "DONE.json")
     mb = sum(f.stat().st_size for f in (folder or out / "model").rglob("*.safetensors")) / 1e6
     from ..model.dit import count_parameters
@@ -376,13 +379,16 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     if ref:
         rows.append(row(f"VAE decoder, that one fine-tuned again at lower noise (std up to "
                         f"{r.decoder.refine_latent_noise:g})", ref))
-    for s, label in (("teacher", "teacher (bidirectional, flow matching)"), ("ode", "student init (ODE pairs)"),
-                     ("dmd", "student (asymmetric DMD)")):
-        rows.append(row(label, st[s]))
+    rows.append(row("teacher (bidirectional, flow matching)", st["teacher"]))
+    if grown:
+        rows.append(row(f"teacher grown to {r.grow.layers} blocks (the new ones start as the identity), trained on",
+                        grown))
+    rows.append(row("student init (ODE pairs)", st["ode"]))
+    rows.append(row("student (asymmetric DMD)", st["dmd"]))
     # a stage's DONE.json counts its wall time over every sitting; timings.json only what each
     # call of the recipe saw finish, so it undercounts a stage that was interrupted and resumed.
     # The decoder stage is its two fine-tunes.
-    done_wall = {"vae": [vae], "decoder": [dec, ref], **{k: [d] for k, d in st.items()}}
+    done_wall = {"vae": [vae], "decoder": [dec, ref], "grow": [grown], **{k: [d] for k, d in st.items()}}
     walls = {k: sum((d or {}).get("wall_seconds") or 0 for d in done_wall.get(k, [])) or v for k, v in timings.items()}
     total = sum(walls.values()) / 60
     cfg = f" --config {r.config_path}" if r.config_path else ""
@@ -482,17 +488,25 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
     from .student import train_dmd, train_ode
     from .teacher import train_teacher
 
-    if any(s in stages for s in ("teacher", "ode", "dmd")):
-        why = r.stage_config("teacher", out).make_preset().dit.token_bottleneck()
+    if any(s in stages for s in ("teacher", "grow", "ode", "dmd")):
+        teacher_preset = r.stage_config("teacher", out).make_preset()
+        why = teacher_preset.dit.token_bottleneck()
         if why:
             _log(f"warning: {why}")
+        if r.grow.layers and r.grow.layers <= teacher_preset.dit.num_layers:
+            raise InputError(f"grow.layers ({r.grow.layers}) must be more than the teacher's "
+                             f"{teacher_preset.dit.num_layers} blocks")
 
     if "vae" in stages:
         timed("vae", lambda: run_vae(r, out, int(r.vae.steps)))
     if "decoder" in stages and r.decoder.steps > 0:
         timed("decoder", lambda: run_decoder(r, out))
-    for name, fn in (("teacher", train_teacher), ("ode", train_ode), ("dmd", train_dmd)):
-        if name in stages and not final_done(out / name):
+    dit_stages = (("teacher", "teacher", train_teacher), ("grow", "teacher_grow", train_teacher),
+                  ("ode", "ode", train_ode), ("dmd", "dmd", train_dmd))
+    for name, folder, fn in dit_stages:
+        if name == "grow" and not r.grow.layers:
+            continue
+        if name in stages and not final_done(out / folder):
             timed(name, lambda fn=fn, name=name: fn(r.stage_config(name, out)))
     dest = Path(export) if export else out / "model"
     if "export" in stages:
