@@ -310,3 +310,43 @@ def test_grow_depth_computes_what_the_smaller_dit_did_then_trains(tmp_path):
     assert len(grown.blocks) == 8
     assert torch.equal(grown.blocks[5].attn1.to_q.weight, six.blocks[5].attn1.to_q.weight)
     assert grown.blocks[7].ffn.net[-1].weight.abs().sum() == 0
+
+
+
+def test_grow_width_computes_what_the_narrower_dit_did_then_trains(tmp_path):
+    """A trained DiT widened to twice the heads and FFN width (`weights.grow_width`, or `new_dit` with a
+    wider preset) gives the same output, bidirectional and causal; after one update the two copies of a
+    feature differ (the split columns break the symmetry); a wrong width is a one-line error."""
+    import dataclasses
+
+    from talkingmachines.config import get_preset
+    from talkingmachines.model.weights import WeightsError, grow_width
+    from talkingmachines.train.teacher import new_dit
+
+    small = randomize(AudioDiT(tiny_cfg()), std=0.2)
+    wide = grow_width(AudioDiT(tiny_cfg(num_attention_heads=4, ffn_dim=80)), small).eval()
+    assert wide.config.dim == 2 * small.config.dim
+    x, _, t, au, text = _clip(2, 2, hw=4, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(wide(x, t, text, audio=au), small(x, t, text, audio=au), atol=1e-5, rtol=0)
+        assert torch.allclose(wide.forward_causal(x, t, text, audio=au, chunk_frames=2),
+                              small.forward_causal(x, t, text, audio=au, chunk_frames=2), atol=1e-5, rtol=0)
+    wide.train()
+    opt = torch.optim.SGD(wide.parameters(), lr=0.1)
+    before = wide.blocks[0].attn1.to_q.weight.detach().clone()
+    opt.zero_grad()
+    wide(x, t, text, audio=au).pow(2).mean().backward()
+    opt.step()
+    step = wide.blocks[0].attn1.to_q.weight.detach() - before
+    D = small.config.dim
+    # the two copies of each query feature move differently: they come apart
+    assert (step[:D] - step[D:]).abs().max() > 0.1 * step.abs().max() > 0
+    with pytest.raises(WeightsError, match="cannot widen: .*differs in ffn_dim"):
+        grow_width(AudioDiT(tiny_cfg(num_attention_heads=4, ffn_dim=40)), small)
+
+    # through the training entry point: the shipped preset's shape, widened to 8 heads (256 features)
+    p = get_preset("tiny")
+    AudioDiT(p.dit).save_pretrained(tmp_path / "dit")
+    wider = dataclasses.replace(p, dit=dataclasses.replace(p.dit, num_attention_heads=2 * p.dit.num_attention_heads,
+                                                           ffn_dim=2 * p.dit.ffn_dim))
+    assert new_dit(wider, tmp_path / "dit").config.dim == 2 * p.dit.dim

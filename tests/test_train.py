@@ -341,9 +341,10 @@ def test_tiny_recipe_with_a_4x_vae_micro(tmp_path, capsys):
 
 
 def test_tiny_recipe_grows_the_teacher_micro(tmp_path, capsys):
-    """``grow``: the finished teacher deepened (new blocks start as the identity) and trained on in
-    OUT/teacher_grow; the student is distilled from it with its depth, the export ships both, the card
-    has the row, a second call skips it, and a grown depth that is not deeper is a one-line error."""
+    """``grow``: the finished teacher deepened (new blocks start as the identity) and widened (twice the
+    features) and trained on in OUT/teacher_grow; the student is distilled from it with its shape, the
+    export ships both, the card has the row, a second call skips it, and a grown shape that is not deeper,
+    or not twice as wide, is a one-line error."""
     import json
 
     from train_fixtures import MICRO_PRESET
@@ -357,7 +358,7 @@ def test_tiny_recipe_grows_the_teacher_micro(tmp_path, capsys):
            "vae": {"steps": 2, "batch_size": 2, "clip_frames": 5, "lr": 1e-3},
            "decoder": {"steps": 0, "batch_size": 2, "latent_noise": 0.3},
            "common": {"clip_chunks": 1, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress": False},
-           "teacher": {"steps": 2, "lr": 1e-3}, "grow": {"layers": 3, "steps": 2, "lr": 1e-3},
+           "teacher": {"steps": 2, "lr": 1e-3}, "grow": {"layers": 3, "heads": 4, "steps": 2, "lr": 1e-3},
            "ode": {"steps": 2, "ode_steps": 2, "ode_pairs": 2, "ode_batch": 2}, "dmd": {"steps": 0}}
     (tmp_path / "recipe.json").write_text(json.dumps(cfg))
     out = tmp_path / "run"
@@ -367,15 +368,14 @@ def test_tiny_recipe_grows_the_teacher_micro(tmp_path, capsys):
     small = AudioDiT.from_pretrained(out / "teacher" / "final" / "dit")
     grown = AudioDiT.from_pretrained(out / "teacher_grow" / "final" / "dit")
     shipped_teacher = AudioDiT.from_pretrained(model / "teacher")
-    assert small.config.num_layers == 2 and grown.config.num_layers == 3
-    assert AudioDiT.from_pretrained(model / "dit").config.num_layers == 3
+    assert (small.config.num_layers, small.config.dim) == (2, 32) and (grown.config.num_layers, grown.config.dim) == (3, 64)
+    assert AudioDiT.from_pretrained(model / "dit").config == grown.config
     g, st = grown.state_dict(), shipped_teacher.state_dict()
     assert all(torch.equal(g[k], st[k]) for k in g)  # the export's teacher is the grown one
-    sm = small.state_dict()
-    assert any(not torch.equal(sm[k], g[k]) for k in sm)  # trained on after growing
     card = (model / "card.md").read_text()
-    assert "DiT (Wan2.1 layout, 3 blocks," in card
-    assert "| teacher grown to 3 blocks (the new ones start as the identity), trained on | 2 |" in card
+    assert "DiT (Wan2.1 layout, 3 blocks,\nwidth 64)" in card
+    assert ("| teacher grown to 3 blocks (the new ones start as the identity) and width 64 (twice the features, "
+            "the same function), trained on | 2 |") in card
     timings = json.loads((out / "timings.json").read_text())
     assert "grow" in timings and '"grow": ' in card
     assert main(args) == 0  # all done: the grown teacher is not trained again
@@ -385,11 +385,12 @@ def test_tiny_recipe_grows_the_teacher_micro(tmp_path, capsys):
     s.end_audio()
     assert s.next_chunk().frames.shape[1:] == (32, 32, 3)
     capsys.readouterr()
-    cfg["grow"]["layers"] = 2
-    (tmp_path / "same.json").write_text(json.dumps(cfg))
-    assert main(["train", "tiny-recipe", "--config", str(tmp_path / "same.json"), "--out", str(tmp_path / "r2"),
-                 "--data", str(out / "data"), "--stages", "grow"]) == 2
-    assert "grow.layers (2) must be more than the teacher's 2 blocks" in capsys.readouterr().err
+    for shape, why in (({"layers": 2}, "grow.layers (2) must be more than the teacher's 2 blocks"),
+                       ({"layers": 0, "heads": 3}, "grow.heads (3) must be twice the teacher's 2")):
+        (tmp_path / "bad.json").write_text(json.dumps({**cfg, "grow": {**cfg["grow"], **shape}}))
+        assert main(["train", "tiny-recipe", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "r2"),
+                     "--data", str(out / "data"), "--stages", "grow"]) == 2
+        assert why in capsys.readouterr().err
 
 
 def test_mouth_weighted_mse():

@@ -163,14 +163,15 @@ def test_recipe_errors_are_input_errors():
     with pytest.raises(InputError, match=r"decoder.refine_steps needs decoder.steps > 0"):
         RecipeConfig.from_dict({**d, "decoder": {**dec, "steps": 0, "refine_steps": 10}})
     assert RecipeConfig.from_dict({**d, "decoder": {**dec, "refine_steps": 10}}).decoder.refine_steps == 10
-    for key, bad in (("layers", -1), ("layers", 2.5), ("layers", True), ("steps", -3), ("steps", "many")):
+    for key, bad in (("layers", -1), ("layers", 2.5), ("layers", True), ("heads", -2), ("steps", -3), ("steps", "many")):
         with pytest.raises(InputError, match=f"grow.{key} must be a whole number"):
             RecipeConfig.from_dict({**d, "grow": {"layers": 12, "steps": 10, key: bad}})
-    with pytest.raises(InputError, match=r"grow.layers needs grow.steps > 0"):
-        RecipeConfig.from_dict({**d, "grow": {"layers": 12}})
+    for shape in ({"layers": 12}, {"heads": 8}):
+        with pytest.raises(InputError, match=r"grow.layers or grow.heads needs grow.steps > 0"):
+            RecipeConfig.from_dict({**d, "grow": shape})
     with pytest.raises(InputError, match="recipe section 'grow': unknown config keys: learning_rate"):
         RecipeConfig.from_dict({**d, "grow": {"layers": 12, "steps": 10, "learning_rate": 1.0}})
-    assert RecipeConfig.from_dict(d).grow.layers == 0  # no grow section: no grown teacher
+    assert not RecipeConfig.from_dict(d).grow.enabled  # no grow section: no grown teacher
 
 
 def test_grow_stage_configs(tmp_path):
@@ -181,16 +182,19 @@ def test_grow_stage_configs(tmp_path):
 
     d = load_recipe()
     r = RecipeConfig.from_dict({**d, "teacher": {**d["teacher"], "lr": 3e-4, "mouth_weight": 5.0},
-                                "grow": {"layers": 9, "steps": 40, "lr_schedule": "wsd", "lr_decay": 10}})
+                                "grow": {"layers": 9, "heads": 8, "steps": 40, "lr_schedule": "wsd", "lr_decay": 10}})
     r.data = str(tmp_path / "data")
     t, g, o, m = (r.stage_config(s, tmp_path) for s in ("teacher", "grow", "ode", "dmd"))
-    assert t.out == str(tmp_path / "teacher") and t.make_preset().dit.num_layers == 6
+    first = t.make_preset().dit
+    assert t.out == str(tmp_path / "teacher") and (first.num_layers, first.num_attention_heads, first.dim) == (6, 4, 128)
     assert g.stage == "teacher" and g.out == str(tmp_path / "teacher_grow") and g.steps == 40
-    assert g.init_from == str(tmp_path / "teacher") and g.make_preset().dit.num_layers == 9
+    grown = g.make_preset().dit
+    assert g.init_from == str(tmp_path / "teacher") and (grown.num_layers, grown.dim) == (9, 256)
+    assert grown.ffn_dim == 2 * first.ffn_dim
     assert g.optim.lr == 3e-4 and g.flow.mouth_weight == 5.0 and g.optim.lr_schedule == "wsd" and g.optim.decay == 10
     assert t.optim.lr_schedule == "constant"
     for c in (o, m):
-        assert c.teacher == str(tmp_path / "teacher_grow") and c.make_preset().dit.num_layers == 9
+        assert c.teacher == str(tmp_path / "teacher_grow") and c.make_preset().dit == grown
 
 
 def test_lr_schedules():

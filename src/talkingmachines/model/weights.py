@@ -623,3 +623,44 @@ def grow_depth(model: AudioDiT, small: AudioDiT) -> AudioDiT:
                 lin.weight.zero_()
                 lin.bias.zero_()
     return model
+
+
+def grow_width(model: AudioDiT, small: AudioDiT, seed: int = 0) -> AudioDiT:
+    """Load ``small`` into ``model``, a DiT of the same config but twice the attention heads (same head
+    size, so the same RoPE) and twice the FFN width: twice the features per token, computing exactly
+    what ``small`` did (Net2Net's function-preserving widening, made exact for LayerNorm). Every doubled
+    activation holds its small counterpart twice, ``[a, a]``: a layer norm over ``[a, a]`` equals the
+    small one's twice over, and so do the q/k RMS norms across heads, and the doubled heads attend alike.
+    So each weight that writes a doubled activation has its rows repeated, and each linear layer that
+    reads one has its columns split in two parts, ``alpha`` and ``1 - alpha`` of the small column
+    (``alpha`` drawn per column from U(0.25, 0.75) with ``seed``): the two copies then get different
+    gradients, and training tells them apart. Biases, norm weights and modulation tables are repeated."""
+    a, b = dataclasses.asdict(small.config), dataclasses.asdict(model.config)
+    doubled = {"num_attention_heads", "ffn_dim"} | ({"audio_proj_dim"} if a.get("audio_proj_dim") else set())
+    diff = sorted(k for k in a if (b[k] != 2 * a[k] if k in doubled else a[k] != b[k]))
+    if diff:
+        raise WeightsError(f"cannot widen: the wide DiT must have twice the heads and FFN width and "
+                           f"the rest the same (it differs in {', '.join(diff)})")
+    if small.config.image_dim:
+        raise WeightsError("cannot widen a DiT with the I2V image branch (no tiny model has one)")
+    kinds = {n: type(m) for n, m in small.named_modules()}
+    gen = torch.Generator().manual_seed(seed)
+    target = model.state_dict()
+    out = {}
+    for name, w in small.state_dict().items():
+        want, kind = target[name].shape, kinds.get(name.rsplit(".", 1)[0])
+        if kind in (torch.nn.Linear, torch.nn.Conv3d):
+            if name.startswith("condition_embedder.time_proj."):  # its output is 6 modulation vectors of D
+                w = torch.cat([w.unflatten(0, (6, -1))] * 2, 1).flatten(0, 1)
+            elif w.shape[0] * 2 == want[0]:
+                w = torch.cat([w, w], 0)  # a doubled output: the rows twice
+            if kind is torch.nn.Linear and w.ndim == 2 and w.shape[1] * 2 == want[1]:
+                alpha = torch.rand(w.shape[1], generator=gen) * 0.5 + 0.25  # a doubled input: columns split
+                w = torch.cat([w * alpha, w * (1 - alpha)], 1)
+        elif w.shape[-1] * 2 == want[-1]:
+            w = torch.cat([w, w], -1)  # norm weights, scale_shift_table, pos_embed: over the model width
+        if w.shape != want:
+            raise WeightsError(f"cannot widen {name}: {tuple(w.shape)} does not become {tuple(want)}")
+        out[name] = w
+    model.load_state_dict(out)
+    return model

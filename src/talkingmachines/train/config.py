@@ -390,30 +390,38 @@ class StageSection:
 @dataclass
 class GrowSection:
     """The optional second phase of the teacher (``OUT/teacher_grow``): the finished teacher grown to
-    ``layers`` blocks (`weights.grow_depth`: its blocks first, each new one starting as the identity) and
-    trained ``steps`` more with the teacher's settings, ``settings`` (TrainConfig keys) merged over them.
-    The student stages then distil the grown teacher and have its depth. ``layers`` 0 skips it."""
+    ``layers`` blocks (`weights.grow_depth`: its blocks first, each new one starting as the identity)
+    and/or to ``heads`` attention heads, twice its own (`weights.grow_width`: twice the features per
+    token, the same function), then trained ``steps`` more with the teacher's settings, ``settings``
+    (TrainConfig keys) merged over them. The student stages then distil the grown teacher and have its
+    shape. ``layers`` and ``heads`` 0 skip it."""
 
     layers: int = 0
+    heads: int = 0
     steps: int = 0
     settings: dict = field(default_factory=dict)
+
+    KEYS = ("layers", "heads", "steps")
 
     @classmethod
     def from_dict(cls, d) -> "GrowSection":
         if not isinstance(d, dict):
             raise InputError(f"recipe section 'grow' must be a mapping, got {type(d).__name__}")
-        layers, steps = d.get("layers", 0), d.get("steps", 0)
-        if not _is_number(layers, int) or layers < 0:
-            raise InputError(f"grow.layers must be a whole number >= 0 (got {layers!r})")
-        if not _is_number(steps, int) or steps < 0:
-            raise InputError(f"grow.steps must be a whole number >= 0 (got {steps!r})")
-        if layers > 0 and steps == 0:
-            raise InputError("grow.layers needs grow.steps > 0 (the steps that train the new blocks)")
+        kw = {k: d.get(k, 0) for k in cls.KEYS}
+        for k, v in kw.items():
+            if not _is_number(v, int) or v < 0:
+                raise InputError(f"grow.{k} must be a whole number >= 0 (got {v!r})")
+        if (kw["layers"] or kw["heads"]) and kw["steps"] == 0:
+            raise InputError("grow.layers or grow.heads needs grow.steps > 0 (the steps that train the grown teacher)")
         try:
-            settings = nest({k: v for k, v in d.items() if k not in ("layers", "steps") and k not in IGNORED_KEYS})
+            settings = nest({k: v for k, v in d.items() if k not in cls.KEYS and k not in IGNORED_KEYS})
         except InputError as e:
             raise InputError(f"recipe section 'grow': {e}") from None
-        return cls(layers=layers, steps=steps, settings=settings)
+        return cls(**kw, settings=settings)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.layers or self.heads)
 
 
 @dataclass
@@ -472,8 +480,19 @@ class RecipeConfig:
         return getattr(self, name)
 
     def teacher_dir(self, out: Path) -> Path:
-        """The run's final teacher: the grown one when ``grow.layers`` > 0."""
-        return out / ("teacher_grow" if self.grow.layers else "teacher")
+        """The run's final teacher: the grown one when there is a ``grow`` phase."""
+        return out / ("teacher_grow" if self.grow.enabled else "teacher")
+
+    def grown_dit(self, teacher_dit) -> dict:
+        """The preset overrides (``dit`` section) of the grown teacher and the student stages, given the
+        first teacher's DiTConfig: its depth, and twice its heads and FFN width when it is widened."""
+        d = {}
+        if self.grow.layers:
+            d["num_layers"] = int(self.grow.layers)
+        if self.grow.heads:
+            d["num_attention_heads"] = int(self.grow.heads)
+            d["ffn_dim"] = int(teacher_dit.ffn_dim * self.grow.heads // teacher_dit.num_attention_heads)
+        return d
 
     def stage_config(self, stage: str, out: Path, steps: int | None = None) -> TrainConfig:
         """The `TrainConfig` of DiT stage `stage` (teacher, grow, ode, dmd) in run folder `out`:
@@ -486,8 +505,9 @@ class RecipeConfig:
         overrides = dict(self.preset_overrides)
         if self.vae.spatial is not None:  # the DiT works on the VAE's latent grid
             overrides["vae_spatial"] = int(self.vae.spatial)
-        if self.grow.layers and stage != "teacher":  # every DiT after the grown teacher has its depth
-            overrides["dit"] = {**overrides.get("dit", {}), "num_layers": int(self.grow.layers)}
+        if self.grow.enabled and stage != "teacher":  # every DiT after the grown teacher has its shape
+            first = self.stage_config("teacher", out).make_preset().dit
+            overrides["dit"] = {**overrides.get("dit", {}), **self.grown_dit(first)}
         if overrides:
             job["preset_overrides"] = overrides
         if stage == "grow":

@@ -7,8 +7,9 @@ noise added (`vae_train.VAEOptions.latent_noise`): the encoder and its latent st
 for bit, so the teacher and student train on the same latents, and the exported VAE decodes the
 student's slightly-off latents into a face rather than into streaks. ``decoder.refine_steps`` > 0 then
 fine-tunes that decoder again at lower noise (``OUT/decoder_refine``), which gives back some sharpness.
-``grow`` (optional, ``grow.layers`` > 0) deepens the finished teacher (`weights.grow_depth`: the new blocks
-start as the identity) and trains it on (``OUT/teacher_grow``); the student stages then distil that one.
+``grow`` (optional, ``grow.layers`` or ``grow.heads`` > 0) deepens and/or widens the finished teacher
+(`weights.grow_depth`: the new blocks start as the identity; `weights.grow_width`: twice the features,
+the same function) and trains it on (``OUT/teacher_grow``); the student stages then distil that one.
 
 The config is `configs/tiny-recipe.json` with ``--config`` and the overrides merged onto it, typed
 by `recipe_config` (`config.RecipeConfig`).
@@ -381,8 +382,9 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
                         f"{r.decoder.refine_latent_noise:g})", ref))
     rows.append(row("teacher (bidirectional, flow matching)", st["teacher"]))
     if grown:
-        rows.append(row(f"teacher grown to {r.grow.layers} blocks (the new ones start as the identity), trained on",
-                        grown))
+        what = [f"{preset.dit.num_layers} blocks (the new ones start as the identity)"] if r.grow.layers else []
+        what += [f"width {preset.dit.dim} (twice the features, the same function)"] if r.grow.heads else []
+        rows.append(row(f"teacher grown to {' and '.join(what)}, trained on", grown))
     rows.append(row("student init (ODE pairs)", st["ode"]))
     rows.append(row("student (asymmetric DMD)", st["dmd"]))
     # a stage's DONE.json counts its wall time over every sitting; timings.json only what each
@@ -493,9 +495,12 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
         why = teacher_preset.dit.token_bottleneck()
         if why:
             _log(f"warning: {why}")
-        if r.grow.layers and r.grow.layers <= teacher_preset.dit.num_layers:
-            raise InputError(f"grow.layers ({r.grow.layers}) must be more than the teacher's "
-                             f"{teacher_preset.dit.num_layers} blocks")
+        first = teacher_preset.dit
+        if r.grow.layers and r.grow.layers <= first.num_layers:
+            raise InputError(f"grow.layers ({r.grow.layers}) must be more than the teacher's {first.num_layers} blocks")
+        if r.grow.heads and r.grow.heads != 2 * first.num_attention_heads:
+            raise InputError(f"grow.heads ({r.grow.heads}) must be twice the teacher's {first.num_attention_heads} "
+                             "(widening doubles every feature)")
 
     if "vae" in stages:
         timed("vae", lambda: run_vae(r, out, int(r.vae.steps)))
@@ -504,7 +509,7 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
     dit_stages = (("teacher", "teacher", train_teacher), ("grow", "teacher_grow", train_teacher),
                   ("ode", "ode", train_ode), ("dmd", "dmd", train_dmd))
     for name, folder, fn in dit_stages:
-        if name == "grow" and not r.grow.layers:
+        if name == "grow" and not r.grow.enabled:
             continue
         if name in stages and not final_done(out / folder):
             timed(name, lambda fn=fn, name=name: fn(r.stage_config(name, out)))

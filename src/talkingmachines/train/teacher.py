@@ -15,6 +15,7 @@ after the sink, which the samplers use, is `pipeline.bidirectional_v` / `pipelin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -114,7 +115,17 @@ def new_dit(preset, init_from: str | Path | None = None, seed: int = 0) -> Audio
         from ..model import weights
 
         try:
-            layers = json.loads((Path(src) / "config.json").read_text()).get("num_layers")
+            saved = json.loads((Path(src) / "config.json").read_text())
+            layers, heads = saved.get("num_layers"), saved.get("num_attention_heads")
+            if heads is not None and heads < preset.dit.num_attention_heads:  # a wider run from a trained DiT
+                small = AudioDiT.from_pretrained(src).float()
+                wide_cfg = dataclasses.replace(preset.dit, num_layers=small.config.num_layers)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    small = weights.grow_width(AudioDiT(wide_cfg), small, seed)
+                if small.config.num_layers == preset.dit.num_layers:
+                    return small.float()
+                return weights.grow_depth(model, small).float()
             if layers is not None and layers < preset.dit.num_layers:  # a deeper run grown from a trained DiT
                 return weights.grow_depth(model, AudioDiT.from_pretrained(src)).float()
             weights.load_wan_into(model, src, strict_base=True)
