@@ -104,7 +104,8 @@ def new_dit(preset, init_from: str | Path | None = None, seed: int = 0) -> Audio
     diffusers pipeline root such as WAN_DIR, its ``transformer/`` folder, or the original
     release), with `dit_from_wan` (`weights.from_wan`: audio layers missing from a Wan
     checkpoint keep their zero-output initialisation). Our DiT with fewer blocks than the preset
-    is grown into it (`weights.grow_depth`: the new blocks start as the identity)."""
+    is grown into it (`weights.grow_depth`: the new blocks start as the identity), and one with half
+    its heads is widened first (`weights.grow_width`: the same function, twice the features)."""
     src = resolve_dit_dir(init_from) if init_from else None
     if src is not None and not _is_our_dit(src):
         return dit_from_wan(preset, src, seed)
@@ -122,10 +123,10 @@ def new_dit(preset, init_from: str | Path | None = None, seed: int = 0) -> Audio
                 wide_cfg = dataclasses.replace(preset.dit, num_layers=small.config.num_layers)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    small = weights.grow_width(AudioDiT(wide_cfg), small, seed)
-                if small.config.num_layers == preset.dit.num_layers:
-                    return small.float()
-                return weights.grow_depth(model, small).float()
+                    wide = weights.grow_width(AudioDiT(wide_cfg), small, seed)
+                if wide.config.num_layers == preset.dit.num_layers:
+                    return wide.float()
+                return weights.grow_depth(model, wide).float()  # and deeper
             if layers is not None and layers < preset.dit.num_layers:  # a deeper run grown from a trained DiT
                 return weights.grow_depth(model, AudioDiT.from_pretrained(src)).float()
             weights.load_wan_into(model, src, strict_base=True)
