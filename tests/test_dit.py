@@ -274,6 +274,15 @@ def test_audio_zero_init_then_matters():
     assert (c1 - c2).abs().max() > 1e-3
 
 
+def _assert_same_function(grown, small, inputs, atol):
+    """A grown DiT computes what the small one did: bidirectional, and causal in chunks of 2 frames."""
+    x, t, text, au = inputs
+    with torch.no_grad():
+        assert torch.allclose(grown(x, t, text, audio=au), small(x, t, text, audio=au), atol=atol, rtol=0)
+        assert torch.allclose(grown.forward_causal(x, t, text, audio=au, chunk_frames=2),
+                              small.forward_causal(x, t, text, audio=au, chunk_frames=2), atol=atol, rtol=0)
+
+
 def test_grow_depth_computes_what_the_smaller_dit_did_then_trains(tmp_path):
     """A trained DiT grown to more blocks (`weights.grow_depth`, `new_dit(init_from=...)` with a
     deeper preset) gives the same output, bidirectional and causal, and its new blocks learn."""
@@ -287,10 +296,7 @@ def test_grow_depth_computes_what_the_smaller_dit_did_then_trains(tmp_path):
     small = randomize(AudioDiT(tiny_cfg()), std=0.2)
     big = grow_depth(AudioDiT(tiny_cfg(num_layers=4)), small).eval()
     x, _, t, au, text = _clip(2, 2, hw=4, seed=3)
-    with torch.no_grad():
-        assert torch.allclose(big(x, t, text, audio=au), small(x, t, text, audio=au), atol=1e-6, rtol=0)
-        assert torch.allclose(big.forward_causal(x, t, text, audio=au, chunk_frames=2),
-                              small.forward_causal(x, t, text, audio=au, chunk_frames=2), atol=1e-6, rtol=0)
+    _assert_same_function(big, small, (x, t, text, au), atol=1e-6)
     big.train()
     opt = torch.optim.SGD(big.parameters(), lr=0.1)
     for _ in range(2):  # step 1 moves the zero outputs, step 2 the weights behind them
@@ -327,10 +333,7 @@ def test_grow_width_computes_what_the_narrower_dit_did_then_trains(tmp_path):
     wide = grow_width(AudioDiT(tiny_cfg(num_attention_heads=4, ffn_dim=80)), small).eval()
     assert wide.config.dim == 2 * small.config.dim
     x, _, t, au, text = _clip(2, 2, hw=4, seed=3)
-    with torch.no_grad():
-        assert torch.allclose(wide(x, t, text, audio=au), small(x, t, text, audio=au), atol=1e-5, rtol=0)
-        assert torch.allclose(wide.forward_causal(x, t, text, audio=au, chunk_frames=2),
-                              small.forward_causal(x, t, text, audio=au, chunk_frames=2), atol=1e-5, rtol=0)
+    _assert_same_function(wide, small, (x, t, text, au), atol=1e-5)
     wide.train()
     opt = torch.optim.SGD(wide.parameters(), lr=0.1)
     before = wide.blocks[0].attn1.to_q.weight.detach().clone()
