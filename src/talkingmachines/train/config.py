@@ -285,6 +285,12 @@ def merge(a: dict, b: dict) -> dict:
 
 
 # ============================================================================ the recipe's config
+def stage_folder(stage: str) -> str:
+    """The run folder's subfolder of a DiT stage: ``grow`` trains in ``teacher_grow`` (it is a
+    teacher stage, beside the first teacher); the others in a folder of their own name."""
+    return "teacher_grow" if stage == "grow" else stage
+
+
 def _section(cls, name: str, d) -> object:
     """`cls` from the mapping `d` (the recipe section `name`); unknown keys are an InputError."""
     if not isinstance(d, dict):
@@ -481,7 +487,7 @@ class RecipeConfig:
 
     def teacher_dir(self, out: Path) -> Path:
         """The run's final teacher: the grown one when there is a ``grow`` phase."""
-        return out / ("teacher_grow" if self.grow.enabled else "teacher")
+        return out / stage_folder("grow" if self.grow.enabled else "teacher")
 
     def grown_dit(self, teacher_dit) -> dict:
         """The preset overrides (``dit`` section) of the grown teacher and the student stages, given the
@@ -498,7 +504,7 @@ class RecipeConfig:
         """The `TrainConfig` of DiT stage `stage` (teacher, grow, ode, dmd) in run folder `out`:
         ``common``, then the stage's settings, then what the recipe decides (paths, seed, device,
         held-out split). ``grow`` is a teacher stage: the teacher's settings, then grow's."""
-        folder = "teacher_grow" if stage == "grow" else stage
+        folder = stage_folder(stage)
         job = dict(stage="teacher" if stage == "grow" else stage, preset=self.preset, seed=self.seed,
                    device=self.device, held_out=self.held_out, data=str(self.data), vae=str(out / "vae"),
                    out=str(out / folder))

@@ -45,7 +45,7 @@ from ..devices import resolve_device
 from ..errors import InputError
 from ..fileio import atomic_write_text
 from .checkpoint import final_done
-from .config import RecipeConfig, merge, read_config_file
+from .config import RecipeConfig, merge, read_config_file, stage_folder
 
 STAGES = ("synth", "vae", "decoder", "teacher", "grow", "ode", "dmd", "export")
 DEFAULT_CONFIG = "tiny-recipe"  # the shipped talkingmachines/configs/tiny-recipe.json: the one source of defaults
@@ -306,7 +306,7 @@ def export_model(r: RecipeConfig, out: Path, dest: Path, timings: dict) -> Path:
     if r.export_teacher:
         shutil.copytree(r.teacher_dir(out) / "final" / "dit", tmp / "teacher")
     TinyVAE.from_pretrained(exported_vae(out)).save_pretrained(tmp / "vae")
-    for stage in ("vae", "decoder", "decoder_refine", "teacher", "teacher_grow", "ode", "dmd"):
+    for stage in ("vae", "decoder", "decoder_refine", "teacher", stage_folder("grow"), "ode", "dmd"):
         if (out / stage / "loss.png").is_file():
             shutil.copy(out / stage / "loss.png", tmp / f"loss_{stage}.png")
     write_face_template(r, tmp)
@@ -355,7 +355,7 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     n_clips = data.get("n", len(data.get("clips", [])))
     secs = sum(c.get("seconds", 0) for c in data.get("clips", []))
     st = {s: _done(out / s / "final" / "DONE.json") for s in ("teacher", "ode", "dmd")}
-    grown = _done(out / "teacher_grow" / "final" / "DONE.json")
+    grown = _done(out / stage_folder("grow") / "final" / "DONE.json")
     vae = _done(out / "vae" / "DONE.json")
     mb = sum(f.stat().st_size for f in (folder or out / "model").rglob("*.safetensors")) / 1e6
     from ..model.dit import count_parameters
@@ -506,12 +506,11 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
         timed("vae", lambda: run_vae(r, out, int(r.vae.steps)))
     if "decoder" in stages and r.decoder.steps > 0:
         timed("decoder", lambda: run_decoder(r, out))
-    dit_stages = (("teacher", "teacher", train_teacher), ("grow", "teacher_grow", train_teacher),
-                  ("ode", "ode", train_ode), ("dmd", "dmd", train_dmd))
-    for name, folder, fn in dit_stages:
+    dit_stages = (("teacher", train_teacher), ("grow", train_teacher), ("ode", train_ode), ("dmd", train_dmd))
+    for name, fn in dit_stages:
         if name == "grow" and not r.grow.enabled:
             continue
-        if name in stages and not final_done(out / folder):
+        if name in stages and not final_done(out / stage_folder(name)):
             timed(name, lambda fn=fn, name=name: fn(r.stage_config(name, out)))
     dest = Path(export) if export else out / "model"
     if "export" in stages:
