@@ -212,6 +212,27 @@ def test_data_version_3_moves_the_head_less_and_opens_the_mouth_wider():
     assert framed(p, 3).face_w == pytest.approx(framed(p, 2).face_w)
 
 
+def test_data_version_6_is_version_4_with_a_still_head():
+    """v6: the same clip as v4 for the same seed (identity, speech, mouth, blinks, gaze) with no
+    head sway, nod or tilt: every frame's face sits where the first frame's does (a reference
+    frame then shows the DiT where the eyes stay)."""
+    from talkingmachines.train.synth import make_clip
+
+    def shift(a, b):  # integer translation of b onto a, by phase correlation
+        r = np.fft.fft2(a) * np.conj(np.fft.fft2(b))
+        peak = np.abs(np.fft.ifft2(r / (np.abs(r) + 1e-9))).argmax()
+        return [(x + n // 2) % n - n // 2 for x, n in zip(np.unravel_index(peak, a.shape), a.shape)]
+
+    for seed in (2, 5):
+        c4, c6 = (make_clip(seed, 2.0, size=96, version=v) for v in (4, 6))
+        assert np.array_equal(c4.audio, c6.audio) and np.array_equal(c4.mouth_open, c6.mouth_open)
+        assert c6.params["face"] == c4.params["face"] and c6.params["data_version"] == 6
+        g4, g6 = (c.frames.astype(float).mean(-1) for c in (c4, c6))
+        moved4 = max(np.abs(shift(g4[t], g4[0])).max() for t in range(len(g4)))
+        moved6 = max(np.abs(shift(g6[t], g6[0])).max() for t in range(len(g6)))
+        assert moved6 == 0 and moved4 >= 1, (moved4, moved6)
+
+
 def test_bundled_portrait_is_drawn_like_the_shipped_models_data():
     """The default portrait is the renderer's photo-like face drawn as data version 4 draws its
     faces (version 3's close-up plus contour shading: what the shipped model was trained on), so

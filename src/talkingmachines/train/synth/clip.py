@@ -44,7 +44,7 @@ def _smooth_noise(rng: np.random.Generator, T: int, sigma: float) -> np.ndarray:
 
 
 # per close-up version: head-motion amplitude (v1's varies with speech; max opening: `face._OPEN_SCALE`)
-_HEAD_AMP = {2: 1.6, 3: 0.55, 4: 0.55, 5: 0.55}
+_HEAD_AMP = {2: 1.6, 3: 0.55, 4: 0.55, 5: 0.55, 6: 0.0}
 
 
 def head_motion(rng: np.random.Generator, speaking: np.ndarray, mouth_open: np.ndarray, version: int = 1):
@@ -53,7 +53,10 @@ def head_motion(rng: np.random.Generator, speaking: np.ndarray, mouth_open: np.n
     v2: the same whatever is said (the amplitude of v1's average), so that loudness drives the
     mouth and nothing else. v3: as v2 at a third of the amplitude, so that the mouth, not the
     head, holds most of what changes from frame to frame (the teacher learns what explains most
-    of its loss first; in v2 the opening explained 4 % of the latents' change over time)."""
+    of its loss first; in v2 the opening explained 4 % of the latents' change over time). v6:
+    still (amplitude 0; the same random draws, so the rest of the clip is v4's): a head that
+    moves a few pixels from its reference frame makes a small DiT blend the reference's eyes at
+    both places (ghosts at mid noise that sampling keeps as grey smudges)."""
     T = len(speaking)
     spk_s = np.convolve(speaking.astype(np.float32), np.ones(13) / 13, mode="same")
     amp = 1.0 + 1.2 * spk_s if version == 1 else np.full(T, _HEAD_AMP[version], np.float32)

@@ -240,9 +240,9 @@ class FaceState:
 
 
 
-DATA_VERSIONS = (1, 2, 3, 4, 5)
+DATA_VERSIONS = (1, 2, 3, 4, 5, 6)
 # per close-up version: max opening x v1's (head-motion amplitude: `clip._HEAD_AMP`)
-_OPEN_SCALE = {2: 1.3, 3: 1.55, 4: 1.55, 5: 1.0}
+_OPEN_SCALE = {2: 1.3, 3: 1.55, 4: 1.55, 5: 1.0, 6: 1.55}
 # version 5's mouth colours: the inside no lighter than this luminance, the lips at least this
 # much lighter than the inside, lightened toward LIP_LIGHT when they are not
 INNER_MAX_LUM, LIP_OVER_INNER, LIP_LIGHT = 0.1, 0.3, (235, 150, 140)
@@ -270,7 +270,9 @@ def framed(params: FaceParams, version: int) -> FaceParams:
     than 0.7x its width, opening up to v1's height, a dark inside and lips lighter than it. On
     v4's elliptical mouths dlib's landmarks followed the drawn opening at corr 0.40 (60 new
     faces, 20 openings each; outline faces 0.13), and at the widest openings read a round dark
-    hole in a ring of lip as a closed mouth."""
+    hole in a ring of lip as a closed mouth. 6: as 4 with a still head (no sway, nod or tilt:
+    `clip.head_motion`), so that a reference frame is where the face stays; the same seed draws
+    the same identity, speech, blinks and gaze as v4."""
     if version == 1:
         return params
     check_data_version(version)
@@ -279,7 +281,7 @@ def framed(params: FaceParams, version: int) -> FaceParams:
     if version >= 4:
         p = dataclasses.replace(p, contour=1.0, lid_line=True, closed_line=2.0, blush=False, mouth_outline=False,
                                 bg_kind="gradient" if p.bg_kind in ("dots", "stripes") else p.bg_kind)
-    if version >= 5:
+    if version == 5:
         p = _readable_mouth(p)
     return p
 
