@@ -216,7 +216,9 @@ def test_data_version_6_is_version_4_with_a_still_head():
     """v6: the same clip as v4 for the same seed (identity, speech, mouth, blinks, gaze) with no
     head sway, nod or tilt: every frame's face sits where the first frame's does (a reference
     frame then shows the DiT where the eyes stay)."""
-    from talkingmachines.train.synth import make_clip
+    from talkingmachines.train.synth import make_clip, moves_head
+
+    assert not moves_head(6) and all(moves_head(v) for v in (1, 2, 3, 4, 5))
 
     def shift(a, b):  # integer translation of b onto a, by phase correlation
         r = np.fft.fft2(a) * np.conj(np.fft.fft2(b))

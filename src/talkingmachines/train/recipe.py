@@ -397,6 +397,10 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     reproduce = (f"This model's settings: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r.data}`"
                  if not r.budget_minutes else
                  f"`talkingmachines train tiny-recipe{cfg} --out {out} --budget-minutes {r.budget_minutes:g}`")
+    from .synth import moves_head
+
+    version = int(data.get("data_version", r.synth.version))
+    motion = "head motion" if moves_head(version) else "a still head"
     return f"""# talkingmachines `tiny` model card
 
 A {count_parameters(preset.dit) / 1e6:.2f} M-parameter audio-driven DiT (Wan2.1 layout, {preset.dit.num_layers} blocks,
@@ -406,9 +410,9 @@ teacher -> ODE-pair student initialisation -> asymmetric DMD, sparse-causal stud
 steps per chunk of {preset.stream.chunk_frames} latent frames).
 
 ## Data
-{n_clips} procedural talking-face clips ({secs / 60:.1f} min at 25 fps, 16 kHz) from `talkingmachines data synth`
-(seed {r.seed}): varied faces and drawing styles, mouths driven by the speech, blinks, head motion, listening
-segments in silence. {int(r.held_out * 100)} % of the clips are held out of every stage for evaluation
+{n_clips} procedural talking-face clips ({secs / 60:.1f} min at 25 fps, 16 kHz) from `talkingmachines data synth
+--data-version {version}` (seed {r.seed}): varied faces and drawing styles, mouths driven by the speech, blinks,
+{motion}, listening segments in silence. {int(r.held_out * 100)} % of the clips are held out of every stage for evaluation
 (`OUT/<stage>/held_out.json`).
 
 ## Training (this run)

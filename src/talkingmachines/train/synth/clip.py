@@ -47,6 +47,11 @@ def _smooth_noise(rng: np.random.Generator, T: int, sigma: float) -> np.ndarray:
 _HEAD_AMP = {2: 1.6, 3: 0.55, 4: 0.55, 5: 0.55, 6: 0.0}
 
 
+def moves_head(version: int) -> bool:
+    """Whether data `version`'s head sways, nods and tilts (every version but 6)."""
+    return version == 1 or _HEAD_AMP[version] > 0
+
+
 def head_motion(rng: np.random.Generator, speaking: np.ndarray, mouth_open: np.ndarray, version: int = 1):
     """Per-frame head offsets dx, dy (image fractions), tilt (degrees) and brow raise: slow
     smooth noise. v1: larger while speaking, with nods and brow raises that follow the mouth.
