@@ -235,6 +235,21 @@ def test_data_version_6_is_version_4_with_a_still_head():
         assert moved6 == 0 and moved4 >= 1, (moved4, moved6)
 
 
+def test_data_version_7_holds_the_gaze():
+    """v7: v6 (a still head) whose eyes hold the clip's first fixation throughout; the same random
+    draws, so the identity, speech and the rest of the clip stay v6's."""
+    from talkingmachines.train.synth import gaze_track, make_clip, moves_head
+
+    assert not moves_head(7)
+    g4 = gaze_track(np.random.default_rng(3), 400, 4)
+    g7 = gaze_track(np.random.default_rng(3), 400, 7)
+    for a, b in zip(g4, g7):
+        assert len(np.unique(a)) > 1 and np.all(b == a[0])
+    c6, c7 = (make_clip(4, 2.0, size=96, version=v) for v in (6, 7))
+    assert np.array_equal(c6.audio, c7.audio) and c6.params["face"] == c7.params["face"]
+    assert c7.params["data_version"] == 7
+
+
 def test_bundled_portrait_is_drawn_like_the_shipped_models_data():
     """The default portrait is the renderer's photo-like face drawn as data version 4 draws its
     faces (version 3's close-up plus contour shading: what the shipped model was trained on), so

@@ -397,10 +397,11 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     reproduce = (f"This model's settings: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r.data}`"
                  if not r.budget_minutes else
                  f"`talkingmachines train tiny-recipe{cfg} --out {out} --budget-minutes {r.budget_minutes:g}`")
-    from .synth import moves_head
+    from .synth import STEADY_GAZE, moves_head
 
     version = int(data.get("data_version", r.synth.version))
-    motion = "head motion" if moves_head(version) else "a still head"
+    motion = ("head motion" if moves_head(version) else "a still head") + (
+        ", a steady gaze" if version in STEADY_GAZE else ", gaze shifts")
     return f"""# talkingmachines `tiny` model card
 
 A {count_parameters(preset.dit) / 1e6:.2f} M-parameter audio-driven DiT (Wan2.1 layout, {preset.dit.num_layers} blocks,

@@ -31,7 +31,7 @@ Run `talkingmachines data synth --help` for the command line.
 
 from ...audio_io import write_wav
 from .assets import PORTRAIT_SEED, SPEECH_TEXT, default_portrait, make_assets, preview
-from .clip import Clip, clip_frames_for, head_motion, make_clip, moves_head
+from .clip import STEADY_GAZE, Clip, clip_frames_for, gaze_track, head_motion, make_clip, moves_head
 from .face import (
     DATA_VERSIONS, HAIR_STYLES, NOSE_STYLES, STYLES, Color, FaceParams, FaceState, check_data_version, framed,
 )
@@ -44,9 +44,9 @@ from .writer import synth_dataset
 
 __all__ = [
     "Clip", "Color", "DATA_VERSIONS", "ESPEAK_VOICES", "FaceParams", "FaceRenderer", "FaceState", "HAIR_STYLES",
-    "MOUTH_GATE_RMS", "MOUTH_REF_RMS", "NOSE_STYLES", "PORTRAIT_SEED", "SPEECH_TEXT", "STYLES", "babble_tts",
+    "MOUTH_GATE_RMS", "MOUTH_REF_RMS", "NOSE_STYLES", "PORTRAIT_SEED", "SPEECH_TEXT", "STEADY_GAZE", "STYLES", "babble_tts",
     "check_data_version", "clip_box", "clip_frames_for", "default_portrait", "espeak_available", "espeak_tts",
-    "eyes_roi_from_face", "features_mask_from_face", "framed", "head_motion", "make_assets", "make_clip", "moves_head",
+    "eyes_roi_from_face", "features_mask_from_face", "framed", "gaze_track", "head_motion", "make_assets", "make_clip", "moves_head",
     "mouth_drive", "mouth_roi_from_face", "preview", "random_sentence", "render_face", "resample", "synth_dataset",
     "write_wav",
 ]

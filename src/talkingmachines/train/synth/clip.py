@@ -44,12 +44,32 @@ def _smooth_noise(rng: np.random.Generator, T: int, sigma: float) -> np.ndarray:
 
 
 # per close-up version: head-motion amplitude (v1's varies with speech; max opening: `face._OPEN_SCALE`)
-_HEAD_AMP = {2: 1.6, 3: 0.55, 4: 0.55, 5: 0.55, 6: 0.0}
+_HEAD_AMP = {2: 1.6, 3: 0.55, 4: 0.55, 5: 0.55, 6: 0.0, 7: 0.0}
+# versions whose eyes hold one fixation for the whole clip (`gaze_track`)
+STEADY_GAZE = (7,)
 
 
 def moves_head(version: int) -> bool:
-    """Whether data `version`'s head sways, nods and tilts (every version but 6)."""
+    """Whether data `version`'s head sways, nods and tilts (every version but 6 and 7)."""
     return version == 1 or _HEAD_AMP[version] > 0
+
+
+def gaze_track(rng: np.random.Generator, T: int, version: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame gaze x, y: fixations of 0.5-2.5 s joined by saccades. v7: the first fixation held for
+    the whole clip (the same draws, so the rest of the clip is v6's): where the eyes look next is
+    not in the audio, and a small DiT that cannot guess it draws the average of the places the pupils
+    might be, a grey smudge."""
+    gx = np.zeros(T, np.float32)
+    gy = np.zeros(T, np.float32)
+    t = 0
+    while t < T:
+        d = int(rng.uniform(0.5, 2.5) * FPS)
+        gx[t: t + d] = rng.normal(0, 0.35)
+        gy[t: t + d] = rng.normal(0, 0.3)
+        t += d
+    if version in STEADY_GAZE:
+        gx[:], gy[:] = gx[0], gy[0]
+    return gx, gy
 
 
 def head_motion(rng: np.random.Generator, speaking: np.ndarray, mouth_open: np.ndarray, version: int = 1):
@@ -88,7 +108,8 @@ def make_clip(seed: int, seconds: float = 6.0, size: int = 128, speech: str = "a
     version: 1, the original data; 2, a close-up face (`framed`) whose head motion and brows
     do not follow the speech, so that loudness explains the mouth and nothing else (in v1,
     head motion was 2.2x larger while speaking and nods and brows followed loudness: a model
-    could lower its loss by moving the head instead of opening the mouth)."""
+    could lower its loss by moving the head instead of opening the mouth); 3-7: `framed`,
+    `head_motion` and `gaze_track` say what each changes."""
     rng = np.random.default_rng([int(seed), 15485863])
     T = clip_frames_for(seconds)
     N = T * SAMPLES_PER_FRAME
@@ -165,15 +186,7 @@ def make_clip(seed: int, seconds: float = 6.0, size: int = 128, speech: str = "a
         t += dur + int(rng.uniform(2.0, 5.0) * FPS)
 
     dx, dy, tilt, brow = head_motion(rng, speaking, mouth_open, version)
-    # gaze: fixations with saccades
-    gx = np.zeros(T, np.float32)
-    gy = np.zeros(T, np.float32)
-    t = 0
-    while t < T:
-        d = int(rng.uniform(0.5, 2.5) * FPS)
-        gx[t: t + d] = rng.normal(0, 0.35)
-        gy[t: t + d] = rng.normal(0, 0.3)
-        t += d
+    gx, gy = gaze_track(rng, T, version)
 
     # --- render
     renderer = FaceRenderer(params, size)
