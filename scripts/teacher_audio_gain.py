@@ -51,19 +51,24 @@ def latent_cache(run: str, data: str | None) -> str:
     return found[0]
 
 
-def main(run: str, dit: str, preset: str | None = None, n_max: int = 24, config: str | None = None,
-         data: str | None = None) -> None:
-    torch.set_num_threads(1)
-    p = run_preset(run, preset, config, data)
+def load_dit(dit: str, preset: Preset) -> AudioDiT:
+    """DIT in eval mode: a DiT folder, or a teacher checkpoint folder's EMA weights in the preset's shape."""
     ema = os.path.join(dit, "ema.teacher.safetensors")
     if os.path.isfile(ema):
         from safetensors.torch import load_file
 
-        m = AudioDiT(p.dit)
+        m = AudioDiT(preset.dit)
         m.load_state_dict(load_file(ema))
     else:
         m = AudioDiT.from_pretrained(dit)
-    m.eval()
+    return m.eval()
+
+
+def main(run: str, dit: str, preset: str | None = None, n_max: int = 24, config: str | None = None,
+         data: str | None = None) -> None:
+    torch.set_num_threads(1)
+    p = run_preset(run, preset, config, data)
+    m = load_dit(dit, p)
     held = json.load(open(f"{run}/teacher/held_out.json"))["clips"]
     cache = latent_cache(run, data)
     ho = LatentClips(cache, 2, p.stream.chunk_frames, p.stream.audio_context, 0, clip_ids=sorted(held))

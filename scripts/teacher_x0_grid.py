@@ -19,26 +19,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from teacher_audio_gain import latent_cache  # noqa: E402
+from teacher_audio_gain import latent_cache, load_dit, run_preset  # noqa: E402
 
-from talkingmachines.config import Preset  # noqa: E402
 from talkingmachines.diffusion import flow  # noqa: E402
-from talkingmachines.model.dit import AudioDiT  # noqa: E402
 from talkingmachines.model.vae import TinyVAE  # noqa: E402
 from talkingmachines.pipeline import bidirectional_v  # noqa: E402
 from talkingmachines.train.latents import LatentClips  # noqa: E402
-
-
-def load_dit(dit: str, preset: Preset) -> AudioDiT:
-    ema = os.path.join(dit, "ema.teacher.safetensors")
-    if os.path.isfile(ema):
-        from safetensors.torch import load_file
-
-        m = AudioDiT(preset.dit)
-        m.load_state_dict(load_file(ema))
-    else:
-        m = AudioDiT.from_pretrained(dit)
-    return m.eval()
 
 
 @torch.no_grad()
@@ -46,7 +32,7 @@ def main(a) -> None:
     from PIL import Image
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    p = Preset.load(a.preset or f"{a.run}/teacher/final/preset.json")
+    p = run_preset(a.run, a.preset, None, None)
     model = load_dit(a.dit, p)
     vae = TinyVAE.from_pretrained(f"{a.run}/vae")
     cache = latent_cache(a.run, a.data)
