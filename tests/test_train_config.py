@@ -240,3 +240,32 @@ def test_every_shipped_recipe_config_reads():
         r = recipe_config(configs.resolve(name))
         assert r.synth.n > 0, name
     assert recipe_config(configs.resolve("tiny-face-dec160")).decoder.dec_widths == [160, 80, 40]
+
+
+def test_recipe_config_base_chain(tmp_path):
+    """A config that names ``"base"`` holds only its difference: it is merged onto that config (a
+    shipped name, or a path beside the file), which is merged onto tiny-recipe.json. A loop or a
+    bad base is a one-line InputError."""
+    from talkingmachines.train.recipe import load_recipe
+
+    face = load_recipe("tiny-face")
+    seven = load_recipe("tiny-face7")  # shipped as {"base": "tiny-face", "synth": {"version": 7}}
+    assert "base" not in seven and seven["synth"]["version"] == 7
+    assert {**seven, "synth": None, "_comment": None} == {**face, "synth": None, "_comment": None}
+    assert {**seven["synth"], "version": None} == {**face["synth"], "version": None}
+    # a user's file: a base by path (beside it) whose own base is a shipped name
+    (tmp_path / "mid.json").write_text(json.dumps({"base": "tiny-face", "teacher": {"steps": 7}}))
+    (tmp_path / "top.json").write_text(json.dumps({"base": "mid.json", "synth": {"n": 12}}))
+    top = load_recipe(tmp_path / "top.json", device="cpu")
+    assert top["teacher"]["steps"] == 7 and top["synth"]["n"] == 12 and top["device"] == "cpu"
+    assert top["vae"] == face["vae"] and top["synth"]["version"] == face["synth"]["version"]
+    (tmp_path / "a.json").write_text(json.dumps({"base": "b.json"}))
+    (tmp_path / "b.json").write_text(json.dumps({"base": "a.json"}))
+    with pytest.raises(InputError, match="loop"):
+        load_recipe(tmp_path / "a.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"base": 3}))
+    with pytest.raises(InputError, match="'base' must be"):
+        load_recipe(tmp_path / "bad.json")
+    (tmp_path / "gone.json").write_text(json.dumps({"base": "no-such-config"}))
+    with pytest.raises(InputError, match="'no-such-config' is neither a file beside it nor a shipped config"):
+        load_recipe(tmp_path / "gone.json")

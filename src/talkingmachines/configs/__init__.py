@@ -3,6 +3,8 @@
 ``tiny-recipe.json`` is the recipe's defaults (`train tiny-recipe` without ``--config``, and the
 base every other recipe config is merged onto); ``teacher.json``, ``ode.json`` and ``dmd.json``
 are the stages' defaults; the others are earlier or smaller recipes (``--config tiny-smoke``).
+The candidate recipes name ``"base": "tiny-face"`` and hold only what they change
+(`train.recipe.read_recipe_file`).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ fine-tunes that decoder again at lower noise (``OUT/decoder_refine``), which giv
 (`weights.grow_depth`: the new blocks start as the identity; `weights.grow_width`: twice the features,
 the same function) and trains it on (``OUT/teacher_grow``); the student stages then distil that one.
 
-The config is `configs/tiny-recipe.json` with ``--config`` and the overrides merged onto it, typed
-by `recipe_config` (`config.RecipeConfig`).
+The config is `configs/tiny-recipe.json` with ``--config`` (and the chain of configs it names as
+``base``) and the overrides merged onto it, typed by `recipe_config` (`config.RecipeConfig`).
 
 Each stage writes into ``OUT/<stage>``, resumes from its last checkpoint, and is skipped once
 it has finished (``OUT/<stage>/final/DONE.json``; the VAE: ``OUT/vae/DONE.json``). So the
@@ -51,13 +51,37 @@ STAGES = ("synth", "vae", "decoder", "teacher", "grow", "ode", "dmd", "export")
 DEFAULT_CONFIG = "tiny-recipe"  # the shipped talkingmachines/configs/tiny-recipe.json: the one source of defaults
 
 
+def read_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe config file ``path`` (a path or a shipped config's name) with its ``"base"`` chain
+    resolved: a file that names ``"base": "tiny-face"`` (a shipped config's name, or a path relative
+    to the file) holds only what differs from that config, and is merged onto it. So a candidate
+    recipe is its difference from the one it varies, not a copy that drifts when that one changes."""
+    p = configs.resolve(path)
+    if p.is_file() and p.resolve() in _seen:
+        chain = " -> ".join(str(s) for s in (*_seen, p.resolve()))
+        raise InputError(f"recipe configs name each other as base in a loop: {chain}")
+    d = read_config_file(p)
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    if not isinstance(base, str) or not base:
+        raise InputError(f"{p}: 'base' must be a config's name or path, got {base!r}")
+    # a relative path is read beside the file that names it; a bare name is a shipped config
+    near = p.parent / base
+    base_path = near if near.is_file() else configs.resolve(base)
+    if not base_path.is_file():
+        raise InputError(f"{p}: its base {base!r} is neither a file beside it nor a shipped config "
+                         f"(have: {', '.join(configs.names())})")
+    return merge(read_recipe_file(base_path, (*_seen, p.resolve())), d)
+
+
 def load_recipe(path: str | Path | None = None, **overrides) -> dict:
     """The shipped recipe (`configs/tiny-recipe.json`), with the config file ``path`` (a path or a
-    shipped config's name) merged onto it, then the non-None ``overrides``: the raw mapping
-    (`recipe_config` types it)."""
+    shipped config's name, and its ``base`` chain: `read_recipe_file`) merged onto it, then the
+    non-None ``overrides``: the raw mapping (`recipe_config` types it)."""
     cfg = read_config_file(configs.shipped(DEFAULT_CONFIG))
     if path is not None:
-        cfg = merge(cfg, read_config_file(configs.resolve(path)))
+        cfg = merge(cfg, read_recipe_file(path))
     return merge(cfg, {k: v for k, v in overrides.items() if v is not None})
 
 
