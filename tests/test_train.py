@@ -445,3 +445,24 @@ def test_dark_skinned_clips_repeat_each_epoch(tmp_path):
     plain = TeacherTrainer(micro_config(tmp_path, "teacher", "p"))
     plain.setup()
     assert sorted(e["clip"] for e in plain.data.entries) == [0, 1, 2]
+
+
+def test_latent_cache_follows_clips_added_to_the_data(tmp_path):
+    """Clips added to a data folder after its latents were cached are encoded before the next stage
+    trains, and only they (the cache used to be checked for its VAE alone, so new clips were silently
+    left out of training)."""
+    make_clips(tmp_path / "data", n=4)
+    make_vae(tmp_path / "vae")
+    TeacherTrainer(micro_config(tmp_path, "teacher", "t1", steps=1)).setup()
+    (cache,) = (tmp_path / "data").glob("latents-*")
+    first = json.loads((cache / "index.json").read_text())
+    assert first["n"] == 4
+    stamp = {e["clip"]: (cache / e["file"]).stat().st_mtime_ns for e in first["clips"]}
+    make_clips(tmp_path / "data", n=6)  # the same 4 clips and 2 more
+    t = TeacherTrainer(micro_config(tmp_path, "teacher", "t2", steps=1))
+    t.setup()
+    idx = json.loads((cache / "index.json").read_text())
+    assert idx["n"] == 6 and sorted(e["clip"] for e in idx["clips"]) == list(range(6))
+    held = json.loads((tmp_path / "t2" / "held_out.json").read_text())["clips"]
+    assert sorted({e["clip"] for e in t.data.entries} | set(held)) == list(range(6))
+    assert all((cache / e["file"]).stat().st_mtime_ns == stamp[e["clip"]] for e in idx["clips"] if e["clip"] < 4)

@@ -136,6 +136,17 @@ def _pick_refs(speaking: np.ndarray, n: int, rng: np.random.Generator) -> list[i
 
 
 @torch.no_grad()
+def cache_is_current(cache: str | Path, vae_id: str, n: int) -> bool:
+    """Whether ``cache`` holds this VAE's latents of all ``n`` clips, in this cache version (clips
+    added to the data folder later, or another VAE, make it stale: `build_latent_cache` then
+    encodes only what is missing)."""
+    f = Path(cache) / "index.json"
+    if not f.is_file():
+        return False
+    idx = json.loads(f.read_text())
+    return idx.get("vae_id") == vae_id and idx.get("version") == CACHE_VERSION and idx.get("n") == n
+
+
 def build_latent_cache(data_dir: str | Path, vae, frontend, cache_dir: str | Path, vae_id: str = "",
                        min_frames: int = 13, progress: bool = True, rank: int = 0, world: int = 1,
                        barrier=None) -> Path:
@@ -149,10 +160,8 @@ def build_latent_cache(data_dir: str | Path, vae, frontend, cache_dir: str | Pat
     cache.mkdir(parents=True, exist_ok=True)
     ds = ClipDataset(data_dir)
     idx_file = cache / "index.json"
-    if idx_file.is_file():
-        idx = json.loads(idx_file.read_text())
-        if idx.get("vae_id") == vae_id and idx.get("version") == CACHE_VERSION and idx.get("n") == len(ds):
-            return idx_file
+    if cache_is_current(cache, vae_id, len(ds)):
+        return idx_file
     from tqdm.auto import tqdm
 
     entries = []

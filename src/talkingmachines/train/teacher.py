@@ -188,7 +188,7 @@ class DiTStage(Trainer):
         from ..model import audio as audio_fe
         from ..model.vae import load_vae
         from ..dataset import ClipDataset, held_out_split
-        from .latents import _file_id, cache_dir
+        from .latents import _file_id, cache_dir, cache_is_current
 
         if not cfg.vae:
             raise InputError("no VAE folder (--vae): train one first (train tiny-recipe does)")
@@ -197,7 +197,7 @@ class DiTStage(Trainer):
             raise InputError(f"{vae_dir}: no such VAE folder")
         vae_id = _file_id(vae_dir)
         cache = Path(cfg.cache) if cfg.cache else cache_dir(cfg.data, vae_id)
-        if not (cache / "index.json").is_file() or json.loads((cache / "index.json").read_text()).get("vae_id") != vae_id:
+        if not cache_is_current(cache, vae_id, len(ClipDataset(cfg.data))):  # e.g. clips added to the data folder
             vae = load_vae(p.vae, vae_dir, device=self.device)
             fe = audio_fe.build_frontend(p)
             build_latent_cache(cfg.data, vae, fe, cache, vae_id, min_frames=1 + 12 * cfg.clip_chunks,
