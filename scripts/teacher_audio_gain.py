@@ -6,6 +6,11 @@ A teacher that ignores the audio scores about 0; one that knew the lip opening e
 
     python scripts/teacher_audio_gain.py RUN DIT [PRESET_JSON]
     python scripts/teacher_audio_gain.py RUN RUN/teacher/checkpoints/step_N --config CONFIG [--data DATA]
+    python scripts/teacher_audio_gain.py RUN DIT --new-faces runs/unseen7
+
+--new-faces DATA2 scores crops of every clip of another data folder instead (faces no split of the run has
+seen, so runs with different training splits compare on the same crops); its latents are encoded with
+RUN/vae into DATA2's cache the first time.
 
 RUN: a recipe run folder (RUN/teacher/held_out.json; the latent cache of RUN/vae, under RUN/data or
 --data); DIT: a DiT folder (RUN/teacher/final/dit) or a teacher checkpoint folder (its EMA weights);
@@ -64,14 +69,33 @@ def load_dit(dit: str, preset: Preset) -> AudioDiT:
     return m.eval()
 
 
+def new_faces_cache(run: str, data2: str, p: Preset, chunks: int) -> str:
+    """DATA2's latent cache of RUN/vae, encoded now if it is missing or stale."""
+    from talkingmachines.dataset import ClipDataset
+    from talkingmachines.model import audio as audio_fe
+    from talkingmachines.model.vae import load_vae
+    from talkingmachines.train.latents import _file_id, build_latent_cache, cache_dir, cache_is_current
+
+    vae_id = _file_id(Path(run) / "vae")
+    cache = cache_dir(data2, vae_id)
+    if not cache_is_current(cache, vae_id, len(ClipDataset(data2))):
+        build_latent_cache(data2, load_vae(p.vae, Path(run) / "vae"), audio_fe.build_frontend(p), cache, vae_id,
+                           min_frames=1 + 12 * chunks)
+    return str(cache)
+
+
 def main(run: str, dit: str, preset: str | None = None, n_max: int = 24, config: str | None = None,
-         data: str | None = None) -> None:
+         data: str | None = None, new_faces: str | None = None) -> None:
     torch.set_num_threads(1)
     p = run_preset(run, preset, config, data)
     m = load_dit(dit, p)
-    held = json.load(open(f"{run}/teacher/held_out.json"))["clips"]
-    cache = latent_cache(run, data)
-    ho = LatentClips(cache, 2, p.stream.chunk_frames, p.stream.audio_context, 0, clip_ids=sorted(held))
+    chunks = 2
+    if new_faces:
+        cache, ids, what = new_faces_cache(run, new_faces, p, chunks), None, "new-face"
+    else:
+        ids = sorted(json.load(open(f"{run}/teacher/held_out.json"))["clips"])
+        cache, what = latent_cache(run, data), "held-out"
+    ho = LatentClips(cache, chunks, p.stream.chunk_frames, p.stream.audio_context, 0, clip_ids=ids)
     items = [ho.collate([ho.get(i, 0)]) for i in range(min(len(ho), n_max))]
     n = len(items)
     with torch.no_grad():
@@ -91,7 +115,7 @@ def main(run: str, dit: str, preset: str | None = None, n_max: int = 24, config:
                     else:
                         other += err
             print(f"noise {sv}: mouth-box x0 mse, own audio {own / n:.4f}, another clip's {other / n:.4f}, "
-                  f"gain {1 - own / other:+.3f} ({n} held-out crops)", flush=True)
+                  f"gain {1 - own / other:+.3f} ({n} {what} crops)", flush=True)
 
 
 if __name__ == "__main__":
@@ -102,8 +126,10 @@ if __name__ == "__main__":
     ap.add_argument("--config", default=None, help="the run's recipe config (mid-run: builds the teacher's preset)")
     ap.add_argument("--data", default=None, help="the run's data folder (default RUN/data)")
     ap.add_argument("--n", type=int, default=24, help="held-out crops")
+    ap.add_argument("--new-faces", default=None, metavar="DATA2",
+                    help="score every clip of this data folder (identities the run never saw) instead")
     a = ap.parse_args()
     try:
-        main(a.run, a.dit, a.preset, a.n, a.config, a.data)
+        main(a.run, a.dit, a.preset, a.n, a.config, a.data, a.new_faces)
     except (ValueError, OSError) as e:  # InputError and WeightsError are ValueErrors: a bad path, one line
         raise SystemExit(f"error: {e}") from None

@@ -256,7 +256,9 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
     same = model_card(r, out, Preset.load(model / "preset.json"), timings, model)
     assert "| VAE decoder, fine-tuned on latents + noise (std up to 0.3;" in same and "a new one" not in same
     dec_cfg.write_text(saved)
-    assert main(args) == 0  # all done: every stage is skipped
+    assert main(args) == 0  # all done: every stage is skipped, and adds (almost) no time
+    again = json.loads((out / "timings.json").read_text())
+    assert all(again[k] - timings[k] < 5 for k in ("vae", "decoder", "teacher", "ode", "dmd"))
     # a run whose decoder finished before it had a refinement gets one on the next call, and its export ships it
     import shutil
 
@@ -276,8 +278,15 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
     tag.main(str(out), str(ckpt), n_max=1, config=str(tmp_path / "recipe.json"))
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("noise ")]
     assert len(lines) == 4 and all("gain +0.000 (1 held-out crops)" in ln for ln in lines), lines
-    again = json.loads((out / "timings.json").read_text())
-    assert all(again[k] - timings[k] < 5 for k in ("vae", "decoder", "teacher", "ode", "dmd"))
+    # --new-faces: every clip of another data folder, its latents encoded with the run's VAE first
+    other = tmp_path / "faces2"
+    other.mkdir()
+    for f in [out / "data" / "index.json", *(out / "data").glob("clip_*.npz")]:
+        shutil.copy(f, other / f.name)
+    tag.main(str(out), str(out / "teacher" / "final" / "dit"), n_max=1, new_faces=str(other))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("noise ")]
+    assert len(lines) == 2 and all("(1 new-face crops)" in ln for ln in lines), lines
+    assert len(list(other.glob("latents-*/index.json"))) == 1
     avatar = load_avatar(model)
     s = avatar.new_stream(seed=0)
     s.push_audio(np.zeros(16000, np.float32))
