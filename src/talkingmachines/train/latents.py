@@ -135,7 +135,6 @@ def _pick_refs(speaking: np.ndarray, n: int, rng: np.random.Generator) -> list[i
     return sorted(int(i) for i in rng.choice(cand, size=k, replace=False))
 
 
-@torch.no_grad()
 def cache_is_current(cache: str | Path, vae_id: str, n: int) -> bool:
     """Whether ``cache`` holds this VAE's latents of all ``n`` clips, in this cache version (clips
     added to the data folder later, or another VAE, make it stale: `build_latent_cache` then
@@ -147,6 +146,7 @@ def cache_is_current(cache: str | Path, vae_id: str, n: int) -> bool:
     return idx.get("vae_id") == vae_id and idx.get("version") == CACHE_VERSION and idx.get("n") == n
 
 
+@torch.no_grad()
 def build_latent_cache(data_dir: str | Path, vae, frontend, cache_dir: str | Path, vae_id: str = "",
                        min_frames: int = 13, progress: bool = True, rank: int = 0, world: int = 1,
                        barrier=None) -> Path:
