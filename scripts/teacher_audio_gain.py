@@ -69,21 +69,6 @@ def load_dit(dit: str, preset: Preset) -> AudioDiT:
     return m.eval()
 
 
-def new_faces_cache(run: str, data2: str, p: Preset, chunks: int) -> str:
-    """DATA2's latent cache of RUN/vae, encoded now if it is missing or stale."""
-    from talkingmachines.dataset import ClipDataset
-    from talkingmachines.model import audio as audio_fe
-    from talkingmachines.model.vae import load_vae
-    from talkingmachines.train.latents import _file_id, build_latent_cache, cache_dir, cache_is_current
-
-    vae_id = _file_id(Path(run) / "vae")
-    cache = cache_dir(data2, vae_id)
-    if not cache_is_current(cache, vae_id, len(ClipDataset(data2))):
-        build_latent_cache(data2, load_vae(p.vae, Path(run) / "vae"), audio_fe.build_frontend(p), cache, vae_id,
-                           min_frames=1 + 12 * chunks)
-    return str(cache)
-
-
 def main(run: str, dit: str, preset: str | None = None, n_max: int = 24, config: str | None = None,
          data: str | None = None, new_faces: str | None = None) -> None:
     torch.set_num_threads(1)
@@ -91,7 +76,9 @@ def main(run: str, dit: str, preset: str | None = None, n_max: int = 24, config:
     m = load_dit(dit, p)
     chunks = 2
     if new_faces:
-        cache, ids, what = new_faces_cache(run, new_faces, p, chunks), None, "new-face"
+        from talkingmachines.train.latents import ensure_latent_cache
+
+        cache, ids, what = ensure_latent_cache(new_faces, f"{run}/vae", p, 1 + 12 * chunks), None, "new-face"
     else:
         ids = sorted(json.load(open(f"{run}/teacher/held_out.json"))["clips"])
         cache, what = latent_cache(run, data), "held-out"

@@ -146,6 +146,25 @@ def cache_is_current(cache: str | Path, vae_id: str, n: int) -> bool:
     return idx.get("vae_id") == vae_id and idx.get("version") == CACHE_VERSION and idx.get("n") == n
 
 
+def ensure_latent_cache(data_dir: str | Path, vae_dir: str | Path, preset, min_frames: int,
+                        cache: str | Path | None = None, device: torch.device | str = "cpu", progress: bool = True,
+                        rank: int = 0, world: int = 1, barrier=None) -> Path:
+    """The latent cache of ``vae_dir``'s VAE for every clip of ``data_dir`` (``cache``, default its
+    folder under ``data_dir``), encoded first where it is missing or stale (`cache_is_current`):
+    the VAE and the audio frontend are loaded only then."""
+    from ..dataset import ClipDataset
+    from ..model import audio as audio_fe
+    from ..model.vae import load_vae
+
+    vae_id = _file_id(Path(vae_dir))
+    cache = Path(cache) if cache else cache_dir(data_dir, vae_id)
+    if not cache_is_current(cache, vae_id, len(ClipDataset(data_dir))):
+        vae = load_vae(preset.vae, vae_dir, device=device)
+        build_latent_cache(data_dir, vae, audio_fe.build_frontend(preset), cache, vae_id, min_frames=min_frames,
+                           progress=progress, rank=rank, world=world, barrier=barrier)
+    return cache
+
+
 @torch.no_grad()
 def build_latent_cache(data_dir: str | Path, vae, frontend, cache_dir: str | Path, vae_id: str = "",
                        min_frames: int = 13, progress: bool = True, rank: int = 0, world: int = 1,

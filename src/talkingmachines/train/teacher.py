@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .rng import GlobalOrder, sample_generator
 from .trainer import Trainer
 from ..pipeline import bidirectional_v
-from .latents import Batch, LatentClips, build_latent_cache
+from .latents import Batch, LatentClips
 
 SALT_TEACHER = 1
 
@@ -185,25 +185,18 @@ class DiTStage(Trainer):
         self.order = GlobalOrder(len(self.data), cfg.batch_size, cfg.seed)
 
     def load_latent_clips(self, cfg: TrainConfig, p) -> LatentClips:
-        from ..model import audio as audio_fe
-        from ..model.vae import load_vae
         from ..dataset import ClipDataset, held_out_split
-        from .latents import _file_id, cache_dir, cache_is_current
+        from .latents import ensure_latent_cache
 
         if not cfg.vae:
             raise InputError("no VAE folder (--vae): train one first (train tiny-recipe does)")
         vae_dir = Path(cfg.vae)
         if not vae_dir.exists():
             raise InputError(f"{vae_dir}: no such VAE folder")
-        vae_id = _file_id(vae_dir)
-        cache = Path(cfg.cache) if cfg.cache else cache_dir(cfg.data, vae_id)
-        if not cache_is_current(cache, vae_id, len(ClipDataset(cfg.data))):  # e.g. clips added to the data folder
-            vae = load_vae(p.vae, vae_dir, device=self.device)
-            fe = audio_fe.build_frontend(p)
-            build_latent_cache(cfg.data, vae, fe, cache, vae_id, min_frames=1 + 12 * cfg.clip_chunks,
-                               progress=cfg.progress, rank=self.env.rank, world=self.env.world,
-                               barrier=self.env.barrier if self.env.distributed else None)
-            del vae
+        # encodes what is missing (a new VAE, clips added to the data folder)
+        cache = ensure_latent_cache(cfg.data, vae_dir, p, 1 + 12 * cfg.clip_chunks, cache=cfg.cache or None,
+                                    device=self.device, progress=cfg.progress, rank=self.env.rank,
+                                    world=self.env.world, barrier=self.env.barrier if self.env.distributed else None)
         ds = ClipDataset(cfg.data)
         train, held = held_out_split(ds, cfg.held_out, cfg.seed)
         if self.env.is_main:
