@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure in one call of the device tool: about 5 minutes on one H200 by estimate
-# (the budget per step is in BENCHMARKS.md; the step limits add up to 9 minutes at worst).
+# (the budget per step is in BENCHMARKS.md; the step limits add up to 9 minutes at worst: 535 s).
 # Here first:  bash scripts/fetch_gpu_wheels.sh
 # Then:        run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=560)
 # Back in $OUT: gpu.jsonl (one JSON line per finished bench section, tagged with its step),
@@ -51,17 +51,21 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep its log, never
 cat "$LOGS/env.log"
 
 # 1. CUDA-only correctness: streaming == masked (fp32; bf16 tiny and at head size 128), decode stream == sequential
-step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-# 2. no GPU work: placement and memory of the 18B on this GPU, its predicted fps per GPU kind
-step plan 45 "$PY" -m talkingmachines plan --preset "$P18" --gpus 1 --gpu-mem 139 --speed
+step cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+# 2. no GPU work: placement and memory of the 18B on this GPU (its memory as nvidia-smi says), its predicted fps per GPU kind
+GPU_MEM=${GPU_MEM:-$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | awk '{printf "%d", $1 / 1024}')}
+step plan 45 "$PY" -m talkingmachines plan --preset "$P18" --gpus 1 --gpu-mem "${GPU_MEM:-80}" --speed
 # 3. the 1.3B-class preset at 512x512, 2 steps, bf16, random weights: fps + stage ms, KV-cache
 #    speed-up, one-GPU disaggregation, then the diffusers baseline (last section: the rest is printed by then)
-step bench_13b 120 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" --json \
+step bench_13b 150 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" --json \
   --baseline-steps "$BASELINE_STEPS" --baseline-frames "$BASELINE_FRAMES" --plot "$OUT/latency_13b.png"
 # 4. the 18B preset (I2V trunk + audio layers) on this one GPU
-step bench_18b 130 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P18" --chunks "$N18" --skip-baseline --json
-# 5. the slowest, last: torch.compile of the blocks (once per block shape), then the long stream
-step bench_13b_compile 150 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" \
+step bench_18b 100 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P18" --chunks "$N18" --skip-baseline --json
+# 5. the same long stream with the VAE in bf16 (the VAE is the bottleneck: 314 ms of a ~470 ms chunk in fp32 on an H100)
+step bench_13b_vae_bf16 60 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" \
+  --sections stream --json --vae-dtype bf16
+# 6. the slowest, last: torch.compile of the blocks (once per block shape), then the long stream
+step bench_13b_compile 120 "$PY" -m talkingmachines bench --device "$DEVICE" --preset "$P13" --chunks "$N13" \
   --sections stream --json --compile --compile-backend "$COMPILE_BACKEND"
 echo "== done in $SECONDS s, $failed step(s) failed; figures in $OUT/gpu.jsonl, logs in $OUT/logs.tgz"
 rm -rf "$LOGS"

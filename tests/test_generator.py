@@ -121,3 +121,18 @@ def test_random_dit_in_place_is_sane():
         out = m(x, torch.tensor([[0.0, 500.0, 500.0, 500.0]]), torch.zeros(1, 4, cfg.text_dim, dtype=torch.bfloat16),
                 audio=au)
     assert out.shape == (1, cfg.out_channels, 4, 16, 16) and torch.isfinite(out.float()).all()
+
+
+def test_bf16_vae_streams_the_same_video(avatar):
+    """--vae-dtype bf16 (1.6x faster decoding on an H100): the same frames as the fp32 VAE, to rounding."""
+    half = load_avatar(None, "tiny", vae_dtype=torch.bfloat16)
+    assert half.vae.dtype == torch.bfloat16 and avatar.vae.dtype == torch.float32
+    videos = []
+    for a in (avatar, half):
+        s = a.new_stream(portrait(), seed=3)
+        s.push_audio(speech(1.0))
+        s.end_audio()
+        videos.append(np.concatenate([c.frames for c in s.stream()]).astype(np.float64))
+    assert videos[0].shape == videos[1].shape
+    psnr = 10 * np.log10(255.0 ** 2 / np.mean((videos[0] - videos[1]) ** 2))
+    assert psnr > 40, psnr

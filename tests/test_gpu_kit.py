@@ -111,7 +111,8 @@ def test_device_emulation_runs_every_gpu_check(tmp_path):
     by_step = {}
     for ln in lines:
         by_step.setdefault(ln["step"], []).append(ln)
-    assert set(by_step) == {"bench_13b", "bench_18b", "bench_13b_compile"}
+    assert set(by_step) == {"bench_13b", "bench_18b", "bench_13b_vae_bf16", "bench_13b_compile"}
+    assert by_step["bench_13b_vae_bf16"][-1]["vae_dtype"] == "bfloat16" and by_step["bench_13b"][-1]["vae_dtype"] == "float32"
     assert [ln["section"] for ln in by_step["bench_13b"]][-2:] == ["baseline", "all"]
     for step in by_step.values():
         res = step[-1]

@@ -48,7 +48,7 @@ def _bench_parser(subparsers) -> None:
 
     d = subparsers.add_parser("bench-disagg", help="the DiT and the VAE decoder as two processes: run it as "
                                                    "torchrun --nproc_per_node 2 -m talkingmachines bench-disagg")
-    add_model_args(d, steps=False)
+    add_model_args(d, steps=False, vae_dtype=False)  # the decoder's own process loads the VAE in fp32
     d.add_argument("--decode-device", default=None, help="device of the VAE decoder's process (default: --device)")
     d.add_argument("--chunks", type=int, default=50)
     d.add_argument("--threads", type=int, default=1, help="torch threads per process")

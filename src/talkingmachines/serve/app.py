@@ -459,11 +459,12 @@ def _warmup(avatar: Any, portrait: np.ndarray | None) -> None:
         stream.next_chunk()
 
 
-def default_loader(model: str | None, preset: str, device: str) -> Callable[[], Any]:
+def default_loader(model: str | None, preset: str, device: str, vae_dtype: str = "fp32") -> Callable[[], Any]:
     def _load():
         from ..stream.generator import load_avatar
+        from ..stream.options import vae_torch_dtype
 
-        return load_avatar(model=model, preset=preset, device=device)
+        return load_avatar(model=model, preset=preset, device=device, vae_dtype=vae_torch_dtype(vae_dtype))
 
     return _load
 
@@ -553,7 +554,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, agent: str = "mirror",
                max_sessions: int = 2, token: str | None = None, model: str | None = None, preset: str = "tiny",
                device: str = "cpu", agent_kwargs: dict | None = None, idle_timeout: float = 4.0,
                connect_timeout: float = 6.0, allow_origins: list[str] | None = None,
-               offers_per_minute: int = OFFERS_PER_MINUTE, align_face: bool = False) -> None:
+               offers_per_minute: int = OFFERS_PER_MINUTE, align_face: bool = False, vae_dtype: str = "fp32") -> None:
     check_bind(host, token)
     from ..errors import InputError
 
@@ -568,7 +569,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, agent: str = "mirror",
         if image:
             image = face_align.align_face(load_image(image), template, p.height, p.width, source=image)[0]
     try:
-        app = create_app(avatar_loader=default_loader(model, preset, device), agent=agent,
+        app = create_app(avatar_loader=default_loader(model, preset, device, vae_dtype), agent=agent,
                          agent_kwargs=agent_kwargs, image=image, max_sessions=max_sessions, token=token,
                          idle_timeout=idle_timeout, connect_timeout=connect_timeout, allow_origins=allow_origins,
                          host=host, offers_per_minute=offers_per_minute, align_template=template)
@@ -596,5 +597,6 @@ def serve_main(args: argparse.Namespace) -> int:
     run_server(host=args.host, port=args.port, agent=args.agent, image=args.image, max_sessions=args.max_sessions,
                token=args.token, model=args.model, preset=args.preset, device=args.device, agent_kwargs=kw,
                idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout, allow_origins=args.allow_origin,
-               offers_per_minute=args.offers_per_minute, align_face=args.align_face)
+               offers_per_minute=args.offers_per_minute, align_face=args.align_face,
+               vae_dtype=args.vae_dtype)
     return 0
