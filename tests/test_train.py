@@ -55,6 +55,48 @@ def test_ode_loss_falls_on_fixed_batch(work):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_ode_ground_truth_mouth_term(work):
+    """ode.gt_mouth_weight: the student is also pulled onto the clip's own latents in the mouth box.
+    The pairs keep the crops' mouth masks; the term is the masked mean the weight multiplies, it
+    falls on a fixed batch, and pairs without masks are a one-line error."""
+    from safetensors.torch import load_file, save_file
+
+    from talkingmachines.train.student import mouth_mse
+    from talkingmachines.train.teacher import new_dit, save_dit_weights
+
+    diff = torch.zeros(2, 3, 4, 5, 5)
+    diff[0, :, :, 1:3, 1:3] = 2.0
+    diff[1] = 1.0
+    mouth = torch.zeros(2, 5, 5)
+    mouth[:, 1:3, 1:3] = 1.0
+    mouth[1] = 0.0  # no box: the term is 0, not NaN
+    assert mouth_mse(diff, mouth).tolist() == [4.0, 0.0]
+
+    p = micro_config(work, "ode", "x").make_preset()
+    save_dit_weights(p, new_dit(p, seed=5).state_dict(), work / "random_dit_gt")
+    kw = dict(lr=3e-3, teacher=str(work / "teacher"), init_from=str(work / "random_dit_gt"), ode_gt_mouth_weight=2.0)
+    tr = OdeTrainer(micro_config(work, "ode", "o_gt", **kw))
+    tr.setup()
+    m = tr.pairs.t["mouth"]
+    assert m.shape == (len(tr.pairs), *tr.pairs.t["z"].shape[-2:])
+    m[:, 3:6, 2:6] = 1.0  # the micro clips know no mouth box: give them one
+    logs = [tr.train_step(0) for _ in range(8)]
+    gts = [lg["gt_mouth_loss"] for lg in logs]
+    assert all(g > 0 for g in gts) and gts[-1] < 0.8 * gts[0], gts
+    assert all(lg["loss"] > 2.0 * lg["gt_mouth_loss"] for lg in logs)  # the teacher term is there too
+
+    # pairs made before masks were saved
+    old = work / "old_pairs_run"
+    (old / "pairs").mkdir(parents=True)
+    for f in (work / "o_gt" / "pairs").glob("pairs_*.safetensors"):
+        t = load_file(str(f))
+        t.pop("mouth")
+        save_file(t, str(old / "pairs" / f.name))
+    (old / "pairs" / "DONE.json").write_text((work / "o_gt" / "pairs" / "DONE.json").read_text())
+    with pytest.raises(InputError, match="gt_mouth_weight needs pairs"):
+        OdeTrainer(micro_config(work, "ode", "old_pairs_run", **kw)).setup()
+
+
 def test_dmd_fake_loss_falls_and_generator_moves(work):
     cfg = micro_config(work, "dmd", "d_fixed", lr=1e-3, fake_lr=3e-3, teacher=str(work / "teacher"),
                        init_from=str(work / "ode"), fake_ratio=1)

@@ -92,6 +92,10 @@ class ODEConfig:
     steps: int = 20
     pairs: int = 64
     batch: int = 4
+    # weight of a second regression, in the mouth box only, onto the clip's own latents (the
+    # ground truth), beside the one onto the teacher's ODE solution; 0: off. The synthetic mouth
+    # is a function of the audio, so the truth says where the teacher's mouth is wrong.
+    gt_mouth_weight: float = 0.0
 
 
 @dataclass
@@ -120,6 +124,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "mouth_weight": ("flow", "mouth_weight"),
     "cfg_audio": ("guidance", "audio"), "cfg_ref": ("guidance", "ref"),
     "ode_steps": ("ode", "steps"), "ode_pairs": ("ode", "pairs"), "ode_batch": ("ode", "batch"),
+    "ode_gt_mouth_weight": ("ode", "gt_mouth_weight"),
     "fake_ratio": ("dmd", "fake_ratio"), "fake_lr": ("dmd", "fake_lr"), "dmd_weight": ("dmd", "weight"),
     "regression_weight": ("dmd", "regression_weight"), "real_context_prob": ("dmd", "real_context_prob"),
     "dmd_s_min": ("dmd", "s_min"), "dmd_s_max": ("dmd", "s_max"),

@@ -103,7 +103,7 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
         x0 = flow.euler_sample(fn, x1, merged, callback=keep)
         xs = torch.stack([traj[i] for i in rec], dim=1)
         if save:
-            cond = {k: v for k, v in (("text", text), ("image", image)) if v is not None}
+            cond = {k: v for k, v in (("text", text), ("image", image), ("mouth", b.mouth)) if v is not None}
             atomic_save_safetensors({"xs": xs, "x0": x0, "ref": b.ref, "audio": b.audio, "z": b.z[:, :, 1:],
                           "sigmas": torch.tensor(student_sig), **cond}, out_dir / f"pairs_{f:05d}.safetensors",
                          {"clips": json.dumps(b.clips), "ode_steps": str(cfg.ode.steps)})
@@ -132,7 +132,7 @@ class OdePairs:
         if not files:
             raise InputError(f"{root}: no ODE pairs (run `train ode` first)")
         parts = [load_file(str(f)) for f in files]
-        keys = [k for k in ("xs", "x0", "ref", "audio", "z", "text", "image") if all(k in p for p in parts)]
+        keys = [k for k in ("xs", "x0", "ref", "audio", "z", "text", "image", "mouth") if all(k in p for p in parts)]
         self.t = {k: torch.cat([p[k] for p in parts]) for k in keys}
         self.sigmas = parts[0]["sigmas"].tolist()
 
@@ -156,12 +156,24 @@ def regression_inputs(pb: dict, sigmas: list[float], cf: int, gens):
     return x, s
 
 
+def mouth_mse(diff: torch.Tensor, mouth: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of ``diff**2`` ([B, C, F, h, w]) over the mouth mask ([B, h, w], 0/1);
+    0 for a sample without a mouth box."""
+    m = mouth.float()[:, None, None].expand_as(diff)
+    return (diff.float().pow(2) * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
+
+
 # ============================================================================ ode stage
 class OdeTrainer(DiTStage):
     stage = "ode"
 
     def make_data(self) -> None:
         super().make_data()  # the latent crops (for the pairs)
+
+    def check_pairs(self) -> None:
+        if self.cfg.ode.gt_mouth_weight > 0 and "mouth" not in self.pairs.t:
+            raise InputError(f"{self.pairs_dir}: ode.gt_mouth_weight needs pairs that hold the mouth box "
+                             "(made from synthetic clips by this version; remove the folder to remake them)")
 
     def build(self) -> None:
         cfg = self.cfg
@@ -173,6 +185,7 @@ class OdeTrainer(DiTStage):
         self.pairs_dir = self.out / "pairs"
         make_ode_pairs(th, self.data, self.preset, cfg, self.pairs_dir, self.env)
         self.pairs = OdePairs(self.pairs_dir)
+        self.check_pairs()
         del self.frozen["teacher"], th, teacher  # not needed for the regression itself
         self.order = GlobalOrder(len(self.pairs), cfg.batch_size, cfg.seed)
         self.add_group("student", student, cfg.optim.lr)
@@ -191,7 +204,11 @@ class OdeTrainer(DiTStage):
         x0 = causal_x0(self.groups["student"].handle, x, s, pb["ref"], pb["audio"], pb["x0"], self.preset,
                        pb.get("text"), pb.get("image"))
         per = (x0.float() - pb["x0"].float()).pow(2).flatten(1).mean(1)
-        return "student", per.mean(), {}
+        w = self.cfg.ode.gt_mouth_weight
+        if w <= 0:
+            return "student", per.mean(), {}
+        gt = mouth_mse(x0 - pb["z"], pb["mouth"])
+        return "student", (per + w * gt).mean(), {"gt_mouth_loss": gt.mean().item()}
 
 
 # ============================================================================ dmd stage
