@@ -149,7 +149,8 @@ def run_bench(args) -> int:
     _sync(avatar.device)
     emit = functools.partial(_emit, res, as_json=args.json)
     emit("load", {"preset": avatar.preset.name, "device": str(avatar.device), "dtype": str(avatar.dtype)[6:],
-                  "vae_dtype": str(avatar.vae.dtype)[6:], "resolution": f"{avatar.preset.width}x{avatar.preset.height}", "random_weights": avatar.random_weights,
+                  "vae_dtype": str(avatar.vae.dtype)[6:], "resolution": f"{avatar.preset.width}x{avatar.preset.height}",
+                  "random_weights": avatar.random_weights,
                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                   "load_s": round(time.perf_counter() - t0, 2)})
     graphs = None
