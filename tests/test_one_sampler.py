@@ -76,3 +76,27 @@ def test_empty_student_timesteps_still_denoise(avatar):
         hook.remove()
     assert s.sigmas == pytest.approx([1.0, 5 / 6, 0.0])
     assert len(calls) == p.stream.student_steps + 1  # the denoising passes + the clean pass writing the cache
+
+
+def test_reference_guidance_only_at_low_noise(avatar):
+    """guided_v(..., ref_max_sigma=s): the reference guidance at sigma <= s, plain audio guidance
+    above (the ODE pairs of `guidance.ref_max_sigma`), through the sampler's own timestep batches."""
+    from talkingmachines.model.audio import audio_windows
+    from talkingmachines.pipeline import guided_v
+
+    p = avatar.preset
+    g = torch.Generator().manual_seed(0)
+    ref = avatar.vae.encode_image(portrait()).to(avatar.device, avatar.dtype)
+    win = audio_windows(avatar.frontend.features(torch.as_tensor(speech(0.5))), context=p.stream.audio_context,
+                        n_latent=3)
+    au = torch.cat([torch.zeros_like(win[:1]), win])[None]
+    x = torch.randn((1, ref.shape[1], 3, *ref.shape[3:]), generator=g)
+    split = guided_v(avatar.dit, ref, au, p, 2.5, 1.5, ref_max_sigma=0.6)
+    every = guided_v(avatar.dit, ref, au, p, 2.5, 1.5)
+    plain = guided_v(avatar.dit, ref, au, p, 2.5, 1.0)
+    with torch.no_grad():
+        for s, want in ((0.9, plain), (0.6, every), (0.25, every)):
+            t = flow._t_batch(s, x)
+            torch.testing.assert_close(split(x, t), want(x, t))
+        t = flow._t_batch(0.25, x)
+        assert (every(x, t) - plain(x, t)).abs().max() > 1e-3  # the reference guidance does something

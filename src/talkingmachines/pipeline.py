@@ -122,10 +122,24 @@ def teacher_fns(model, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: floa
 
 
 def guided_v(model, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: float = 1.0,
-             text: torch.Tensor | None = None, image: torch.Tensor | None = None):
-    """The teacher's guided velocity ``f(x, t)`` (`teacher_fns` combined by `flow.guided_model_fn`)."""
+             text: torch.Tensor | None = None, image: torch.Tensor | None = None, ref_max_sigma: float = 1.0):
+    """The teacher's guided velocity ``f(x, t)`` (`teacher_fns` combined by `flow.guided_model_fn`).
+    ``ref_max_sigma`` < 1: the reference guidance only at sigma <= it (the last, low-noise steps),
+    plain audio guidance above. On new faces that kept the sharper face that reference guidance
+    gives without its cost to the lips (docs/face_recipe.md)."""
     branches, scales = teacher_fns(model, ref, audio, preset, cfg_audio, cfg_ref, text=text, image=image)
-    return flow.guided_model_fn(branches, scales)
+    with_ref = flow.guided_model_fn(branches, scales)
+    if cfg_ref == 1.0 or ref_max_sigma >= 1.0:
+        return with_ref
+    branches, scales = teacher_fns(model, ref, audio, preset, cfg_audio, 1.0, text=text, image=image)
+    no_ref = flow.guided_model_fn(branches, scales)
+    limit = ref_max_sigma * flow.NUM_TRAIN_TIMESTEPS
+
+    def fn(x, t):  # one sigma per call (the sampler's steps), as a number or a tensor
+        tv = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        return with_ref(x, t) if tv <= limit + 1e-3 else no_ref(x, t)
+
+    return fn
 
 
 # ============================================================================ the student

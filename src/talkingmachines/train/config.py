@@ -83,6 +83,7 @@ class GuidanceConfig:
 
     audio: float = 2.5
     ref: float = 1.0  # 1.0: no image guidance (saves a forward)
+    ref_max_sigma: float = 1.0  # the reference guidance only at sigma <= this (1.0: at every step)
 
 
 @dataclass
@@ -123,6 +124,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "p_drop_audio": ("flow", "p_drop_audio"), "p_drop_ref": ("flow", "p_drop_ref"), "t_dist": ("flow", "t_dist"),
     "mouth_weight": ("flow", "mouth_weight"),
     "cfg_audio": ("guidance", "audio"), "cfg_ref": ("guidance", "ref"),
+    "cfg_ref_max_sigma": ("guidance", "ref_max_sigma"),
     "ode_steps": ("ode", "steps"), "ode_pairs": ("ode", "pairs"), "ode_batch": ("ode", "batch"),
     "ode_gt_mouth_weight": ("ode", "gt_mouth_weight"),
     "fake_ratio": ("dmd", "fake_ratio"), "fake_lr": ("dmd", "fake_lr"), "dmd_weight": ("dmd", "weight"),

@@ -93,7 +93,8 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
         gens = [sample_generator(cfg.seed, f, j, SALT_PAIRS) for j in range(len(b))]
         x1 = torch.stack([torch.randn(tuple(b.z[0, :, 1:].shape), generator=g) for g in gens]).to(env.device)
         text, image = _cond(b)
-        fn = guided_v(teacher, b.ref, b.audio, preset, cfg.guidance.audio, cfg.guidance.ref, text=text, image=image)
+        fn = guided_v(teacher, b.ref, b.audio, preset, cfg.guidance.audio, cfg.guidance.ref, text=text, image=image,
+                      ref_max_sigma=cfg.guidance.ref_max_sigma)
         traj = {}
 
         def keep(i, x, v):
@@ -116,7 +117,8 @@ def make_ode_pairs(teacher: Handle, data, preset, cfg: TrainConfig, out_dir: Pat
         atomic_write_text(out_dir / "DONE.json", json.dumps({"files": n_files, "pairs": n_files * cfg.ode.batch,
                                                              "ode_steps": cfg.ode.steps, "sigmas": merged,
                                                              "cfg_audio": cfg.guidance.audio,
-                                                             "cfg_ref": cfg.guidance.ref}))
+                                                             "cfg_ref": cfg.guidance.ref,
+                                                             "cfg_ref_max_sigma": cfg.guidance.ref_max_sigma}))
     env.barrier()
     return out_dir
 
@@ -266,7 +268,7 @@ class DmdTrainer(DiTStage):
     def _real_x0(self, b: Batch):
         text, image = _cond(b)
         fn = guided_v(self.teacher, b.ref, b.audio, self.preset, self.cfg.guidance.audio, self.cfg.guidance.ref,
-                      text=text, image=image)
+                      text=text, image=image, ref_max_sigma=self.cfg.guidance.ref_max_sigma)
         return flow.x0_fn_from_v(fn)
 
     def _fake_v(self, b: Batch):
