@@ -7,8 +7,8 @@ SYSTEM is a column of the report: ``student``, ``teacher``, ``vae_roundtrip`` or
 One row per argument with the pooled figures (all frames of all clips), and the same on the clips
 whose ground-truth lips the judge reads where the report has them. The first argument is the
 baseline: every other row that shares clips with it also gets the per-clip difference of its lip
-correlation (mean, standard error, on how many clips it is higher), since pooled figures over a
-few dozen clips move with a handful of them.
+correlation and of its face found where the ground truth's is (mean, standard error, on how many clips
+it is higher and lower), since pooled figures over a few dozen clips move with a handful of them.
 """
 
 from __future__ import annotations
@@ -42,14 +42,22 @@ def _load(arg: str) -> tuple[str, dict, dict, dict]:
     return label, face, readable, clips
 
 
-def _paired(base: dict, other: dict) -> str:
-    d = [other[n]["confidence"] - base[n]["confidence"] for n in base
-         if n in other and base[n].get("confidence") is not None and other[n].get("confidence") is not None]
+def _diff(base: dict, other: dict, key: str, what: str, scale: float = 1.0) -> str:
+    d = [scale * (other[n][key] - base[n][key]) for n in base
+         if n in other and base[n].get(key) is not None and other[n].get(key) is not None]
     if len(d) < 2:
         return ""
     mu = sum(d) / len(d)
     se = math.sqrt(sum((x - mu) ** 2 for x in d) / (len(d) - 1) / len(d))
-    return f"lip corr per clip {mu:+.3f} (s.e. {se:.3f}), higher on {sum(x > 0 for x in d)}/{len(d)}"
+    return (f"{what} per clip {mu:+.3f} (s.e. {se:.3f}), higher on {sum(x > 0 for x in d)}, "
+            f"lower on {sum(x < 0 for x in d)} of {len(d)}")
+
+
+def _paired(base: dict, other: dict) -> str:
+    """Per-clip differences: the lip correlation, and the face found where the ground truth's is."""
+    parts = [_diff(base, other, "confidence", "lip corr"),
+             _diff(base, other, "found_where_reference_found", "found where GT's is")]
+    return "; ".join(p for p in parts if p)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """scripts/compare_reports.py: eval-model reports side by side, and the per-clip difference of the
-lip correlation against the first report."""
+lip correlation and of the face found where the ground truth's is, against the first report."""
 
 import json
 import subprocess
@@ -9,9 +9,11 @@ from pathlib import Path
 SCRIPT = Path(__file__).parents[1] / "scripts" / "compare_reports.py"
 
 
-def _report(path: Path, corrs: list[float], found: float) -> str:
-    clips = [{"name": f"clip_{i:05d}", "face": {"student": {"confidence": c, "face_found": found}}}
-             for i, c in enumerate(corrs)]
+def _report(path: Path, corrs: list[float], found: float, where: list[float] | None = None) -> str:
+    where = where or [found] * len(corrs)
+    clips = [{"name": f"clip_{i:05d}", "face": {"student": {"confidence": c, "face_found": found,
+                                                            "found_where_reference_found": w}}}
+             for i, (c, w) in enumerate(zip(corrs, where))]
     pooled = {"face_found": found, "found_where_reference_found": found, "face_found_speech": found,
               "face_found_silence": found, "lag": 1, "confidence": sum(corrs) / len(corrs), "open_ratio_median": 3.0}
     path.write_text(json.dumps({"face": {"student": pooled}, "clips": clips}))
@@ -20,14 +22,16 @@ def _report(path: Path, corrs: list[float], found: float) -> str:
 
 def test_compare_reports_pools_and_pairs(tmp_path):
     a = _report(tmp_path / "a.json", [0.5, 0.6, 0.7, 0.4], 0.9)
-    b = _report(tmp_path / "b.json", [0.6, 0.7, 0.7, 0.5], 0.95)
+    b = _report(tmp_path / "b.json", [0.6, 0.7, 0.7, 0.5], 0.95, where=[1.0, 0.9, 0.8, 0.9])
     out = subprocess.run([sys.executable, str(SCRIPT), f"base={a}:student", f"new={b}:student"],
                          capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
     assert lines[1].startswith("base") and "90.0 %" in lines[1] and "0.550" in lines[1]
     assert lines[2].startswith("new") and "95.0 %" in lines[2] and "0.625" in lines[2]
     # differences 0.1, 0.1, 0, 0.1: mean 0.075, s.e. 0.025, higher on 3 of 4
-    assert "new against base: lip corr per clip +0.075 (s.e. 0.025), higher on 3/4" in out
+    assert "new against base: lip corr per clip +0.075 (s.e. 0.025), higher on 3, lower on 0 of 4" in out
+    # found where GT's is: 0.1, 0, -0.1, 0 against 0.9 each: mean 0, s.e. sqrt(0.02/3/4)
+    assert "found where GT's is per clip +0.000 (s.e. 0.041), higher on 1, lower on 1 of 4" in out
 
 
 def test_compare_reports_bad_input_is_one_line(tmp_path):
