@@ -39,3 +39,32 @@ def test_compare_reports_bad_input_is_one_line(tmp_path):
     for args in ([f"x={tmp_path / 'missing.json'}:student"], [f"x={a}:teacher"], ["no-label"]):
         r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
         assert r.returncode != 0 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+NEW_FACES = Path(__file__).parents[1] / "scripts" / "new_faces_figure.py"
+
+
+def test_new_faces_figure_rows_line_up(tmp_path):
+    """scripts/new_faces_figure.py: per clip a ground-truth row, then one row per model of the same frames,
+    written atomically; bad input is a one-line error."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "talkingmachines", "data", "synth", "--out", str(data), "--n", "1",
+                    "--seed", "3", "--data-version", "4", "--min-seconds", "2", "--max-seconds", "2", "--workers", "1",
+                    "--no-video"], check=True, capture_output=True)
+    out = tmp_path / "fig.png"
+    r = subprocess.run([sys.executable, str(NEW_FACES), str(out), "--data", str(data), "--clips", "0",
+                        "--model", "shipped=" + str(Path(__file__).parents[1] / "src/talkingmachines/weights/tiny"),
+                        "--scale", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    fig = np.asarray(Image.open(out).convert("RGB")).astype(float)
+    assert fig.shape == (2 * (128 + 14), 13 * 128, 3)  # 13 frames (every 2nd of a second), 2 rows
+    gt, model = fig[14:142], fig[142 + 14:]
+    assert gt.std() > 10 and model.std() > 10  # pictures, not blanks
+    assert 0 < np.abs(gt - model).mean() < 60  # the model's video of the same face, not a copy of the clip
+    assert not list(tmp_path.glob(".fig.png.tmp*"))
+    bad = subprocess.run([sys.executable, str(NEW_FACES), str(out), "--data", str(data), "--clips", "5",
+                          "--model", "x=y"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
