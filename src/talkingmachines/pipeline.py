@@ -135,9 +135,16 @@ def guided_v(model, ref, audio, preset, cfg_audio: float = 1.0, cfg_ref: float =
     no_ref = flow.guided_model_fn(branches, scales)
     limit = ref_max_sigma * flow.NUM_TRAIN_TIMESTEPS
 
-    def fn(x, t):  # one sigma per call (the sampler's steps), as a number or a tensor
-        tv = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-        return with_ref(x, t) if tv <= limit + 1e-3 else no_ref(x, t)
+    def fn(x, t):  # t: a number, or one timestep per sample (DMD re-noises each sample to its own level)
+        if not torch.is_tensor(t):
+            return with_ref(x, t) if float(t) <= limit + 1e-3 else no_ref(x, t)
+        low = t.reshape(-1) <= limit + 1e-3
+        if bool(low.all()):
+            return with_ref(x, t)
+        if not bool(low.any()):
+            return no_ref(x, t)
+        a, b = with_ref(x, t), no_ref(x, t)
+        return torch.where(low.to(a.device).view(-1, *[1] * (a.dim() - 1)), a, b)
 
     return fn
 
