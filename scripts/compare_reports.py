@@ -42,8 +42,8 @@ def _load(arg: str) -> tuple[str, dict, dict, dict]:
     return label, face, readable, clips
 
 
-def _diff(base: dict, other: dict, key: str, what: str, scale: float = 1.0) -> str:
-    d = [scale * (other[n][key] - base[n][key]) for n in base
+def _diff(base: dict, other: dict, key: str, what: str) -> str:
+    d = [other[n][key] - base[n][key] for n in base
          if n in other and base[n].get(key) is not None and other[n].get(key) is not None]
     if len(d) < 2:
         return ""
