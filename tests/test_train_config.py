@@ -249,10 +249,12 @@ def test_recipe_config_base_chain(tmp_path):
     from talkingmachines.train.recipe import load_recipe
 
     face = load_recipe("tiny-face")
-    seven = load_recipe("tiny-face7")  # shipped as {"base": "tiny-face", "synth": {"version": 7}}
-    assert "base" not in seven and seven["synth"]["version"] == 7
-    assert {**seven, "synth": None, "_comment": None} == {**face, "synth": None, "_comment": None}
-    assert {**seven["synth"], "version": None} == {**face["synth"], "version": None}
+    four = load_recipe("tiny-face-ode4")  # shipped as {"base": "tiny-face", "ode": {"ode_steps": 4}}
+    assert "base" not in four and four["ode"]["ode_steps"] == 4 and face["ode"]["ode_steps"] == 2
+    assert {**four, "ode": None, "_comment": None} == {**face, "ode": None, "_comment": None}
+    assert {**four["ode"], "ode_steps": None} == {**face["ode"], "ode_steps": None}
+    seven = load_recipe("tiny-face7")  # measured with 16-step pairs, so it pins them
+    assert seven["synth"]["version"] == 7 and seven["ode"]["ode_steps"] == 16
     # a user's file: a base by path (beside it) whose own base is a shipped name
     (tmp_path / "mid.json").write_text(json.dumps({"base": "tiny-face", "teacher": {"steps": 7}}))
     (tmp_path / "top.json").write_text(json.dumps({"base": "mid.json", "synth": {"n": 12}}))
