@@ -253,7 +253,7 @@ def test_recipe_config_base_chain(tmp_path):
     assert "base" not in four and four["ode"]["ode_steps"] == 4 and face["ode"]["ode_steps"] == 2
     assert {**four, "ode": None, "_comment": None} == {**face, "ode": None, "_comment": None}
     assert {**four["ode"], "ode_steps": None} == {**face["ode"], "ode_steps": None}
-    seven = load_recipe("tiny-face7")  # measured with 16-step pairs, so it pins them
+    seven = load_recipe("tiny-face7")  # based on tiny-face-ode16: measured with 16-step pairs
     assert seven["synth"]["version"] == 7 and seven["ode"]["ode_steps"] == 16
     # a user's file: a base by path (beside it) whose own base is a shipped name
     (tmp_path / "mid.json").write_text(json.dumps({"base": "tiny-face", "teacher": {"steps": 7}}))
