@@ -249,10 +249,15 @@ def test_recipe_config_base_chain(tmp_path):
     from talkingmachines.train.recipe import load_recipe
 
     face = load_recipe("tiny-face")
-    four = load_recipe("tiny-face-ode4")  # shipped as {"base": "tiny-face", "ode": {"ode_steps": 4}}
-    assert "base" not in four and four["ode"]["ode_steps"] == 4 and face["ode"]["ode_steps"] == 2
-    assert {**four, "ode": None, "_comment": None} == {**face, "ode": None, "_comment": None}
-    assert {**four["ode"], "ode_steps": None} == {**face["ode"], "ode_steps": None}
+    old = load_recipe("tiny-face-ode16")  # {"base": "tiny-face", "ode": {...}, "decoder": {...}}
+    four = load_recipe("tiny-face-ode4")  # shipped as {"base": "tiny-face-ode16", "ode": {"ode_steps": 4}}
+    assert "base" not in four and four["ode"]["ode_steps"] == 4 and old["ode"]["ode_steps"] == 16
+    assert {**four, "ode": None, "_comment": None} == {**old, "ode": None, "_comment": None}
+    assert {**four["ode"], "ode_steps": None} == {**old["ode"], "ode_steps": None}
+    # two levels down, everything but the two sections ode16 names still comes from tiny-face
+    assert face["ode"]["ode_steps"] == 2 and face["decoder"]["dec_widths"] == [160, 80, 40]
+    assert four["decoder"]["dec_widths"] is None and four["decoder"]["steps"] == 1000
+    assert {**four, "ode": None, "decoder": None, "_comment": None} == {**face, "ode": None, "decoder": None, "_comment": None}
     seven = load_recipe("tiny-face7")  # based on tiny-face-ode16: measured with 16-step pairs
     assert seven["synth"]["version"] == 7 and seven["ode"]["ode_steps"] == 16
     # a user's file: a base by path (beside it) whose own base is a shipped name
