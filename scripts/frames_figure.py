@@ -3,8 +3,8 @@ optionally led by the input portrait (resized to the frame size).
 
     python scripts/frames_figure.py demo.mp4 docs/demo_frames.png --every 6 --rows 2
 
-With `--also`, one more row per video, the same frames of each, under the first's (two models on the same
-speech, frame for frame):
+With `--also`, the same frames of another video under the first's, laid out the same way (two models on the
+same speech, frame for frame):
 
     python scripts/frames_figure.py a.mp4 cmp.png --start 139 --every 2 --rows 1 --cols 13 --also b.mp4
 """
@@ -22,6 +22,11 @@ def _frames(path: str) -> np.ndarray:
     return np.asarray(v[0] if isinstance(v, tuple) else v)
 
 
+def _grid(cells: list, rows: int, cols: int, blank: np.ndarray) -> np.ndarray:
+    cells = cells[: rows * cols] + [blank] * max(0, rows * cols - len(cells))
+    return np.concatenate([np.concatenate(cells[r * cols:(r + 1) * cols], 1) for r in range(rows)], 0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("video")
@@ -32,21 +37,19 @@ def main() -> None:
     ap.add_argument("--portrait", default=None, help="put this image first")
     ap.add_argument("--start", type=int, default=0, help="the first frame")
     ap.add_argument("--also", action="append", default=[], metavar="VIDEO",
-                    help="another video whose same frames go in a row below (repeatable; --rows 1 each)")
+                    help="another video whose same frames go below, laid out the same way (repeatable)")
     a = ap.parse_args()
     frames = _frames(a.video)[a.start:]
     h, w = frames.shape[1:3]
-    cells = []
+    blank = np.full_like(frames[0], 255)
+    lead = []
     if a.portrait:
-        cells.append(np.asarray(Image.open(a.portrait).convert("RGB").resize((w, h), Image.BICUBIC)))
-    cells += list(frames[:: a.every])
-    cells = cells[: a.rows * a.cols]
-    cells += [np.full_like(frames[0], 255)] * (a.rows * a.cols - len(cells))
-    grid = np.concatenate([np.concatenate(cells[r * a.cols:(r + 1) * a.cols], 1) for r in range(a.rows)], 0)
+        lead = [np.asarray(Image.open(a.portrait).convert("RGB").resize((w, h), Image.BICUBIC))]
+    # every video laid out the same way, so frame i sits in the same cell of each block
+    blocks = [_grid(lead + list(frames[:: a.every]), a.rows, a.cols, blank)]
     for other in a.also:
-        row = list(_frames(other)[a.start:: a.every][: a.cols])
-        row += [np.full_like(frames[0], 255)] * (a.cols - len(row))
-        grid = np.concatenate([grid, np.concatenate(row, 1)], 0)
+        blocks.append(_grid([blank] * len(lead) + list(_frames(other)[a.start:: a.every]), a.rows, a.cols, blank))
+    grid = np.concatenate(blocks, 0)
     Image.fromarray(grid).save(a.out)
     print(f"wrote {a.out} ({grid.shape[1]}x{grid.shape[0]})")
 
