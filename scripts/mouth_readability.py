@@ -74,13 +74,15 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=60, help="identities per version")
     ap.add_argument("--seed", type=int, default=900000, help="first identity seed (training data use small seeds)")
     ap.add_argument("--grid", help="also save mouth crops of the first 6 identities of each version here (PNG)")
+    ap.add_argument("--judge-contrast", choices=("none", "clahe"), default="none",
+                    help="the judge's optional contrast step (CLAHE on lightness; `eval --judge-contrast`)")
     args = ap.parse_args(argv)
     try:
         for v in args.versions:
             check_data_version(v)
         if args.n < 1:
             raise InputError("--n must be at least 1")
-        judge = FaceJudge.load()
+        judge = FaceJudge.load(contrast=args.judge_contrast)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

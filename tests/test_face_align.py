@@ -37,9 +37,7 @@ dlib = pytest.importorskip("dlib", reason="the eval extra (dlib-bin) is part of 
 
 @pytest.fixture(scope="module")
 def judge():
-    from talkingmachines.eval.face_judge import FaceJudge
-
-    return FaceJudge.load("hog")
+    return face_align.load_judge()  # as `--align-face` reads photos: HOG, no contrast step
 
 
 PHOTO = Path(__file__).parent / "assets" / "astronaut_face.jpg"  # a real face (public domain; assets/README.md)

