@@ -18,12 +18,12 @@ do before a HOG detector, and on ground truth it makes a better judge: on 40 syn
 card does not evaluate (`data synth --seed 7`, clips 40-79) the judge found the real face in
 95 % of the frames instead of 88 % (higher on 12 clips, lower on none), and its lip opening
 followed the opening the renderer drew at 0.77 instead of 0.71 (mean per-clip correlation;
-higher on 20 clips, lower on 7; `scripts/judge_contrast.py`); dark faces gain most (found 74 % ->
-97 %, lips 0.48 -> 0.56). It is not the
-default because on generated frames it moves the figures both ways (on the card's 40 clips the
-student's lip correlation rises and its face-found rate falls; docs/face_recipe.md, "The judge
-with a contrast step"), and on a drawn photo-style face it reads the closed lip line a little
-open (0.08 against 0.03). Face alignment (`face_align`) never uses it.
+higher on 20 clips, lower on 7; `scripts/judge_contrast.py`); dark faces gain most (found 74 %
+-> 97 %, lips 0.48 -> 0.56). It is not the default because on generated frames it moves the
+figures both ways (on the card's 40 clips the student's pooled lip correlation rises and its
+face-found rate falls; docs/face_recipe.md, "The judge with a contrast step"), and on a drawn
+photo-style face it reads the closed lip line a little open (0.08 against 0.03). Face alignment
+(`face_align`) never uses it.
 
 A second detector from the same package, dlib's CNN (MMOD) face detector, can stand in for
 the HOG one (`use_detector("cnn")`, `--judge-detector cnn`): a second opinion when the HOG
@@ -81,13 +81,17 @@ def _checked(name: str) -> str:
     return name
 
 
+def _checked_contrast(name: str) -> str:
+    if name not in CONTRASTS:
+        raise InputError(f"unknown contrast step {name!r}; choose from {', '.join(CONTRASTS)}")
+    return name
+
+
 def use_contrast(name: str) -> None:
     """Pick this process's contrast step for every later `FaceJudge.load()`: "none" (frames as
     they are, the default) or "clahe"."""
     global _contrast
-    if name not in CONTRASTS:
-        raise InputError(f"unknown contrast step {name!r}; choose from {', '.join(CONTRASTS)}")
-    _contrast = name
+    _contrast = _checked_contrast(name)
 
 
 def equalize(rgb: np.ndarray) -> np.ndarray:
@@ -140,12 +144,10 @@ class FaceJudge:
 
     @staticmethod
     def load(detector: str | None = None, contrast: str | None = None) -> "FaceJudge":
-        """The judge with ``detector`` ("hog" or "cnn") and ``contrast`` ("clahe" or "none"),
-        loaded once; defaults: `use_detector`'s and `use_contrast`'s choices."""
-        contrast = contrast or _contrast
-        if contrast not in CONTRASTS:
-            raise InputError(f"unknown contrast step {contrast!r}; choose from {', '.join(CONTRASTS)}")
-        return _load(_checked(detector or _detector), contrast)
+        """The judge with ``detector`` ("hog" or "cnn") and ``contrast`` ("none" or "clahe");
+        defaults: `use_detector`'s and `use_contrast`'s choices. The models load once per detector."""
+        name = _checked(detector or _detector)
+        return FaceJudge(*_models(name), name, _checked_contrast(contrast or _contrast))
 
     def landmarks(self, rgb: np.ndarray) -> np.ndarray | None:
         """uint8 [H, W, 3] -> the largest face's 68 landmarks [68, 2] in the frame's pixels, or None."""
@@ -192,7 +194,8 @@ class FaceJudge:
 
 
 @lru_cache(maxsize=None)
-def _load(name: str, contrast: str) -> FaceJudge:
+def _models(name: str) -> tuple:
+    """(detector, 68-point predictor) for detector ``name``, loaded once."""
     try:
         import dlib
     except ImportError as e:
@@ -203,8 +206,8 @@ def _load(name: str, contrast: str) -> FaceJudge:
         if not os.path.isfile(path):
             raise InputError(f"{EXTRA_HINT} (missing {path})")
     if name == "cnn":
-        return FaceJudge(dlib.cnn_face_detection_model_v1(paths[1]), dlib.shape_predictor(paths[0]), name, contrast)
-    return FaceJudge(dlib.get_frontal_face_detector(), dlib.shape_predictor(paths[0]), "hog", contrast)
+        return dlib.cnn_face_detection_model_v1(paths[1]), dlib.shape_predictor(paths[0])
+    return dlib.get_frontal_face_detector(), dlib.shape_predictor(paths[0])
 
 
 def signals(landmarks: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
