@@ -396,6 +396,15 @@ def cmd_eval_model(args) -> int:
     return 0
 
 
+def add_judge_args(p) -> None:
+    """The face judge's options, alike on `eval` and `eval-model`."""
+    p.add_argument("--judge-detector", choices=("hog", "cnn"), default="hog",
+                   help="the face judge's detector: dlib's HOG (default) or its CNN (a second opinion, ~100x slower)")
+    p.add_argument("--judge-contrast", choices=("none", "clahe"), default="none",
+                   help="even out each frame's lightness (CLAHE) before the judge looks: it finds dark, "
+                        "low-contrast faces more often (default: none, frames as they are)")
+
+
 def register(sub) -> None:
     from ..stream.options import add_model_args
 
@@ -406,11 +415,7 @@ def register(sub) -> None:
     e.add_argument("--keep-signal", action="store_true", help="include the per-frame mouth signal in the JSON")
     e.add_argument("--grid", default=None, metavar="PNG",
                    help="also write every 2nd frame of 1 s of speech and 1 s of silence, with the judge's landmarks")
-    e.add_argument("--judge-detector", choices=("hog", "cnn"), default="hog",
-                   help="the face judge's detector: dlib's HOG (default) or its CNN (a second opinion, ~100x slower)")
-    e.add_argument("--judge-contrast", choices=("none", "clahe"), default="none",
-                   help="even out each frame's lightness (CLAHE) before the judge looks: it finds dark, "
-                        "low-contrast faces more often (default: none, frames as they are)")
+    add_judge_args(e)
     e.set_defaults(fn=cmd_eval)
 
     m = sub.add_parser("eval-model", help="student (and teacher) vs ground truth on held-out synthetic clips, "
@@ -432,9 +437,5 @@ def register(sub) -> None:
     m.add_argument("--json", action="store_true", help="print one JSON line")
     m.add_argument("--out", default=None, help="also write the full report as JSON here")
     m.add_argument("--card", default=None, help="fill the metrics section of this model card (card.md)")
-    m.add_argument("--judge-detector", choices=("hog", "cnn"), default="hog",
-                   help="the face judge's detector: dlib's HOG (default) or its CNN (a second opinion, ~100x slower)")
-    m.add_argument("--judge-contrast", choices=("none", "clahe"), default="none",
-                   help="even out each frame's lightness (CLAHE) before the judge looks: it finds dark, "
-                        "low-contrast faces more often (default: none, frames as they are)")
+    add_judge_args(m)
     m.set_defaults(fn=cmd_eval_model)
