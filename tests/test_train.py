@@ -242,6 +242,7 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
            "synth": {"n": 4, "seconds": [2.0, 2.5], "workers": 1, "speech": "babble", "video": False},
            "vae": {"steps": 3, "batch_size": 2, "clip_frames": 5, "lr": 1e-3},
            "decoder": {"steps": 2, "batch_size": 2, "latent_noise": 0.3, "feature_weight": 3.0, "dec_res_blocks": 2,
+                       "dark_skin_repeat": 2,
                        "refine_steps": 2, "refine_latent_noise": 0.1},
            "common": {"clip_chunks": 1, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress": False},
            "teacher": {"steps": 2, "lr": 1e-3, "mouth_weight": 3.0}, "ode": {"steps": 2, "ode_steps": 2, "ode_pairs": 2, "ode_batch": 2},
@@ -276,7 +277,7 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
     assert "| VAE decoder, that one fine-tuned again at lower noise (std up to 0.1) | 2 |" in card
     assert (model / "loss_decoder_refine.png").is_file()
     assert ("VAE decoder, a new one (widths [96, 48, 24], 2 res blocks) trained on latents + noise (std up to 0.3; "
-            "eyes and mouth weighted 4x)") in card
+            "eyes and mouth weighted 4x; dark-skinned clips 2x as often)") in card
     timings = json.loads((out / "timings.json").read_text())
     assert {"synth", "vae", "decoder", "teacher", "ode", "dmd", "export"} <= set(timings)
     # a stage resumed across sittings: timings.json saw only the last one, the card counts them all
@@ -517,3 +518,55 @@ def test_latent_cache_follows_clips_added_to_the_data(tmp_path):
     held = json.loads((tmp_path / "t2" / "held_out.json").read_text())["clips"]
     assert sorted({e["clip"] for e in t.data.entries} | set(held)) == list(range(6))
     assert all((cache / e["file"]).stat().st_mtime_ns == stamp[e["clip"]] for e in idx["clips"] if e["clip"] < 4)
+
+
+def test_vae_stages_repeat_dark_clips(tmp_path):
+    """``dark_skin_repeat`` in the ``vae`` and ``decoder`` sections lists each training clip whose skin is
+    in the "dark" band k times (the held-out clips never), as the DiT stages do; a count below 1 is refused."""
+    import json
+
+    from talkingmachines.dataset import ClipDataset, held_out_split
+    from talkingmachines.train.latents import clip_face
+    from talkingmachines.train.recipe import _train_clips, recipe_config
+    from talkingmachines.train.synth import synth_dataset
+    from talkingmachines.train.synth.face import skin_band
+
+    data = synth_dataset(12, tmp_path / "data", seed=3, size=32, seconds=(1.0, 1.2), speech="babble", video=False,
+                         progress=False, version=4).parent
+    cfg = {"preset": "tiny", "seed": 0, "held_out": 0.25, "device": "cpu", "data": str(data),
+           "decoder": {"steps": 2, "batch_size": 2, "latent_noise": 0.1, "dark_skin_repeat": 3}}
+    (tmp_path / "r.json").write_text(json.dumps(cfg))
+    r = recipe_config(tmp_path / "r.json")
+    ds = ClipDataset(str(data))
+    train, held = held_out_split(ds, r.held_out, r.seed)
+    dark = {i for i in train.indices if skin_band(clip_face(ds.root / ds.clips[i]["npz"]) or {}) == "dark"}
+    assert dark, "the fixture needs a dark-skinned training clip"
+    plain = _train_clips(r, 5)
+    repeated = _train_clips(r, 5, dark_repeat=r.decoder.dark_skin_repeat)
+    assert len(plain) == len(train.indices)
+    assert len(repeated) == len(train.indices) + 2 * len(dark)
+    # the extra entries are the dark clips' videos, each k - 1 more times
+    at = [j for j in range(len(plain)) if train.indices[j] in dark]
+    for m in range(2 * len(dark)):
+        assert np.array_equal(repeated[len(plain) + m], plain[at[m // 2]])
+    for section in ("vae", "decoder"):
+        bad = {**cfg, section: {**cfg.get(section, {}), "dark_skin_repeat": 0}}
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError, match=f"{section}.dark_skin_repeat must be a whole number >= 1"):
+            recipe_config(tmp_path / "bad.json")
+
+
+def test_tiny_recipe_without_export_names_no_model_folder(tmp_path, capsys):
+    """Stages that leave out "export" make no model folder, and the command says so instead of naming one."""
+    import json
+
+    from talkingmachines.cli import main
+
+    cfg = {"preset": "tiny", "seed": 0, "device": "cpu",
+           "synth": {"n": 2, "seconds": [1.0, 1.2], "workers": 1, "speech": "babble", "video": False}}
+    (tmp_path / "r.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    assert main(["train", "tiny-recipe", "--config", str(tmp_path / "r.json"), "--out", str(out), "--stages", "synth"]) == 0
+    said = capsys.readouterr().out
+    assert f"stages synth done in {out} (no model folder" in said and "model ->" not in said
+    assert (out / "data" / "index.json").is_file() and not (out / "model").exists()

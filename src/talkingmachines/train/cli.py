@@ -75,7 +75,10 @@ def cmd_recipe(args) -> int:
 
     stages = args.stages.split(",") if args.stages else None
     dest = run_recipe(args.out, args.config, args.budget_minutes, args.data, args.export, stages, args.device)
-    print(f"tiny-recipe: model -> {dest}")
+    if dest is None:  # stages without "export": the run folder holds the stages' products, no model folder
+        print(f"tiny-recipe: stages {', '.join(stages)} done in {args.out} (no model folder: add 'export' to --stages)")
+    else:
+        print(f"tiny-recipe: model -> {dest}")
     return 0
 
 

@@ -325,6 +325,11 @@ class SynthSection:
     version: int = 1  # data version (synth.DATA_VERSIONS)
 
 
+def _check_dark_repeat(section: str, k) -> None:
+    if not _is_number(k, int) or k < 1:
+        raise InputError(f"{section}.dark_skin_repeat must be a whole number >= 1 (got {k!r})")
+
+
 @dataclass
 class VAESection:
     """The TinyVAE stage (`vae_train.train_tiny_vae`) and its share of a budget."""
@@ -339,9 +344,13 @@ class VAESection:
     temporal_weight: float = 0.0
     latent_channels: int | None = None  # None: TinyVAEConfig's
     feature_weight: float = 0.0  # extra loss weight on synthetic faces' eyes and mouth (vae_train)
+    dark_skin_repeat: int = 1  # dark-skinned synthetic clips listed this many times (as the DiT stages')
     spatial: int | None = None  # pixels per latent pixel (8 or 4; None: 8); the DiT stages' preset follows it
     enc_widths: list | None = None  # None: TinyVAEConfig's (which suit spatial 8)
     dec_widths: list | None = None
+
+    def __post_init__(self):
+        _check_dark_repeat("vae", self.dark_skin_repeat)
 
 
 @dataclass
@@ -355,6 +364,7 @@ class DecoderSection:
     lr: float
     latent_noise: float  # max std of the noise, in normalised latent units
     feature_weight: float = 0.0  # extra loss weight on synthetic faces' eyes and mouth (vae_train)
+    dark_skin_repeat: int = 1  # dark-skinned synthetic clips listed this many times (as the DiT stages')
     # a fresh, larger decoder under the same encoder (and so the same DiT); None: fine-tune the VAE's own
     dec_widths: list | None = None
     dec_res_blocks: int | None = None
@@ -364,6 +374,7 @@ class DecoderSection:
     refine_latent_noise: float = 0.1
 
     def __post_init__(self):
+        _check_dark_repeat("decoder", self.dark_skin_repeat)
         if not _is_number(self.refine_steps, int) or self.refine_steps < 0:
             raise InputError(f"decoder.refine_steps must be a whole number >= 0 (got {self.refine_steps!r})")
         if not _is_number(self.refine_latent_noise) or self.refine_latent_noise < 0:

@@ -226,18 +226,26 @@ def run_synth(r: RecipeConfig) -> None:
                   speech=s.speech, video=s.video, version=version)
 
 
-def _train_clips(r: RecipeConfig, clip_frames: int, features: bool = False):
+def _train_clips(r: RecipeConfig, clip_frames: int, features: bool = False, dark_repeat: int = 1):
     """The training clips (without the held-out split every stage uses) as the uint8
     [T, H, W, 3] videos the VAE trainer reads; with ``features``, as ``{"video", "features"}``
     with each synthetic clip's eyes-and-mouth mask (`synth.features_mask_from_face`; None for
-    a clip without face parameters)."""
+    a clip without face parameters). With ``dark_repeat`` k > 1 each synthetic clip whose skin
+    is in the "dark" band (`synth.face.skin_band`) is listed k times, as the DiT stages'
+    ``dark_skin_repeat`` does."""
     from ..dataset import ClipDataset, held_out_split
     from .latents import clip_face
     from .synth import features_mask_from_face
+    from .synth.face import skin_band
 
     _, held = held_out_split(ClipDataset(r.data), r.held_out, r.seed)
     ds = ClipDataset(r.data, clip_frames=clip_frames, seed=r.seed)
     train = ds.subset([i for i, c in enumerate(ds.indices) if c not in set(held.indices)])
+    order = list(range(len(train)))
+    if dark_repeat > 1:
+        face = lambda i: clip_face(train.root / train.clips[train.indices[i]]["npz"]) or {}  # noqa: E731
+        dark = [i for i in order if skin_band(face(i)) == "dark"]
+        order += [i for i in dark for _ in range(dark_repeat - 1)]
     masks: dict[int, np.ndarray | None] = {}
 
     def mask(i: int, video: np.ndarray):
@@ -252,9 +260,10 @@ def _train_clips(r: RecipeConfig, clip_frames: int, features: bool = False):
 
     class Videos:
         def __len__(self):
-            return len(train)
+            return len(order)
 
-        def __getitem__(self, i):
+        def __getitem__(self, k):
+            i = order[k]
             video = train[i]["video"]
             return {"video": video, "features": mask(i, video)} if features else video
 
@@ -279,7 +288,7 @@ def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
     except ValueError as e:
         raise InputError(f"recipe section 'vae': {e}") from None
     # writes OUT/vae/DONE.json (steps, wall_seconds, the last step's losses) when it has finished
-    train_tiny_vae(_train_clips(r, v.clip_frames, v.feature_weight > 0), vdir, steps=steps, batch_size=v.batch_size,
+    train_tiny_vae(_train_clips(r, v.clip_frames, v.feature_weight > 0, v.dark_skin_repeat), vdir, steps=steps, batch_size=v.batch_size,
                    lr=v.lr, seed=r.seed, device=r.device, ckpt_every=max(50, steps // 10),
                    temporal_weight=v.temporal_weight, feature_weight=v.feature_weight, config=vcfg)
 
@@ -298,7 +307,7 @@ def run_decoder(r: RecipeConfig, out: Path) -> None:
         if steps <= 0 or (ddir / "DONE.json").is_file():
             continue
         if clips is None:
-            clips = _train_clips(r, r.vae.clip_frames, d.feature_weight > 0)
+            clips = _train_clips(r, r.vae.clip_frames, d.feature_weight > 0, d.dark_skin_repeat)
         train_tiny_vae(clips, ddir, steps=steps, batch_size=d.batch_size, lr=d.lr, seed=r.seed, device=r.device,
                        ckpt_every=max(50, steps // 10), init_from=init, freeze_encoder=True, latent_noise=noise,
                        temporal_weight=r.vae.temporal_weight, feature_weight=d.feature_weight,
@@ -385,8 +394,13 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     from ..model.dit import count_parameters
 
     last = vae.get("last_loss", (vae.get("last") or {}).get("loss", float("nan")))  # last_loss: older runs' DONE.json
-    eyes_mouth = lambda w: f"; eyes and mouth weighted {1 + w:g}x" if w > 0 else ""  # noqa: E731
-    rows = [f"| VAE (TinyVAE{eyes_mouth(r.vae.feature_weight)}) | {vae.get('steps', '?')} | "
+    # a section's loss knobs, as the card's row says them
+    def knobs(sec) -> str:
+        w, k = sec.feature_weight, sec.dark_skin_repeat
+        return ((f"; eyes and mouth weighted {1 + w:g}x" if w > 0 else "")
+                + (f"; dark-skinned clips {k}x as often" if k > 1 else ""))
+
+    rows = [f"| VAE (TinyVAE{knobs(r.vae)}) | {vae.get('steps', '?')} | "
             f"{vae.get('wall_seconds', 0) / 60:.1f} | last loss {last:.4f} |"]
     # one row per finished stage: its steps, its wall minutes over every sitting, its last loss
     row = lambda label, d: (f"| {label} | {d.get('steps', '?')} | {d.get('wall_seconds', 0) / 60:.1f} | "  # noqa: E731
@@ -399,7 +413,7 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
         what = ("fine-tuned" if geometry(c) == geometry(v)
                 else f"a new one (widths {c['dec_widths']}, {c['dec_res_blocks']} res blocks) trained")
         rows.append(row(f"VAE decoder, {what} on latents + noise (std up to {r.decoder.latent_noise:g}"
-                        f"{eyes_mouth(r.decoder.feature_weight)})", dec))
+                        f"{knobs(r.decoder)})", dec))
     ref = _done(out / "decoder_refine" / "DONE.json")
     if ref:
         rows.append(row(f"VAE decoder, that one fine-tuned again at lower noise (std up to "
@@ -478,7 +492,9 @@ any wall-time budget instead: `talkingmachines train tiny-recipe --out runs/tiny
 
 def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes: float | None = None,
                data: str | None = None, export: str | Path | None = None, stages: list[str] | None = None,
-               device: str | None = None) -> Path:
+               device: str | None = None) -> Path | None:
+    """Runs ``stages`` (default all) of the recipe into the run folder ``out``, each resuming from what it
+    finds there; returns the exported model folder, or None when "export" was not among the stages."""
     out = Path(out)
     r = recipe_config(config, budget_minutes=budget_minutes, device=device)  # a bad config makes no run folder
     out.mkdir(parents=True, exist_ok=True)
@@ -541,7 +557,8 @@ def run_recipe(out: str | Path, config: str | Path | None = None, budget_minutes
             continue
         if name in stages and not final_done(out / stage_folder(name)):
             timed(name, lambda fn=fn, name=name: fn(r.stage_config(name, out)))
+    if "export" not in stages:
+        return None
     dest = Path(export) if export else out / "model"
-    if "export" in stages:
-        timed("export", lambda: export_model(r, out, dest, {k: v for k, v in timings.items()}))
+    timed("export", lambda: export_model(r, out, dest, {k: v for k, v in timings.items()}))
     return dest
