@@ -9,6 +9,9 @@ whose ground-truth lips the judge reads where the report has them. The first arg
 baseline: every other row that shares clips with it also gets the per-clip difference of its lip
 correlation and of its face found where the ground truth's is (mean, standard error, on how many clips
 it is higher and lower), since pooled figures over a few dozen clips move with a handful of them.
+With ``--skin dark`` (or medium, light) every figure is taken on the clips whose synthetic face's skin
+is in that band only (the report's ``face_by_skin``; the per-clip differences read each clip's face
+from the report's data folder).
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ def _num(d: dict, key: str) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _load(arg: str) -> tuple[str, dict, dict, dict]:
+def _skin_of(report: dict, name: str) -> str | None:
+    from talkingmachines.train.latents import clip_face
+    from talkingmachines.train.synth.face import skin_band
+
+    npz = Path(report.get("data", {}).get("dir", "")) / f"{name}.npz"
+    return skin_band(clip_face(npz) or {}) if npz.is_file() else None
+
+
+def _load(arg: str, skin: str | None = None) -> tuple[str, dict, dict, dict]:
     if "=" not in arg or ":" not in arg.split("=", 1)[1]:
         sys.exit(f"error: {arg!r} is not LABEL=REPORT.json:SYSTEM")
     label, rest = arg.split("=", 1)
@@ -39,6 +50,12 @@ def _load(arg: str) -> tuple[str, dict, dict, dict]:
         sys.exit(f"error: {path} has no {system!r} column (it has {sorted(report.get('face', {}))})")
     readable = report.get("face_readable", {}).get("systems", {}).get(system, {})
     clips = {c["name"]: c["face"][system] for c in report.get("clips", []) if c.get("face", {}).get(system)}
+    if skin is not None:
+        band = report.get("face_by_skin", {}).get(skin)
+        if band is None or system not in band.get("systems", {}):
+            sys.exit(f"error: {path} has no {skin!r} skin figures for {system!r}")
+        face, readable = band["systems"][system], {}  # the readable pool is not split by skin
+        clips = {n: c for n, c in clips.items() if _skin_of(report, n) == skin}
     return label, face, readable, clips
 
 
@@ -63,7 +80,9 @@ def _paired(base: dict, other: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("columns", nargs="+", metavar="LABEL=REPORT:SYSTEM")
-    rows = [_load(a) for a in ap.parse_args().columns]
+    ap.add_argument("--skin", choices=["dark", "medium", "light"], help="only the clips of this skin band")
+    args = ap.parse_args()
+    rows = [_load(a, args.skin) for a in args.columns]
     w = max(len(r[0]) for r in rows)
     print(f"{'':{w}s}  found  where-GT  speech  silence  lag   corr  opening |  readable: where-GT   corr  opening")
     for label, f, r, _ in rows:

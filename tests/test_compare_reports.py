@@ -68,3 +68,33 @@ def test_new_faces_figure_rows_line_up(tmp_path):
     bad = subprocess.run([sys.executable, str(NEW_FACES), str(out), "--data", str(data), "--clips", "5",
                           "--model", "x=y"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_compare_reports_one_skin_band(tmp_path):
+    """``--skin dark``: the pooled rows are the report's dark-skin figures and the per-clip differences run
+    over the clips whose synthetic face (read from the report's data folder) has dark skin only."""
+    from talkingmachines.train.latents import clip_face
+    from talkingmachines.train.synth import synth_dataset
+    from talkingmachines.train.synth.face import skin_band
+
+    data = synth_dataset(12, tmp_path / "data", seed=3, size=32, seconds=(1.0, 1.2), speech="babble", video=False,
+                         progress=False, version=4).parent
+    names = [f"clip_{i:05d}" for i in range(12)]
+    dark = [n for n in names if skin_band(clip_face(data / f"{n}.npz") or {}) == "dark"]
+    assert 2 <= len(dark) < 12, "the fixture needs a few dark-skinned clips and some others"
+    a = json.loads(Path(_report(tmp_path / "a.json", [0.5] * 12, 0.9)).read_text())
+    # the new report's lip corr is 0.2 higher on the dark clips and 0.4 lower on the others
+    b = json.loads(Path(_report(tmp_path / "b.json", [0.7 if n in dark else 0.1 for n in names], 0.9)).read_text())
+    for rep, corr in ((a, 0.5), (b, 0.7)):
+        rep["data"] = {"dir": str(data)}
+        rep["face_by_skin"] = {"dark": {"clips": len(dark), "systems": {"student": {
+            **rep["face"]["student"], "confidence": corr}}}}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = subprocess.run([sys.executable, str(SCRIPT), "--skin", "dark", f"base={tmp_path / 'a.json'}:student",
+                          f"new={tmp_path / 'b.json'}:student"], capture_output=True, text=True, check=True).stdout
+    assert "0.700" in out.splitlines()[2]
+    assert f"lip corr per clip +0.200 (s.e. 0.000), higher on {len(dark)}, lower on 0 of {len(dark)}" in out
+    r = subprocess.run([sys.executable, str(SCRIPT), "--skin", "light", f"base={tmp_path / 'a.json'}:student"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "'light'" in r.stderr
