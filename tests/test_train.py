@@ -461,6 +461,10 @@ def test_mouth_weighted_mse():
     inside, n_in = e[:, :, 1:3, 2:5].sum(), 3 * 4 * 2 * 3
     want = (4 * inside + (e.sum() - inside)) / (4 * n_in + (e.numel() - n_in))
     assert torch.allclose(got[0], want)
+    # one weight per sample: each sample as if weighted alone
+    per = mouth_weighted_mse(diff, mouth, torch.tensor([9.0, 3.0]))
+    assert torch.allclose(per[0], mouth_weighted_mse(diff, mouth, 9.0)[0]) and torch.allclose(per[1], plain[1])
+    assert not torch.allclose(per[0], got[0])
 
 
 def test_mouth_box_covers_the_synthetic_mouth():
@@ -497,6 +501,37 @@ def test_dark_skinned_clips_repeat_each_epoch(tmp_path):
     plain = TeacherTrainer(micro_config(tmp_path, "teacher", "p"))
     plain.setup()
     assert sorted(e["clip"] for e in plain.data.entries) == [0, 1, 2]
+
+
+def test_dark_mouth_weight_weights_the_dark_faces_mouths(tmp_path):
+    """``dark_mouth_weight``: each crop knows whether its synthetic face has dark skin, and the teacher's
+    flow loss weights the mouth box of those crops with it instead of ``mouth_weight``; a negative value
+    is refused in one line."""
+    make_clips(tmp_path / "data", n=3)
+    make_vae(tmp_path / "vae")
+    for i, skin in ((0, (94, 60, 42)), (1, (250, 210, 180))):  # clip 2 has no face metadata
+        f = tmp_path / "data" / f"clip_{i:05d}.npz"
+        with np.load(f) as z:
+            arrays = dict(z)
+        np.savez(f, **arrays, meta=np.array(json.dumps({"face": {"skin": list(skin)}})))
+    losses = {}
+    for name, kw in (("same", {"dark_mouth_weight": 3.0}), ("plain", {}), ("dark", {"dark_mouth_weight": 50.0})):
+        tr = TeacherTrainer(micro_config(tmp_path, "teacher", name, mouth_weight=3.0, batch_size=3, **kw))
+        tr.setup()
+        b = tr.batch(0)
+        if name == "plain":
+            assert b.dark is None
+        else:
+            assert {c: bool(d) for c, d in zip(b.clips, b.dark)} == {0: True, 1: False, 2: False}
+        for box in b.mouth:  # every crop gets a mouth box, so the weight shows in the loss
+            box.zero_()
+            box[1:3, 1:3] = 1.0
+        torch.manual_seed(0)
+        losses[name] = float(tr.loss(b, 0)[1].detach())
+    assert losses["same"] == pytest.approx(losses["plain"], rel=1e-6)  # the same weight: the same loss
+    assert losses["dark"] != pytest.approx(losses["plain"], rel=1e-3)
+    with pytest.raises(InputError, match="dark_mouth_weight must be a number >= 0"):
+        micro_config(tmp_path, "teacher", "bad", dark_mouth_weight=-1.0)
 
 
 def test_latent_cache_follows_clips_added_to_the_data(tmp_path):

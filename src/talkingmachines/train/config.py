@@ -75,6 +75,9 @@ class FlowConfig:
     # is a few % of the latent pixels, so a plain MSE leaves it under-fitted (mushy lips that
     # twitch in silence). Per-pixel weights do not change the optimum, only where capacity goes.
     mouth_weight: float = 0.0
+    # the mouth weight on synthetic clips whose face has dark skin (`synth.face.skin_band`); None:
+    # mouth_weight. Every stage loses dark faces' lips most, on training faces too (docs/face_recipe.md).
+    dark_mouth_weight: float | None = None
 
 
 @dataclass
@@ -122,7 +125,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "ckpt_every": ("checkpoint", "every"), "keep_checkpoints": ("checkpoint", "keep"),
     "dist_mode": ("parallel", "mode"), "grad_checkpointing": ("parallel", "grad_checkpointing"),
     "p_drop_audio": ("flow", "p_drop_audio"), "p_drop_ref": ("flow", "p_drop_ref"), "t_dist": ("flow", "t_dist"),
-    "mouth_weight": ("flow", "mouth_weight"),
+    "mouth_weight": ("flow", "mouth_weight"), "dark_mouth_weight": ("flow", "dark_mouth_weight"),
     "cfg_audio": ("guidance", "audio"), "cfg_ref": ("guidance", "ref"),
     "cfg_ref_max_sigma": ("guidance", "ref_max_sigma"),
     "ode_steps": ("ode", "steps"), "ode_pairs": ("ode", "pairs"), "ode_batch": ("ode", "batch"),
@@ -177,6 +180,9 @@ class TrainConfig:
                 raise InputError(f"config {name} must be a whole number >= {low} (got {v!r})")
         if not _is_number(self.held_out) or not 0 <= self.held_out < 1:
             raise InputError(f"config held_out must be a fraction in [0, 1) (got {self.held_out!r})")
+        dmw = self.flow.dark_mouth_weight
+        if dmw is not None and (not _is_number(dmw) or dmw < 0):
+            raise InputError(f"config dark_mouth_weight must be a number >= 0 or null (got {dmw!r})")
 
     def to_dict(self) -> dict:
         """Nested: one mapping per section (`from_dict` reads it back)."""

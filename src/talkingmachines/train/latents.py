@@ -59,7 +59,8 @@ class Batch:
     ``z`` [B, C, 1+3n, h, w] with ``z[:, :, 0] = ref`` (the sink); ``ref`` [B, C, 1, h, w];
     ``audio`` [B, 1+3n, W, F] (zero window on the sink); ``speaking`` [B, 12 n] bool per
     generated frame; ``clips``/``starts``: where the crops come from; ``mouth`` [B, h, w]
-    1 on the clip's mouth box (zeros when unknown), or None."""
+    1 on the clip's mouth box (zeros when unknown), or None; ``dark`` [B] bool, whether each crop's
+    synthetic face has dark skin, when the data set was asked for it (else None)."""
 
     z: torch.Tensor
     ref: torch.Tensor
@@ -69,10 +70,12 @@ class Batch:
     starts: list
     js: list = field(default_factory=list)  # indices of these samples in the global batch
     mouth: torch.Tensor | None = None
+    dark: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         return Batch(self.z.to(device), self.ref.to(device), self.audio.to(device), self.speaking.to(device),
-                     self.clips, self.starts, self.js, None if self.mouth is None else self.mouth.to(device))
+                     self.clips, self.starts, self.js, None if self.mouth is None else self.mouth.to(device),
+                     None if self.dark is None else self.dark.to(device))
 
     def __len__(self) -> int:
         return self.z.shape[0]
@@ -250,10 +253,12 @@ class LatentClips:
 
     ``get(i, epoch)`` -> dict of tensors for one crop (see `Batch`); ``collate(items)`` ->
     `Batch`. ``clip_ids`` restricts to some source clips (held-out split); ``repeat`` {clip:
-    k} lists a clip k times per epoch (each copy its own crops)."""
+    k} lists a clip k times per epoch (each copy its own crops); with ``dark`` (the ids of the clips
+    whose face has dark skin) each crop says whether it is one of them."""
 
     def __init__(self, cache_dir: str | Path, chunks: int, chunk_frames: int = 3, context: int = 2,
-                 seed: int = 0, clip_ids: list[int] | None = None, repeat: dict[int, int] | None = None):
+                 seed: int = 0, clip_ids: list[int] | None = None, repeat: dict[int, int] | None = None,
+                 dark: set[int] | None = None):
         self.root = Path(cache_dir)
         idx = json.loads((self.root / "index.json").read_text())
         need = 1 + chunks * chunk_frames
@@ -267,6 +272,7 @@ class LatentClips:
         self.entries = [e for e, n in zip(ents, reps) for _ in range(n)]
         self.copy = [k for n in reps for k in range(n)]  # which copy of its clip: its own crops
         self.chunks, self.chunk_frames, self.context, self.seed = chunks, chunk_frames, context, int(seed)
+        self.dark = None if dark is None else {int(c) for c in dark}
         self._mem: dict[str, dict] = {}
 
     def __len__(self) -> int:
@@ -300,12 +306,16 @@ class LatentClips:
         if e.get("mouth_box"):
             y0, y1, x0, x1 = e["mouth_box"]
             mouth[y0:y1, x0:x1] = 1.0
-        return {"z": z, "ref": ref, "audio": audio, "speaking": spk, "clip": int(e["clip"]), "start": 4 * m,
+        item = {"z": z, "ref": ref, "audio": audio, "speaking": spk, "clip": int(e["clip"]), "start": 4 * m,
                 "mouth": mouth}
+        if self.dark is not None:
+            item["dark"] = torch.tensor(int(e["clip"]) in self.dark)
+        return item
 
     @staticmethod
     def collate(items: list[dict]) -> Batch:
         return Batch(torch.stack([it["z"] for it in items]), torch.stack([it["ref"] for it in items]),
                      torch.stack([it["audio"] for it in items]), torch.stack([it["speaking"] for it in items]),
                      [it["clip"] for it in items], [it["start"] for it in items],
-                     mouth=torch.stack([it["mouth"] for it in items]) if all("mouth" in it for it in items) else None)
+                     mouth=torch.stack([it["mouth"] for it in items]) if all("mouth" in it for it in items) else None,
+                     dark=torch.stack([it["dark"] for it in items]) if all("dark" in it for it in items) else None)

@@ -202,15 +202,17 @@ class DiTStage(Trainer):
         if self.env.is_main:
             atomic_write_text(self.out / "held_out.json", json.dumps({"clips": held.indices, "data": cfg.data}))
         self.cache_dir = cache
-        repeat = None
-        if cfg.dark_skin_repeat > 1:
+        repeat, dark = None, None
+        if cfg.dark_skin_repeat > 1 or cfg.flow.dark_mouth_weight is not None:
             from .latents import clip_face
             from .synth.face import skin_band
 
-            repeat = {int(i): cfg.dark_skin_repeat for i in train.indices
-                      if skin_band(clip_face(ds.root / ds.clips[i]["npz"]) or {}) == "dark"}
+            dark = {int(i) for i in train.indices if skin_band(clip_face(ds.root / ds.clips[i]["npz"]) or {}) == "dark"}
+        if cfg.dark_skin_repeat > 1:
+            repeat = {i: cfg.dark_skin_repeat for i in dark}
         return LatentClips(cache, cfg.clip_chunks, p.stream.chunk_frames, p.stream.audio_context, cfg.seed,
-                           clip_ids=train.indices, repeat=repeat)
+                           clip_ids=train.indices, repeat=repeat,
+                           dark=dark if cfg.flow.dark_mouth_weight is not None else None)
 
     def batch(self, step: int) -> Batch:
         glob = self.order.global_batch(step)
@@ -253,18 +255,26 @@ class TeacherTrainer(DiTStage):
         v = bidirectional_v(self.groups["teacher"].handle, x_s, 1000.0 * s, batch.ref, audio, p, drop_ref=drop_r,
                             text=getattr(batch, "text", None), image=getattr(batch, "image", None))
         target = flow.velocity_target(x0, noise).float()
-        per = mouth_weighted_mse(v - target, getattr(batch, "mouth", None), cfg.flow.mouth_weight)
+        weight = cfg.flow.mouth_weight
+        dark = getattr(batch, "dark", None)
+        if cfg.flow.dark_mouth_weight is not None and dark is not None:  # per sample: dark faces' own weight
+            weight = torch.where(dark, float(cfg.flow.dark_mouth_weight), float(weight)).to(v.device)
+        per = mouth_weighted_mse(v - target, getattr(batch, "mouth", None), weight)
         return "teacher", per.mean(), {}
 
 
-def mouth_weighted_mse(diff: torch.Tensor, mouth: torch.Tensor | None, mouth_weight: float) -> torch.Tensor:
+def mouth_weighted_mse(diff: torch.Tensor, mouth: torch.Tensor | None,
+                       mouth_weight: float | torch.Tensor) -> torch.Tensor:
     """Per-sample weighted mean of ``diff**2`` ([B, C, F, h, w]): weight ``1 + mouth_weight`` on the
     mouth mask ([B, h, w], 0/1), 1 elsewhere, normalised by the sum of the weights (so a clip
-    without a mouth box, or a weight of 0, gives the plain mean)."""
+    without a mouth box, or a weight of 0, gives the plain mean). ``mouth_weight`` is one number
+    or one per sample ([B])."""
     err = diff.float().pow(2)
-    if mouth_weight <= 0 or mouth is None:
+    per_sample = torch.is_tensor(mouth_weight)
+    if mouth is None or (not per_sample and mouth_weight <= 0):
         return err.flatten(1).mean(1)
-    w = (1.0 + mouth_weight * mouth.float())[:, None, None].expand_as(err)  # [B, 1, 1, h, w] -> err
+    mw = mouth_weight.float().view(-1, 1, 1) if per_sample else mouth_weight
+    w = (1.0 + mw * mouth.float())[:, None, None].expand_as(err)  # [B, 1, 1, h, w] -> err
     return (err * w).flatten(1).sum(1) / w.flatten(1).sum(1)
 
 
