@@ -98,3 +98,26 @@ def test_compare_reports_one_skin_band(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--skin", "light", f"base={tmp_path / 'a.json'}:student"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "'light'" in r.stderr
+
+
+MOUTH_SIGNAL = Path(__file__).parents[1] / "scripts" / "mouth_latent_signal.py"
+
+
+def test_mouth_latent_signal_per_skin_band(tmp_path):
+    """scripts/mouth_latent_signal.py: per skin band, how much the drawn opening moves the shipped VAE's
+    latents in the mouth box (written atomically as JSON); a folder without clips is a one-line error."""
+    from talkingmachines.train.synth import synth_dataset
+
+    data = synth_dataset(4, tmp_path / "data", seed=3, size=128, seconds=(4.2, 4.4), speech="babble", video=False,
+                         progress=False, version=4).parent
+    r = subprocess.run([sys.executable, str(MOUTH_SIGNAL), str(data), "--json", str(tmp_path / "s.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "s.json").read_text())
+    assert sum(b["clips"] for b in got.values()) == 4 and set(got) <= {"dark", "medium", "light"}
+    for b in got.values():
+        # the mouth moves more than the rest of a still-headed frame, and the opening explains some of it
+        assert b["box_rms"] > b["rest_rms"] > 0 and b["slope_rms"] > 0 and b["opening_std"] > 0
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, str(MOUTH_SIGNAL), str(tmp_path / "empty")], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
