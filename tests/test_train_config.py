@@ -13,7 +13,7 @@ from talkingmachines.train.config import FLAT_KEYS, SECTIONS, TrainConfig, load_
 FLAT = {"stage": "dmd", "steps": 7, "lr": 3e-4, "lr_schedule": "wsd", "lr_decay": 4, "warmup": 3, "weight_decay": 0.0,
         "betas": [0.0, 0.95], "grad_clip": 2.0, "ema_decay": 0.9, "export_ema": False, "ckpt_every": 5,
         "keep_checkpoints": 1, "dist_mode": "ddp", "grad_checkpointing": True, "p_drop_audio": 0.2,
-        "p_drop_ref": 0.1, "t_dist": "logit_normal", "mouth_weight": 3.0, "cfg_audio": 4.5, "cfg_ref": 1.5, "cfg_ref_max_sigma": 0.6,
+        "p_drop_ref": 0.1, "t_dist": "logit_normal", "mouth_weight": 3.0, "dark_mouth_weight": 9.0, "cfg_audio": 4.5, "cfg_ref": 1.5, "cfg_ref_max_sigma": 0.6,
         "ode_steps": 8, "ode_pairs": 16, "ode_batch": 2, "ode_gt_mouth_weight": 0.5, "fake_ratio": 3, "fake_lr": 1e-3, "dmd_weight": 0.5,
         "regression_weight": 0.1, "real_context_prob": 0.5, "dmd_s_min": 0.1, "dmd_s_max": 0.9}
 NESTED = {"stage": "dmd", "steps": 7,
@@ -21,7 +21,8 @@ NESTED = {"stage": "dmd", "steps": 7,
                     "grad_clip": 2.0},
           "ema": {"decay": 0.9, "export": False}, "checkpoint": {"every": 5, "keep": 1},
           "parallel": {"mode": "ddp", "grad_checkpointing": True},
-          "flow": {"p_drop_audio": 0.2, "p_drop_ref": 0.1, "t_dist": "logit_normal", "mouth_weight": 3.0},
+          "flow": {"p_drop_audio": 0.2, "p_drop_ref": 0.1, "t_dist": "logit_normal", "mouth_weight": 3.0,
+                   "dark_mouth_weight": 9.0},
           "guidance": {"audio": 4.5, "ref": 1.5, "ref_max_sigma": 0.6}, "ode": {"steps": 8, "pairs": 16, "batch": 2, "gt_mouth_weight": 0.5},
           "dmd": {"fake_ratio": 3, "fake_lr": 1e-3, "weight": 0.5, "regression_weight": 0.1,
                   "real_context_prob": 0.5, "s_min": 0.1, "s_max": 0.9}}
