@@ -29,11 +29,10 @@ def _num(d: dict, key: str) -> float:
 
 
 def _skin_of(report: dict, name: str) -> str | None:
-    from talkingmachines.train.latents import clip_face
-    from talkingmachines.train.synth.face import skin_band
+    from talkingmachines.train.latents import clip_skin
 
     npz = Path(report.get("data", {}).get("dir", "")) / f"{name}.npz"
-    return skin_band(clip_face(npz) or {}) if npz.is_file() else None
+    return clip_skin(npz) if npz.is_file() else None
 
 
 def _load(arg: str, skin: str | None = None) -> tuple[str, dict, dict, dict]:

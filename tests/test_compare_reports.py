@@ -73,14 +73,13 @@ def test_new_faces_figure_rows_line_up(tmp_path):
 def test_compare_reports_one_skin_band(tmp_path):
     """``--skin dark``: the pooled rows are the report's dark-skin figures and the per-clip differences run
     over the clips whose synthetic face (read from the report's data folder) has dark skin only."""
-    from talkingmachines.train.latents import clip_face
+    from talkingmachines.train.latents import clip_skin
     from talkingmachines.train.synth import synth_dataset
-    from talkingmachines.train.synth.face import skin_band
 
     data = synth_dataset(12, tmp_path / "data", seed=3, size=32, seconds=(1.0, 1.2), speech="babble", video=False,
                          progress=False, version=4).parent
     names = [f"clip_{i:05d}" for i in range(12)]
-    dark = [n for n in names if skin_band(clip_face(data / f"{n}.npz") or {}) == "dark"]
+    dark = [n for n in names if clip_skin(data / f"{n}.npz") == "dark"]
     assert 2 <= len(dark) < 12, "the fixture needs a few dark-skinned clips and some others"
     a = json.loads(Path(_report(tmp_path / "a.json", [0.5] * 12, 0.9)).read_text())
     # the new report's lip corr is 0.2 higher on the dark clips and 0.4 lower on the others

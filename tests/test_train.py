@@ -481,16 +481,21 @@ def test_mouth_box_covers_the_synthetic_mouth():
     assert mouth_box(None, 128, 128, 8) is None
 
 
-def test_dark_skinned_clips_repeat_each_epoch(tmp_path):
-    """``dark_skin_repeat``: clips whose synthetic face has a dark skin colour (eval's "dark"
-    band) come k times per epoch, each copy with its own crops; the others once."""
+def _clips_with_skins(tmp_path):
+    """Three micro clips and a VAE: clip 0's face has dark skin, clip 1's light, clip 2 no face metadata."""
     make_clips(tmp_path / "data", n=3)
     make_vae(tmp_path / "vae")
-    for i, skin in ((0, (94, 60, 42)), (1, (250, 210, 180))):  # clip 2 has no face metadata
+    for i, skin in ((0, (94, 60, 42)), (1, (250, 210, 180))):
         f = tmp_path / "data" / f"clip_{i:05d}.npz"
         with np.load(f) as z:
             arrays = dict(z)
         np.savez(f, **arrays, meta=np.array(json.dumps({"face": {"skin": list(skin)}})))
+
+
+def test_dark_skinned_clips_repeat_each_epoch(tmp_path):
+    """``dark_skin_repeat``: clips whose synthetic face has a dark skin colour (eval's "dark"
+    band) come k times per epoch, each copy with its own crops; the others once."""
+    _clips_with_skins(tmp_path)
     tr = TeacherTrainer(micro_config(tmp_path, "teacher", "t", dark_skin_repeat=3))
     tr.setup()
     clips = [e["clip"] for e in tr.data.entries]
@@ -507,13 +512,7 @@ def test_dark_mouth_weight_weights_the_dark_faces_mouths(tmp_path):
     """``dark_mouth_weight``: each crop knows whether its synthetic face has dark skin, and the teacher's
     flow loss weights the mouth box of those crops with it instead of ``mouth_weight``; a negative value
     is refused in one line."""
-    make_clips(tmp_path / "data", n=3)
-    make_vae(tmp_path / "vae")
-    for i, skin in ((0, (94, 60, 42)), (1, (250, 210, 180))):  # clip 2 has no face metadata
-        f = tmp_path / "data" / f"clip_{i:05d}.npz"
-        with np.load(f) as z:
-            arrays = dict(z)
-        np.savez(f, **arrays, meta=np.array(json.dumps({"face": {"skin": list(skin)}})))
+    _clips_with_skins(tmp_path)
     losses = {}
     for name, kw in (("same", {"dark_mouth_weight": 3.0}), ("plain", {}), ("dark", {"dark_mouth_weight": 50.0})):
         tr = TeacherTrainer(micro_config(tmp_path, "teacher", name, mouth_weight=3.0, batch_size=3, **kw))
@@ -561,10 +560,9 @@ def test_vae_stages_repeat_dark_clips(tmp_path):
     import json
 
     from talkingmachines.dataset import ClipDataset, held_out_split
-    from talkingmachines.train.latents import clip_face
+    from talkingmachines.train.latents import clip_skin
     from talkingmachines.train.recipe import _train_clips, recipe_config
     from talkingmachines.train.synth import synth_dataset
-    from talkingmachines.train.synth.face import skin_band
 
     data = synth_dataset(12, tmp_path / "data", seed=3, size=32, seconds=(1.0, 1.2), speech="babble", video=False,
                          progress=False, version=4).parent
@@ -574,7 +572,7 @@ def test_vae_stages_repeat_dark_clips(tmp_path):
     r = recipe_config(tmp_path / "r.json")
     ds = ClipDataset(str(data))
     train, held = held_out_split(ds, r.held_out, r.seed)
-    dark = {i for i in train.indices if skin_band(clip_face(ds.root / ds.clips[i]["npz"]) or {}) == "dark"}
+    dark = {i for i in train.indices if clip_skin(ds.root / ds.clips[i]["npz"]) == "dark"}
     assert dark, "the fixture needs a dark-skinned training clip"
     plain = _train_clips(r, 5)
     repeated = _train_clips(r, 5, dark_repeat=r.decoder.dark_skin_repeat)

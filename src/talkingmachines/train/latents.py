@@ -126,6 +126,13 @@ def clip_face(npz: Path) -> dict | None:
         return json.loads(str(z["meta"])).get("face")
 
 
+def clip_skin(npz: Path) -> str | None:
+    """A synthetic clip's skin band ("dark", "medium", "light"; `synth.face.skin_band`), None for other clips."""
+    from .synth.face import skin_band
+
+    return skin_band(clip_face(npz) or {})
+
+
 def _clip_mouth_box(npz: Path, size: int, spatial: int) -> list[int] | None:
     return mouth_box(clip_face(npz), size, size, spatial)  # synthetic frames are square
 

@@ -234,17 +234,15 @@ def _train_clips(r: RecipeConfig, clip_frames: int, features: bool = False, dark
     is in the "dark" band (`synth.face.skin_band`) is listed k times, as the DiT stages'
     ``dark_skin_repeat`` does."""
     from ..dataset import ClipDataset, held_out_split
-    from .latents import clip_face
+    from .latents import clip_face, clip_skin
     from .synth import features_mask_from_face
-    from .synth.face import skin_band
 
     _, held = held_out_split(ClipDataset(r.data), r.held_out, r.seed)
     ds = ClipDataset(r.data, clip_frames=clip_frames, seed=r.seed)
     train = ds.subset([i for i, c in enumerate(ds.indices) if c not in set(held.indices)])
     order = list(range(len(train)))
     if dark_repeat > 1:
-        face = lambda i: clip_face(train.root / train.clips[train.indices[i]]["npz"]) or {}  # noqa: E731
-        dark = [i for i in order if skin_band(face(i)) == "dark"]
+        dark = [i for i in order if clip_skin(train.root / train.clips[train.indices[i]]["npz"]) == "dark"]
         order += [i for i in dark for _ in range(dark_repeat - 1)]
     masks: dict[int, np.ndarray | None] = {}
 
@@ -288,8 +286,8 @@ def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
     except ValueError as e:
         raise InputError(f"recipe section 'vae': {e}") from None
     # writes OUT/vae/DONE.json (steps, wall_seconds, the last step's losses) when it has finished
-    train_tiny_vae(_train_clips(r, v.clip_frames, v.feature_weight > 0, v.dark_skin_repeat), vdir, steps=steps, batch_size=v.batch_size,
-                   lr=v.lr, seed=r.seed, device=r.device, ckpt_every=max(50, steps // 10),
+    train_tiny_vae(_train_clips(r, v.clip_frames, v.feature_weight > 0, v.dark_skin_repeat), vdir, steps=steps,
+                   batch_size=v.batch_size, lr=v.lr, seed=r.seed, device=r.device, ckpt_every=max(50, steps // 10),
                    temporal_weight=v.temporal_weight, feature_weight=v.feature_weight, config=vcfg)
 
 

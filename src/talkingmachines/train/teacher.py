@@ -204,10 +204,9 @@ class DiTStage(Trainer):
         self.cache_dir = cache
         repeat, dark = None, None
         if cfg.dark_skin_repeat > 1 or cfg.flow.dark_mouth_weight is not None:
-            from .latents import clip_face
-            from .synth.face import skin_band
+            from .latents import clip_skin
 
-            dark = {int(i) for i in train.indices if skin_band(clip_face(ds.root / ds.clips[i]["npz"]) or {}) == "dark"}
+            dark = {int(i) for i in train.indices if clip_skin(ds.root / ds.clips[i]["npz"]) == "dark"}
         if cfg.dark_skin_repeat > 1:
             repeat = {i: cfg.dark_skin_repeat for i in dark}
         return LatentClips(cache, cfg.clip_chunks, p.stream.chunk_frames, p.stream.audio_context, cfg.seed,
