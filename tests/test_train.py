@@ -330,6 +330,24 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("noise ")]
     assert len(lines) == 2 and all("(1 new-face crops)" in ln for ln in lines), lines
     assert len(list(other.glob("latents-*/index.json"))) == 1
+    # scripts/teacher_x0_by_skin.py: one line per skin band present, training faces without the held-out split
+    from types import SimpleNamespace
+
+    from talkingmachines.train.latents import clip_skin
+
+    xs = load_script("scripts/teacher_x0_by_skin.py")
+    held = set(json.loads((out / "teacher" / "held_out.json").read_text())["clips"])
+    index = json.loads((out / "data" / "index.json").read_text())["clips"]
+    skins = [clip_skin(out / "data" / c["npz"]) for c in index]
+    want = [("training faces", b, sum(1 for i, k in enumerate(skins) if k == b and i not in held)) for b in xs.BANDS]
+    want += [("new faces", b, skins.count(b)) for b in xs.BANDS]
+    xs.main(SimpleNamespace(run=str(out), dit=str(out / "teacher" / "final" / "dit"),
+                            preset=str(out / "teacher" / "final" / "preset.json"), data=str(out / "data"),
+                            new=str(other), n=99))
+    lines = capsys.readouterr().out.strip().splitlines()
+    expected = sorted(f"{w}, {b} ({k} clips)" for w, b, k in want if k)
+    assert expected and sorted(ln.split(":")[0] for ln in lines) == expected, lines
+    assert all("noise 0.8: frame " in ln and "noise 0.6: frame " in ln for ln in lines), lines
     avatar = load_avatar(model)
     s = avatar.new_stream(seed=0)
     s.push_audio(np.zeros(16000, np.float32))
