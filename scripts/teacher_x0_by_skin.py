@@ -6,7 +6,8 @@ its one-step x0 prediction over the whole frame and in the mouth box, with the c
 
 RUN: a recipe run folder (RUN/teacher/held_out.json; RUN/vae, whose latent cache is under --data); training
 faces are clips of --data outside the held-out split, new faces every clip of --new (encoded with RUN/vae
-the first time). DIT: a DiT folder; PRESET_JSON: its preset (RUN/teacher/final/preset.json).
+the first time). DIT: a DiT folder, or a teacher checkpoint folder (its EMA weights); PRESET_JSON: its preset
+(RUN/teacher/final/preset.json).
 """
 import argparse
 import json
@@ -22,18 +23,20 @@ from talkingmachines.pipeline import bidirectional_v
 from talkingmachines.train.latents import LatentClips, clip_skin, ensure_latent_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_audio_gain import latent_cache  # noqa: E402
+from teacher_audio_gain import latent_cache, load_dit  # noqa: E402
 
 BANDS = ("dark", "light")
 CHUNKS = 2
 
 
-def clips_by_band(root: str, keep, n: int) -> dict[str, list[int]]:
-    """The first ``n`` clips of each band among the clip ids ``keep`` (None: all) of data folder ``root``."""
+def clips_by_band(root: str, skip: set[int], n: int) -> dict[str, list[int]]:
+    """The first ``n`` clips of each band of data folder ``root``, leaving out the clip ids ``skip``."""
     idx = json.loads((Path(root) / "index.json").read_text())
     out = {b: [] for b in BANDS}
     for i, c in enumerate(idx["clips"]):
-        if keep is not None and i not in keep:
+        if all(len(ids) == n for ids in out.values()):
+            break
+        if i in skip:
             continue
         band = clip_skin(Path(root) / c["npz"])
         if band in out and len(out[band]) < n:
@@ -43,11 +46,11 @@ def clips_by_band(root: str, keep, n: int) -> dict[str, list[int]]:
 
 def x0_errors(m: AudioDiT, p: Preset, cache, ids: list[int]) -> dict[float, tuple[float, float]]:
     clips = LatentClips(cache, CHUNKS, p.stream.chunk_frames, p.stream.audio_context, 0, clip_ids=ids)
+    items = [clips.collate([clips.get(i, 0)]) for i in range(len(clips))]
     res = {}
     for sv in (0.8, 0.6):
         frame = mouth = 0.0
-        for i in range(len(clips)):
-            b = clips.collate([clips.get(i, 0)])
+        for i, b in enumerate(items):
             x0 = b.z[:, :, 1:]
             e = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))
             s = torch.tensor([sv])
@@ -55,18 +58,17 @@ def x0_errors(m: AudioDiT, p: Preset, cache, ids: list[int]) -> dict[float, tupl
             err = (xs - s * bidirectional_v(m, xs, 1000 * s, b.ref, b.audio, p) - x0) ** 2
             frame += err.mean().item()
             mouth += err[b.mouth[:, None, None].bool().expand_as(x0)].mean().item()
-        res[sv] = (frame / len(clips), mouth / len(clips))
+        res[sv] = (frame / len(items), mouth / len(items))
     return res
 
 
 def main(a) -> None:
     torch.set_num_threads(1)
     p = Preset.load(a.preset)
-    m = AudioDiT.from_pretrained(a.dit).eval()
+    m = load_dit(a.dit, p)
     held = set(json.load(open(f"{a.run}/teacher/held_out.json"))["clips"])
-    n_train = len(json.loads((Path(a.data) / "index.json").read_text())["clips"])
-    sets = [("training faces", latent_cache(a.run, a.data), clips_by_band(a.data, set(range(n_train)) - held, a.n)),
-            ("new faces", ensure_latent_cache(a.new, f"{a.run}/vae", p, 1 + 12 * CHUNKS), clips_by_band(a.new, None, a.n))]
+    sets = [("training faces", latent_cache(a.run, a.data), clips_by_band(a.data, held, a.n)),
+            ("new faces", ensure_latent_cache(a.new, f"{a.run}/vae", p, 1 + 12 * CHUNKS), clips_by_band(a.new, set(), a.n))]
     with torch.no_grad():
         for name, cache, bands in sets:
             for band, ids in bands.items():
