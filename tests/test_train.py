@@ -463,6 +463,50 @@ def test_tiny_recipe_grows_the_teacher_micro(tmp_path, capsys):
         assert why in capsys.readouterr().err
 
 
+def test_tiny_recipe_fine_tunes_a_trained_model_micro(tmp_path, capsys):
+    """``vae.init_from`` with ``teacher.init_from``: a trained model fine-tuned on other data. The run's VAE stage
+    is the given VAE bit for bit (not trained), the export ships it, the card names both starting points; a VAE
+    of another latent width, or a folder that is not a VAE, is a one-line error."""
+    import json
+
+    from train_fixtures import MICRO_PRESET
+
+    from talkingmachines.cli import main
+    from talkingmachines.model.vae import TinyVAE
+    from talkingmachines.train.teacher import train_teacher
+
+    src = make_vae(tmp_path / "src_vae")
+    make_clips(tmp_path / "data")
+    train_teacher(micro_config(tmp_path, "teacher", "t0", vae=str(src), steps=2))
+    cfg = {"preset": "tiny", "preset_overrides": MICRO_PRESET, "seed": 0, "held_out": 0.25, "device": "cpu",
+           "synth": {"n": 4, "seconds": [2.0, 2.5], "workers": 1, "speech": "babble", "video": False},
+           "vae": {"steps": 5, "batch_size": 2, "clip_frames": 5, "lr": 1e-3, "init_from": str(src)},
+           "decoder": {"steps": 0, "batch_size": 2, "latent_noise": 0.3},
+           "common": {"clip_chunks": 1, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress": False},
+           "teacher": {"steps": 2, "lr": 1e-3, "init_from": str(tmp_path / "t0")},
+           "ode": {"steps": 2, "ode_steps": 2, "ode_pairs": 2, "ode_batch": 2}, "dmd": {"steps": 0}}
+    (tmp_path / "recipe.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    args = ["train", "tiny-recipe", "--config", str(tmp_path / "recipe.json"), "--out", str(out)]
+    assert main(args) == 0
+    given = TinyVAE.from_pretrained(src).state_dict()
+    for folder in (out / "vae", out / "model" / "vae"):
+        got = TinyVAE.from_pretrained(folder).state_dict()
+        assert given.keys() == got.keys() and all(torch.equal(given[k], got[k]) for k in given), folder
+    assert json.loads((out / "vae" / "DONE.json").read_text())["init_from"] == str(src)
+    card = (out / "model" / "card.md").read_text()
+    assert f"| VAE (TinyVAE), taken from `{src}`, not trained here | 0 |" in card
+    assert f"| teacher (bidirectional, flow matching), fine-tuned from `{tmp_path / 't0'}` | 2 |" in card
+    capsys.readouterr()
+    for vae, why in (({"init_from": str(src), "latent_channels": 16}, "has latent_channels 8, the recipe asks for 16"),
+                     ({"init_from": str(tmp_path / "data")}, "is not a VAE folder")):
+        (tmp_path / "bad.json").write_text(json.dumps({**cfg, "vae": {**cfg["vae"], **vae}}))
+        assert main(["train", "tiny-recipe", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "r2"),
+                     "--data", str(out / "data"), "--stages", "vae"]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err and not (tmp_path / "r2" / "vae").exists()
+
+
 def test_mouth_weighted_mse():
     from talkingmachines.train.teacher import mouth_weighted_mse
 

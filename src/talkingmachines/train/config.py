@@ -354,9 +354,14 @@ class VAESection:
     spatial: int | None = None  # pixels per latent pixel (8 or 4; None: 8); the DiT stages' preset follows it
     enc_widths: list | None = None  # None: TinyVAEConfig's (which suit spatial 8)
     dec_widths: list | None = None
+    # a trained VAE folder taken as this stage's result instead of training one: a fine-tune of a
+    # shipped model keeps its encoder, so its DiT's latents (and what the DiT learned) still hold
+    init_from: str | None = None
 
     def __post_init__(self):
         _check_dark_repeat("vae", self.dark_skin_repeat)
+        if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+            raise InputError(f"vae.init_from must be a VAE folder's path (got {self.init_from!r})")
 
 
 @dataclass

@@ -276,6 +276,9 @@ def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
     if (vdir / "DONE.json").is_file():
         return
     v = r.vae
+    if v.init_from:
+        _take_vae(r, Path(v.init_from), vdir)
+        return
     shape = {k: getattr(v, k) for k in ("spatial", "enc_widths", "dec_widths") if getattr(v, k) is not None}
     if shape.get("spatial") in TINY_WIDTHS:  # widths not given: the ones this spatial factor was tuned with
         enc, dec = TINY_WIDTHS[shape["spatial"]]
@@ -289,6 +292,33 @@ def run_vae(r: RecipeConfig, out: Path, steps: int) -> None:
     train_tiny_vae(_train_clips(r, v.clip_frames, v.feature_weight > 0, v.dark_skin_repeat), vdir, steps=steps,
                    batch_size=v.batch_size, lr=v.lr, seed=r.seed, device=r.device, ckpt_every=max(50, steps // 10),
                    temporal_weight=v.temporal_weight, feature_weight=v.feature_weight, config=vcfg)
+
+
+def _take_vae(r: RecipeConfig, src: Path, vdir: Path) -> None:
+    """``vae.init_from``: the trained VAE in ``src`` copied in as the VAE stage's result (DONE.json says
+    where from), after checking that it has the geometry the recipe asks for."""
+    from ..model.vae import TinyVAEConfig
+
+    try:
+        have = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"vae.init_from: {src} is not a VAE folder ({type(e).__name__})") from None
+    if not (src / "model.safetensors").is_file():
+        raise InputError(f"vae.init_from: {src} has no model.safetensors")
+    for key in ("latent_channels", "spatial"):
+        want, got = getattr(r.vae, key), have.get(key, getattr(TinyVAEConfig, key))
+        if want is not None and got != want:
+            raise InputError(f"vae.init_from: {src} has {key} {got}, the recipe asks for {want}")
+    tmp = vdir.parent / f".{vdir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(src / name, tmp / name)
+    (tmp / "DONE.json").write_text(json.dumps({"stage": "vae", "steps": 0, "wall_seconds": 0.0,
+                                               "init_from": str(src)}, indent=1))
+    shutil.rmtree(vdir, ignore_errors=True)  # a half-trained VAE stage left there is replaced
+    tmp.replace(vdir)
+    _log(f"vae: taken from {src} (not trained)")
 
 
 def run_decoder(r: RecipeConfig, out: Path) -> None:
@@ -398,8 +428,11 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
         return ((f"; eyes and mouth weighted {1 + w:g}x" if w > 0 else "")
                 + (f"; dark-skinned clips {k}x as often" if k > 1 else ""))
 
-    rows = [f"| VAE (TinyVAE{knobs(r.vae)}) | {vae.get('steps', '?')} | "
-            f"{vae.get('wall_seconds', 0) / 60:.1f} | last loss {last:.4f} |"]
+    if vae.get("init_from"):  # vae.init_from: a trained VAE taken as it is
+        rows = [f"| VAE (TinyVAE), taken from `{vae['init_from']}`, not trained here | 0 | 0.0 | - |"]
+    else:
+        rows = [f"| VAE (TinyVAE{knobs(r.vae)}) | {vae.get('steps', '?')} | "
+                f"{vae.get('wall_seconds', 0) / 60:.1f} | last loss {last:.4f} |"]
     # one row per finished stage: its steps, its wall minutes over every sitting, its last loss
     row = lambda label, d: (f"| {label} | {d.get('steps', '?')} | {d.get('wall_seconds', 0) / 60:.1f} | "  # noqa: E731
                             f"loss {(d.get('last') or {}).get('loss', float('nan')):.4f} |")
@@ -416,7 +449,9 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     if ref:
         rows.append(row(f"VAE decoder, that one fine-tuned again at lower noise (std up to "
                         f"{r.decoder.refine_latent_noise:g})", ref))
-    rows.append(row("teacher (bidirectional, flow matching)", st["teacher"]))
+    start = r.stage_config("teacher", out).init_from
+    rows.append(row("teacher (bidirectional, flow matching" + (f"), fine-tuned from `{start}`" if start else ")"),
+                    st["teacher"]))
     if grown:
         what = [f"{preset.dit.num_layers} blocks (the new ones start as the identity)"] if r.grow.layers else []
         what += [f"width {preset.dit.dim} (twice the features, the same function)"] if r.grow.heads else []
