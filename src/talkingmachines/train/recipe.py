@@ -302,7 +302,8 @@ def _take_vae(r: RecipeConfig, src: Path, vdir: Path) -> None:
     try:
         have = json.loads((src / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"vae.init_from: {src} is not a VAE folder ({type(e).__name__})") from None
+        where = "" if src.is_absolute() else f", relative to {Path.cwd()}"
+        raise InputError(f"vae.init_from: {src} is not a VAE folder (no readable config.json{where})") from None
     if not (src / "model.safetensors").is_file():
         raise InputError(f"vae.init_from: {src} has no model.safetensors")
     for key in ("latent_channels", "spatial"):
