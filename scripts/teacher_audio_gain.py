@@ -69,6 +69,24 @@ def load_dit(dit: str, preset: Preset) -> AudioDiT:
     return m.eval()
 
 
+def crops(cache: str, p: Preset, chunks: int, ids: list[int] | None, n_max: int | None = None) -> list:
+    """One collated crop of ``chunks`` chunks from the start of each clip ``ids`` of latent cache ``cache``
+    (every clip when None), at most ``n_max``."""
+    clips = LatentClips(cache, chunks, p.stream.chunk_frames, p.stream.audio_context, 0, clip_ids=ids)
+    return [clips.collate([clips.get(i, 0)]) for i in range(len(clips) if n_max is None else min(len(clips), n_max))]
+
+
+def x0_residuals(m: AudioDiT, p: Preset, b, sv: float, seed: int, audios) -> tuple[list, torch.Tensor]:
+    """The teacher's one-step x0 prediction minus the clean latents, on crop ``b`` noised to level ``sv`` with
+    noise drawn from ``seed``: one residual per audio in ``audios``; and the crop's mouth box as a mask."""
+    x0 = b.z[:, :, 1:]
+    e = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    s = torch.tensor([sv])
+    xs = flow.add_noise(x0, e, s)
+    box = b.mouth[:, None, None].bool().expand_as(x0)
+    return [xs - s * bidirectional_v(m, xs, 1000 * s, b.ref, audio, p) - x0 for audio in audios], box
+
+
 def main(run: str, dit: str, preset: str | None = None, n_max: int = 24, config: str | None = None,
          data: str | None = None, new_faces: str | None = None) -> None:
     torch.set_num_threads(1)
@@ -82,25 +100,15 @@ def main(run: str, dit: str, preset: str | None = None, n_max: int = 24, config:
     else:
         ids = sorted(json.load(open(f"{run}/teacher/held_out.json"))["clips"])
         cache, what = latent_cache(run, data), "held-out"
-    ho = LatentClips(cache, chunks, p.stream.chunk_frames, p.stream.audio_context, 0, clip_ids=ids)
-    items = [ho.collate([ho.get(i, 0)]) for i in range(min(len(ho), n_max))]
+    items = crops(cache, p, chunks, ids, n_max)
     n = len(items)
     with torch.no_grad():
         for sv in (1.0, 0.7):
             own = other = 0.0
             for i, b in enumerate(items):
-                x0 = b.z[:, :, 1:]
-                e = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))
-                s = torch.tensor([sv])
-                xs = flow.add_noise(x0, e, s)
-                box = b.mouth[:, None, None].bool().expand_as(x0)
-                for audio, which in ((b.audio, "own"), (items[(i + 1) % n].audio, "other")):
-                    v = bidirectional_v(m, xs, 1000 * s, b.ref, audio, p)
-                    err = ((xs - s * v - x0)[box] ** 2).mean().item()
-                    if which == "own":
-                        own += err
-                    else:
-                        other += err
+                (r_own, r_other), box = x0_residuals(m, p, b, sv, i, (b.audio, items[(i + 1) % n].audio))
+                own += (r_own[box] ** 2).mean().item()
+                other += (r_other[box] ** 2).mean().item()
             print(f"noise {sv}: mouth-box x0 mse, own audio {own / n:.4f}, another clip's {other / n:.4f}, "
                   f"gain {1 - own / other:+.3f} ({n} {what} crops)", flush=True)
 

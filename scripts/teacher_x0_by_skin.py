@@ -17,13 +17,11 @@ from pathlib import Path
 import torch
 
 from talkingmachines.config import Preset
-from talkingmachines.diffusion import flow
 from talkingmachines.model.dit import AudioDiT
-from talkingmachines.pipeline import bidirectional_v
-from talkingmachines.train.latents import LatentClips, clip_skin, ensure_latent_cache
+from talkingmachines.train.latents import clip_skin, ensure_latent_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_audio_gain import latent_cache, load_dit  # noqa: E402
+from teacher_audio_gain import crops, latent_cache, load_dit, x0_residuals  # noqa: E402
 
 BANDS = ("dark", "light")
 CHUNKS = 2
@@ -45,19 +43,15 @@ def clips_by_band(root: str, skip: set[int], n: int) -> dict[str, list[int]]:
 
 
 def x0_errors(m: AudioDiT, p: Preset, cache, ids: list[int]) -> dict[float, tuple[float, float]]:
-    clips = LatentClips(cache, CHUNKS, p.stream.chunk_frames, p.stream.audio_context, 0, clip_ids=ids)
-    items = [clips.collate([clips.get(i, 0)]) for i in range(len(clips))]
+    items = crops(cache, p, CHUNKS, ids)
     res = {}
     for sv in (0.8, 0.6):
         frame = mouth = 0.0
         for i, b in enumerate(items):
-            x0 = b.z[:, :, 1:]
-            e = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))
-            s = torch.tensor([sv])
-            xs = flow.add_noise(x0, e, s)
-            err = (xs - s * bidirectional_v(m, xs, 1000 * s, b.ref, b.audio, p) - x0) ** 2
+            (r,), box = x0_residuals(m, p, b, sv, i, (b.audio,))
+            err = r ** 2
             frame += err.mean().item()
-            mouth += err[b.mouth[:, None, None].bool().expand_as(x0)].mean().item()
+            mouth += err[box].mean().item()
         res[sv] = (frame / len(items), mouth / len(items))
     return res
 
