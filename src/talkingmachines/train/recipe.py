@@ -300,14 +300,14 @@ def _take_vae(r: RecipeConfig, src: Path, vdir: Path) -> None:
     from ..model.vae import TinyVAEConfig
 
     try:
-        have = json.loads((src / "config.json").read_text())
-    except (OSError, ValueError) as e:
+        have = TinyVAEConfig.from_dict(json.loads((src / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):
         where = "" if src.is_absolute() else f", relative to {Path.cwd()}"
         raise InputError(f"vae.init_from: {src} is not a VAE folder (no readable config.json{where})") from None
     if not (src / "model.safetensors").is_file():
         raise InputError(f"vae.init_from: {src} has no model.safetensors")
     for key in ("latent_channels", "spatial"):
-        want, got = getattr(r.vae, key), have.get(key, getattr(TinyVAEConfig, key))
+        want, got = getattr(r.vae, key), getattr(have, key)
         if want is not None and got != want:
             raise InputError(f"vae.init_from: {src} has {key} {got}, the recipe asks for {want}")
     tmp = vdir.parent / f".{vdir.name}.tmp"
