@@ -38,6 +38,32 @@ def test_pixel_mouth_score_tracks_ground_truth(clips, signals):
     assert np.mean(auto) >= 0.6, auto
 
 
+def test_pixel_mouth_score_with_audio_tracks_ground_truth_too(clips):
+    """With the speech given, the rest look is sought from the listening frames' mouth: on the
+    ground truth the score still follows the renderer's opening."""
+    for c in clips:
+        s = q.mouth_signal(c.frames, face=c.params["face"], audio=c.audio)
+        assert np.corrcoef(s, c.mouth_open)[0, 1] >= 0.8, c.params["seed"]
+
+
+def test_pixel_mouth_rest_look_comes_from_silence_when_the_mouth_is_mostly_open():
+    """A mouth open on most frames (all of speech) and closed only while listening: from the
+    pixels alone the open look is the clip's commonest, becomes the rest look, and the closed
+    mouth of silence scores as the open one; with the audio, silence sets the rest look."""
+    T, speech_T = 60, 45
+    frames = np.full((T, 64, 64, 3), 200, np.uint8)  # skin
+    frames[:speech_T, 36:48, 20:44] = 30  # an open, dark mouth through the speech
+    frames[speech_T:, 41:43, 20:44] = 120  # a closed lip line while listening
+    rng = np.random.default_rng(0)
+    audio = np.zeros(T * 640, np.float32)
+    audio[: speech_T * 640] = 0.3 * rng.standard_normal(speech_T * 640)
+    roi = (32, 52, 16, 48)
+    blind = q.mouth_signal(frames, roi)
+    heard = q.mouth_signal(frames, roi, audio=audio)
+    assert blind[speech_T + 5:].mean() > blind[:speech_T].mean()  # the failure the audio fixes
+    assert heard[speech_T + 5:].max() < 0.05 and heard[5:speech_T - 5].min() > 0.3
+
+
 def test_lag_recovers_known_shift(clips, signals):
     c, s = clips[0], signals[0]
     env = q.speech_envelope(c.audio, len(s))

@@ -497,6 +497,8 @@ def test_tiny_recipe_fine_tunes_a_trained_model_micro(tmp_path, capsys):
     card = (out / "model" / "card.md").read_text()
     assert f"| VAE (TinyVAE), taken from `{src}`, not trained here | 0 |" in card
     assert f"| teacher (bidirectional, flow matching), fine-tuned from `{tmp_path / 't0'}` | 2 |" in card
+    assert f"fine-tuned from a trained model (teacher `{tmp_path / 't0'}`, VAE `{src}`)" in card
+    assert "from scratch" not in card and "on top of the model it started from" in card
     capsys.readouterr()
     for vae, why in (({"init_from": str(src), "latent_channels": 16}, "has latent_channels 8, the recipe asks for 16"),
                      ({"init_from": str(tmp_path / "data")}, "is not a VAE folder")):

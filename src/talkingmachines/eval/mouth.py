@@ -3,7 +3,9 @@
 **Mouth opening from pixels** (`mouth_signal`). Per frame, a mouth region of interest (ROI)
 is compared with the mouth's *rest appearance*: the per-pixel median of the (aligned) ROI
 crops of the 30 % of frames closest to the current estimate, iterated from the clip's
-median, i.e. the clip's most common, least-open look. The score of a frame is the mean
+median, i.e. the clip's most common, least-open look; when the speech is given (``audio``),
+from the listening frames' median and among them, so a mouth that stays a little open
+through speech does not become the rest look. The score of a frame is the mean
 over the ROI of ``min(1, |RGB - rest| / 64)``: an opening mouth uncovers dark inner mouth,
 teeth and tongue where lips and skin were, so the score rises with the opening. Small head
 motion is compensated (the ROI is matched to the rest look over shifts up to +-5 % of the frame: a shift can
@@ -85,11 +87,13 @@ def _dist(c: np.ndarray, rest: np.ndarray) -> np.ndarray:
     return np.minimum(np.sqrt(((c - rest) ** 2).sum(-1)) / DIST_SCALE, 1.0).mean((-2, -1))
 
 
-def _aligned_score(frames: np.ndarray, roi: Roi, max_shift: int, iters: int = 2):
+def _aligned_score(frames: np.ndarray, roi: Roi, max_shift: int, iters: int = 2,
+                   rest_frames: np.ndarray | None = None):
     """Per frame, the distance of the ROI to the rest look, minimised over integer shifts of
     the ROI up to `max_shift` px (head motion moves a closed mouth; it cannot close an open
-    one): a coarse search on a 2-px grid, then +-1 px around the best. The rest look is
-    re-estimated `iters` times from the aligned crops of the 30 % lowest-scoring frames.
+    one): a coarse search on a 2-px grid, then +-1 px around the best. The rest look starts as
+    the median crop of `rest_frames` (indices; default every frame) and is re-estimated `iters`
+    times from the aligned crops of the 30 % lowest-scoring of those frames.
     Returns (score [T], shifts [T, 2])."""
     y0, y1, x0, x1 = roi
     h, w = y1 - y0, x1 - x0
@@ -125,13 +129,15 @@ def _aligned_score(frames: np.ndarray, roi: Roi, max_shift: int, iters: int = 2)
             best[t_idx], arg[t_idx] = b, a
         return best, arg
 
-    sub = np.arange(0, T, max(1, T // 300))
+    sub = np.arange(0, T, max(1, T // 300)) if rest_frames is None or len(rest_frames) == 0 else \
+        np.asarray(rest_frames)[:: max(1, len(rest_frames) // 300)]
     rest = np.median(gather(sub, np.zeros((len(sub), 2), np.int64)), axis=0)
     for it in range(iters + 1):
         best, arg = search(rest)
         if it == iters:
             break
-        keep = np.nonzero(best <= np.quantile(best, 0.3))[0]
+        pool = np.arange(T) if rest_frames is None or len(rest_frames) == 0 else np.asarray(rest_frames)
+        keep = pool[best[pool] <= np.quantile(best[pool], 0.3)]  # refined within the rest frames, if given
         if len(keep) > 300:
             keep = keep[np.linspace(0, len(keep) - 1, 300).round().astype(int)]
         rest = np.median(gather(keep, arg[keep]), axis=0)
@@ -150,12 +156,16 @@ def _downscale(frames: np.ndarray, max_side: int = 160) -> tuple[np.ndarray, int
 
 
 def mouth_signal(frames, roi: Roi | None = None, face=None, motion: bool = True,
-                 return_info: bool = False):
+                 return_info: bool = False, audio=None):
     """Per-frame mouth-opening score (float [T], 0 = rest look, up to 1) from pixels.
 
     frames: uint8 [T, H, W, 3]. roi: (y0, y1, x0, x1) in pixels of `frames`; else from
     `face` (synthetic `FaceParams` / dict) or `auto_mouth_roi`. motion: compensate head
-    translation (ROI shifts up to +-5 % of the frame) when comparing with the rest look."""
+    translation (ROI shifts up to +-5 % of the frame) when comparing with the rest look.
+    audio: the video's speech (16 kHz); when it has listening frames (`metrics.speech_frames`'
+    silence, at least 5), the rest look is sought from their mouth, not the whole clip's: a
+    mouth that stays a little open through speech would otherwise become the rest look, and
+    the closed mouth of silence would score as open."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got {frames.shape}")
@@ -171,7 +181,13 @@ def mouth_signal(frames, roi: Roi | None = None, face=None, motion: bool = True,
         roi_full = roi
         r = clip_roi(roi[0] / k, roi[1] / k, roi[2] / k, roi[3] / k, Hs, Ws)
     max_shift = int(round(0.05 * max(Hs, Ws))) if motion else 0
-    score, shifts = _aligned_score(small, r, max_shift)
+    rest = None
+    if audio is not None:
+        from .metrics import speech_frames
+
+        silence = np.nonzero(speech_frames(audio, T)[1])[0]
+        rest = silence if len(silence) >= 5 else None
+    score, shifts = _aligned_score(small, r, max_shift, rest_frames=rest)
     score = score.astype(np.float64)
     if return_info:
         return score, {"roi": [int(v) for v in roi_full], "scale": k,

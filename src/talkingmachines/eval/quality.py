@@ -102,7 +102,8 @@ def evaluate_video(video, audio=None, roi: Roi | None = None, face=None, fps: fl
     stillness{...}, drift{...}, mouth (list)}; the lip-sync keys are None without audio."""
     frames, audio = frames_for_eval(video, audio, fps)
     fps = float(FPS)
-    mouth, info = mouth_signal(frames, roi=roi, face=face, return_info=True)
+    has_audio = audio is not None and len(audio) >= SAMPLES_PER_FRAME
+    mouth, info = mouth_signal(frames, roi=roi, face=face, return_info=True, audio=audio if has_audio else None)
     out = {"frames": int(len(frames)), "seconds": len(frames) / fps, "fps": fps, "roi": info["roi"],
            "head_shift_px": info["head_shift_px"]}
     if audio is not None and len(audio) >= SAMPLES_PER_FRAME:

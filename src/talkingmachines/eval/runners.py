@@ -111,11 +111,11 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
         gt_roi = mouth_roi_from_face(c["face"], frames.shape[1], frames.shape[2]) if c.get("face") else auto_roi_full(frames)
         if c.get("mouth_open") is not None:
             row["ground_truth_signal"] = system_metrics(np.asarray(c["mouth_open"], np.float64)[:T], audio)
-        row["ground_truth"] = system_metrics(mouth_signal(frames, gt_roi), audio)
+        row["ground_truth"] = system_metrics(mouth_signal(frames, gt_roi, audio=audio), audio)
         videos = {"ground_truth": frames}
         if frames.shape[1:3] == (P.height, P.width):
             videos["vae_roundtrip"] = vae_roundtrip(avatar, frames)
-            row["vae_roundtrip"] = system_metrics(mouth_signal(videos["vae_roundtrip"], gt_roi), audio)
+            row["vae_roundtrip"] = system_metrics(mouth_signal(videos["vae_roundtrip"], gt_roi, audio=audio), audio)
         systems = {"student": lambda p, a: generate_video(avatar, p, a, seed=seed, steps=steps)} if student else {}
         if teacher is not None:
             systems["teacher"] = teacher
@@ -127,7 +127,7 @@ def evaluate_model(avatar, clips, long_seconds: float = 120.0, teacher: Callable
             if vid.shape[1:3] != frames.shape[1:3]:
                 sy, sx = vid.shape[1] / frames.shape[1], vid.shape[2] / frames.shape[2]
                 roi = clip_roi(gt_roi[0] * sy, gt_roi[1] * sy, gt_roi[2] * sx, gt_roi[3] * sx, vid.shape[1], vid.shape[2])
-            m = system_metrics(mouth_signal(vid, roi), audio)
+            m = system_metrics(mouth_signal(vid, roi, audio=audio), audio)
             m["generate_seconds"] = gen_s
             m["psnr_vs_ground_truth"] = psnr(vid[: len(frames)], frames[: len(vid)]) if vid.shape == frames.shape else None
             row[name] = m
@@ -283,7 +283,7 @@ def long_stream(avatar, items, seconds, seed, steps, progress, window, use_judge
     wall = time.perf_counter() - t0
     bar.close()
     c = np.concatenate(crops)[:T]
-    mouth = mouth_signal(c, (y0 - box[0], y1 - box[0], x0 - box[2], x1 - box[2]))
+    mouth = mouth_signal(c, (y0 - box[0], y1 - box[0], x0 - box[2], x1 - box[2]), audio=audio[: len(c) * SAMPLES_PER_FRAME])
     res = {"seconds": len(audio) / SAMPLE_RATE, "wall_seconds": wall, "drift": acc.result(),
            "portrait_clip": first.get("name")}
     sig = evaluate_signals(mouth, audio)

@@ -469,6 +469,12 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     reproduce = (f"This model's settings: `talkingmachines train tiny-recipe{cfg} --out {out} --data {r.data}`"
                  if not r.budget_minutes else
                  f"`talkingmachines train tiny-recipe{cfg} --out {out} --budget-minutes {r.budget_minutes:g}`")
+    # a fine-tune (teacher.init_from) says where it started: its minutes are on top of that model's
+    origin = "trained from scratch" if not start else (
+        f"fine-tuned from a trained model (teacher `{start}`"
+        + (f", VAE `{vae['init_from']}`" if vae.get("init_from") else "") + ")")
+    trained = (f"Trained for {total:.0f} minutes" if not start
+               else f"Fine-tuned for {total:.0f} minutes on top of the model it started from")
     from .synth import STEADY_GAZE, moves_head
 
     version = int(data.get("data_version", r.synth.version))
@@ -478,7 +484,7 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
 
 A {count_parameters(preset.dit) / 1e6:.2f} M-parameter audio-driven DiT (Wan2.1 layout, {preset.dit.num_layers} blocks,
 width {preset.dit.dim}) with a TinyVAE ({preset.width}x{preset.height}, {preset.vae_spatial}x spatial, 4x temporal) and a log-mel audio
-front end, trained from scratch with `talkingmachines train tiny-recipe` (TalkingMachines recipe: bidirectional
+front end, {origin} with `talkingmachines train tiny-recipe` (TalkingMachines recipe: bidirectional
 teacher -> ODE-pair student initialisation -> asymmetric DMD, sparse-causal student, {preset.stream.student_steps}
 steps per chunk of {preset.stream.chunk_frames} latent frames).
 
@@ -508,7 +514,7 @@ Weights in this folder (student DiT, teacher DiT, VAE): {mb:.1f} MB (safetensors
 <!-- metrics:end -->
 
 ## Limits
-Trained for {total:.0f} minutes, only on procedural cartoon-to-shaded faces at {preset.width}x{preset.height}:
+{trained}, only on procedural cartoon-to-shaded faces at {preset.width}x{preset.height}:
 frames are soft and blurry, a few break into blotches, and the mouth opens less than in the data. Judge the
 face with the landmark columns above (a packaged face-landmark model), not the pixel metrics alone, and look at a
 frame grid (`talkingmachines eval VIDEO --grid grid.png`). A real photo is outside the training distribution:
