@@ -129,14 +129,13 @@ def _aligned_score(frames: np.ndarray, roi: Roi, max_shift: int, iters: int = 2,
             best[t_idx], arg[t_idx] = b, a
         return best, arg
 
-    sub = np.arange(0, T, max(1, T // 300)) if rest_frames is None or len(rest_frames) == 0 else \
-        np.asarray(rest_frames)[:: max(1, len(rest_frames) // 300)]
+    pool = np.arange(T) if rest_frames is None or len(rest_frames) == 0 else np.asarray(rest_frames)
+    sub = pool[:: max(1, len(pool) // 300)]
     rest = np.median(gather(sub, np.zeros((len(sub), 2), np.int64)), axis=0)
     for it in range(iters + 1):
         best, arg = search(rest)
         if it == iters:
             break
-        pool = np.arange(T) if rest_frames is None or len(rest_frames) == 0 else np.asarray(rest_frames)
         keep = pool[best[pool] <= np.quantile(best[pool], 0.3)]  # refined within the rest frames, if given
         if len(keep) > 300:
             keep = keep[np.linspace(0, len(keep) - 1, 300).round().astype(int)]

@@ -102,19 +102,18 @@ def evaluate_video(video, audio=None, roi: Roi | None = None, face=None, fps: fl
     stillness{...}, drift{...}, mouth (list)}; the lip-sync keys are None without audio."""
     frames, audio = frames_for_eval(video, audio, fps)
     fps = float(FPS)
-    has_audio = audio is not None and len(audio) >= SAMPLES_PER_FRAME
-    mouth, info = mouth_signal(frames, roi=roi, face=face, return_info=True, audio=audio if has_audio else None)
+    speech = audio if audio is not None and len(audio) >= SAMPLES_PER_FRAME else None  # at least a frame of it
+    mouth, info = mouth_signal(frames, roi=roi, face=face, return_info=True, audio=speech)
     out = {"frames": int(len(frames)), "seconds": len(frames) / fps, "fps": fps, "roi": info["roi"],
            "head_shift_px": info["head_shift_px"]}
-    if audio is not None and len(audio) >= SAMPLES_PER_FRAME:
-        out.update(evaluate_signals(mouth, audio, max_lag))
+    if speech is not None:
+        out.update(evaluate_signals(mouth, speech, max_lag))
     else:
         out.update({"lag": None, "confidence": None, "corr_at_0": None, "stillness_ratio": None,
                     "stillness": None, "note": "no audio: lip-sync and stillness need the speech track"})
     out["drift"] = drift(frames, fps, drift_window)
     out["mouth"] = [round(float(v), 5) for v in mouth]
-    out["face"] = _judge(frames, audio if audio is not None and len(audio) >= SAMPLES_PER_FRAME else None,
-                         landmarks)
+    out["face"] = _judge(frames, speech, landmarks)
     return out
 
 
