@@ -234,7 +234,10 @@ def test_figures_pooled_per_drawing_style():
     assert r["photo"]["systems"]["student"]["found_where_reference_found"] == 0.4
     lines = style_lines(r, ["ground_truth", "student"])
     assert lines[0].startswith("| style | clips |") and len(lines) == 4
-    assert lines[2].startswith("| flat | 2 | 50 % | 90 %")
+    assert lines[2].startswith("| flat | 2 | 50 %, n/a | 90 %")  # no lip signal in these stand-ins
+    # the ground truth's own lip correlation sits beside its face-found rate: it caps what a column can score
+    r["flat"]["systems"]["ground_truth"]["confidence"] = 0.5
+    assert style_lines(r, ["ground_truth", "student"])[2].startswith("| flat | 2 | 50 %, 0.50 | 90 %")
     assert by_style([{"face": None}], {"ground_truth": gt[:1]}, {"ground_truth": [0]}) == {}
 
 
@@ -254,7 +257,7 @@ def test_figures_pooled_per_skin_band():
     assert list(r) == ["dark", "light"] and r["dark"]["clips"] == 2
     assert r["dark"]["systems"]["student"]["found_where_reference_found"] == pytest.approx(0.3)
     lines = style_lines(r, ["ground_truth", "student"], "skin")
-    assert lines[0].startswith("| skin | clips |") and lines[2].startswith("| dark | 2 | 100 % | 30 %")
+    assert lines[0].startswith("| skin | clips |") and lines[2].startswith("| dark | 2 | 100 %, n/a | 30 %")
 
 
 def test_figures_pooled_per_style_and_skin_together():

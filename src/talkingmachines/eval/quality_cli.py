@@ -165,26 +165,28 @@ STYLE_LABELS = {"vae_roundtrip": "VAE round trip"}
 
 def style_lines(groups: dict, systems: list[str], column: str = "style") -> list[str]:
     """The card's per-group table (drawing style, skin band): per group, the judge's
-    ground-truth face-found rate, then per generated column its face-found rate where the
+    ground-truth face-found rate and lip correlation (what it can read of the real mouth caps
+    what any column can score), then per generated column its face-found rate where the
     ground truth's face is found and its lip correlation."""
     if not groups:
         return []
     systems = [k for k in systems if k != "ground_truth"]
-    head = (f"| {column} | clips | ground truth: face found | "
+    head = (f"| {column} | clips | ground truth: face found, lip corr | "
             + " | ".join(f"{STYLE_LABELS.get(k, k)}: found where GT's is, lip corr" for k in systems) + " |")
     lines = [head, "|---" * (len(systems) + 3) + "|"]
     for st, d in groups.items():
-        gt_found, cells = _style_figures(d, systems)
-        lines.append(f"| {st} | {d['clips']} | {gt_found} | " + " | ".join(f"{fw}, {c}" for fw, c in cells) + " |")
+        (gt_found, gt_corr), cells = _style_figures(d, systems)
+        lines.append(f"| {st} | {d['clips']} | {gt_found}, {gt_corr} | "
+                     + " | ".join(f"{fw}, {c}" for fw, c in cells) + " |")
     return lines
 
 
-def _style_figures(d: dict, systems: list[str]) -> tuple[str, list[tuple[str, str]]]:
-    """One style's formatted figures: the ground truth's face-found rate, and per system its
-    (found where the ground truth's is, lip correlation)."""
+def _style_figures(d: dict, systems: list[str]) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+    """One style's formatted figures: the ground truth's (face-found rate, lip correlation), and
+    per system its (found where the ground truth's is, lip correlation)."""
     sy = d["systems"]
     fig = lambda k, key: (sy.get(k) or {}).get(key)  # noqa: E731
-    return (_pct(fig("ground_truth", "face_found")),
+    return ((_pct(fig("ground_truth", "face_found")), _fmt(fig("ground_truth", "confidence"), 2)),
             [(_pct(fig(k, "found_where_reference_found")), _fmt(fig(k, "confidence"), 2)) for k in systems])
 
 
@@ -368,8 +370,8 @@ def cmd_eval_model(args) -> int:
         groups += [("skin", sk, d) for sk, d in (r.get("face_by_skin") or {}).items()]
         groups += [("style/skin", k, d) for k, d in (r.get("face_by_style_skin") or {}).items()]
         for kind, name, d in groups:
-            gt_found, cells = _style_figures(d, gen)
-            print(f"{kind} {name} ({d['clips']} clips): GT found {gt_found}; "
+            (gt_found, gt_corr), cells = _style_figures(d, gen)
+            print(f"{kind} {name} ({d['clips']} clips): GT found {gt_found}, corr {gt_corr}; "
                   + "; ".join(f"{n} found where GT's is {fw}, corr {c}" for n, (fw, c) in zip(gen, cells)))
     else:
         print("face judge: not run (" + face_judge.EXTRA_HINT + ")")
