@@ -136,3 +136,29 @@ def test_bf16_vae_streams_the_same_video(avatar):
     assert videos[0].shape == videos[1].shape
     psnr = 10 * np.log10(255.0 ** 2 / np.mean((videos[0] - videos[1]) ** 2))
     assert psnr > 40, psnr
+
+
+def test_sink_only_diagnostic_draws_first_chunks_and_restores_the_engine(avatar):
+    """scripts/found_by_seed.py --sink-only: every chunk is drawn as the first one is (the portrait's
+    keys and values alone), so its first chunk is the engine's own first chunk and later ones differ;
+    leaving it puts the engine back."""
+    from script_loader import load_script
+
+    from talkingmachines.stream.generator import StreamingGenerator
+
+    def video():
+        s = avatar.new_stream(portrait(), seed=5)
+        s.push_audio(speech(1.0))
+        s.end_audio()
+        return [c.frames for c in s.stream()]
+
+    shipped_denoise = StreamingGenerator.denoise
+    ref = video()
+    with load_script("scripts/found_by_seed.py").sink_only():
+        assert StreamingGenerator.denoise is not shipped_denoise
+        alone = video()
+    assert StreamingGenerator.denoise is shipped_denoise
+    assert len(alone) == len(ref) >= 2
+    np.testing.assert_array_equal(alone[0], ref[0])
+    assert not np.array_equal(alone[1], ref[1])
+    np.testing.assert_array_equal(video()[1], ref[1])
