@@ -4,6 +4,9 @@
         new=runs/new/eval.json:student [more LABEL=REPORT:SYSTEM ...]
 
 SYSTEM is a column of the report: ``student``, ``teacher``, ``vae_roundtrip`` or ``ground_truth``.
+REPORT may be several reports joined by commas, the same model evaluated at several noise seeds
+(``eval-model --seed N``): each gets its own row (LABEL/1, LABEL/2, ...) and the per-clip differences
+use each clip's mean over them, since one run's figures move by about a point with the seed alone.
 One row per argument with the pooled figures (all frames of all clips), and the same on the clips
 whose ground-truth lips the judge reads where the report has them. The first argument is the
 baseline: every other row that shares clips with it also gets the per-clip difference of its lip
@@ -35,11 +38,33 @@ def _skin_of(report: dict, name: str) -> str | None:
     return clip_skin(npz) if npz.is_file() else None
 
 
-def _load(arg: str, skin: str | None = None) -> tuple[str, dict, dict, dict]:
+def _load(arg: str, skin: str | None = None) -> tuple[str, list[tuple[str, dict, dict]], dict]:
+    """LABEL=REPORT[,REPORT...]:SYSTEM -> (label, [(row label, pooled, readable pooled)], per-clip
+    figures averaged over the reports)."""
     if "=" not in arg or ":" not in arg.split("=", 1)[1]:
-        sys.exit(f"error: {arg!r} is not LABEL=REPORT.json:SYSTEM")
+        sys.exit(f"error: {arg!r} is not LABEL=REPORT.json[,REPORT.json...]:SYSTEM")
     label, rest = arg.split("=", 1)
-    path, system = rest.rsplit(":", 1)
+    paths, system = rest.rsplit(":", 1)
+    paths = paths.split(",")
+    runs = [_load_one(path, system, skin) for path in paths]
+    rows = [(label if len(runs) == 1 else f"{label}/{i + 1}", face, readable)
+            for i, (face, readable, _) in enumerate(runs)]
+    return label, rows, _mean_clips([clips for *_, clips in runs])
+
+
+def _mean_clips(runs: list[dict]) -> dict:
+    """Per clip (those in every run), the mean of each paired figure; None where a run lacks it."""
+    out = {}
+    for name in runs[0]:
+        if all(name in r for r in runs):
+            out[name] = {}
+            for key in PAIRED:
+                v = [r[name].get(key) for r in runs]
+                out[name][key] = None if any(x is None for x in v) else sum(v) / len(v)
+    return out
+
+
+def _load_one(path: str, system: str, skin: str | None) -> tuple[dict, dict, dict]:
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -55,7 +80,7 @@ def _load(arg: str, skin: str | None = None) -> tuple[str, dict, dict, dict]:
             sys.exit(f"error: {path} has no {skin!r} skin figures for {system!r}")
         face, readable = band["systems"][system], {}  # the readable pool is not split by skin
         clips = {n: c for n, c in clips.items() if _skin_of(report, n) == skin}
-    return label, face, readable, clips
+    return face, readable, clips
 
 
 def _diff(base: dict, other: dict, key: str, what: str) -> str:
@@ -67,6 +92,9 @@ def _diff(base: dict, other: dict, key: str, what: str) -> str:
     se = math.sqrt(sum((x - mu) ** 2 for x in d) / (len(d) - 1) / len(d))
     return (f"{what} per clip {mu:+.3f} (s.e. {se:.3f}), higher on {sum(x > 0 for x in d)}, "
             f"lower on {sum(x < 0 for x in d)} of {len(d)}")
+
+
+PAIRED = ("confidence", "found_where_reference_found")
 
 
 def _paired(base: dict, other: dict) -> str:
@@ -81,18 +109,19 @@ def main() -> None:
     ap.add_argument("columns", nargs="+", metavar="LABEL=REPORT:SYSTEM")
     ap.add_argument("--skin", choices=["dark", "medium", "light"], help="only the clips of this skin band")
     args = ap.parse_args()
-    rows = [_load(a, args.skin) for a in args.columns]
+    columns = [_load(a, args.skin) for a in args.columns]
+    rows = [row for _, rs, _ in columns for row in rs]
     w = max(len(r[0]) for r in rows)
     print(f"{'':{w}s}  found  where-GT  speech  silence  lag   corr  opening |  readable: where-GT   corr  opening")
-    for label, f, r, _ in rows:
+    for label, f, r in rows:
         lag = f.get("lag")
         print(f"{label:{w}s} {100 * _num(f, 'face_found'):5.1f} %  {100 * _num(f, 'found_where_reference_found'):5.1f} %"
               f"  {100 * _num(f, 'face_found_speech'):5.1f} %  {100 * _num(f, 'face_found_silence'):5.1f} %"
               f"  {'-' if lag is None else lag:>3}  {_num(f, 'confidence'):5.3f}  {_num(f, 'open_ratio_median'):5.2f}x |"
               f"            {100 * _num(r, 'found_where_reference_found'):5.1f} %  {_num(r, 'confidence'):5.3f}"
               f"  {_num(r, 'open_ratio_median'):5.2f}x")
-    base_label, *_, base_clips = rows[0]
-    for label, *_, clips in rows[1:]:
+    base_label, _, base_clips = columns[0]
+    for label, _, clips in columns[1:]:
         text = _paired(base_clips, clips)
         if text:
             print(f"{label} against {base_label}: {text}")

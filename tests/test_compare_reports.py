@@ -120,3 +120,21 @@ def test_mouth_latent_signal_per_skin_band(tmp_path):
     (tmp_path / "empty").mkdir()
     r = subprocess.run([sys.executable, str(MOUTH_SIGNAL), str(tmp_path / "empty")], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_compare_reports_several_seeds_per_label(tmp_path):
+    """LABEL=R1,R2:SYSTEM: one row per report, and the per-clip differences taken on each clip's mean
+    over the reports (the same model at several noise seeds)."""
+    a1 = _report(tmp_path / "a1.json", [0.5, 0.6, 0.7], 0.9)
+    a2 = _report(tmp_path / "a2.json", [0.7, 0.6, 0.5], 0.8)
+    b1 = _report(tmp_path / "b1.json", [0.8, 0.6, 0.8], 0.9)
+    b2 = _report(tmp_path / "b2.json", [0.6, 0.8, 0.6], 0.9)
+    out = subprocess.run([sys.executable, str(SCRIPT), f"base={a1},{a2}:student", f"new={b1},{b2}:student"],
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert [ln.split()[0] for ln in lines[1:5]] == ["base/1", "base/2", "new/1", "new/2"]
+    assert "80.0 %" in lines[2] and "0.600" in lines[2]
+    # per-clip means: base 0.6, 0.6, 0.6; new 0.7, 0.7, 0.7 -> +0.1 on each of 3
+    assert "new against base: lip corr per clip +0.100 (s.e. 0.000), higher on 3, lower on 0 of 3" in out
+    # found where GT's is: base means 0.85 each, new 0.9 each
+    assert "found where GT's is per clip +0.050 (s.e. 0.000), higher on 3, lower on 0 of 3" in out
