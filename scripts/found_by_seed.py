@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import numpy as np
 
@@ -62,16 +61,13 @@ def main() -> int:
     ap.add_argument("--sink-only", action="store_true", help="draw every chunk against the portrait alone")
     a = ap.parse_args()
 
-    paths = [Path(a.data) / f"clip_{c:05d}.npz" for c in a.clips]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        print(f"error: no such clip: {', '.join(missing)}", file=sys.stderr)
-        return 2
     from talkingmachines.errors import InputError
     from talkingmachines.eval import face_judge
+    from talkingmachines.eval.clips import clip_files
     from talkingmachines.stream.generator import load_avatar
 
     try:
+        paths = clip_files(a.data, a.clips)
         avatar, judge = load_avatar(a.model), face_judge.FaceJudge.load()
     except (InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -35,17 +35,13 @@ def main() -> int:
             print(f"error: --model {m!r} is not LABEL=DIR", file=sys.stderr)
             return 2
         models.append(m.rsplit("=", 1))  # the label may hold "=", the folder rarely does
-    paths = [Path(a.data) / f"clip_{c:05d}.npz" for c in a.clips]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        print(f"error: no such clip: {', '.join(missing)}", file=sys.stderr)
-        return 2
-
     from talkingmachines.errors import InputError
+    from talkingmachines.eval.clips import clip_files
     from talkingmachines.eval.runners import generate_video
     from talkingmachines.stream.generator import load_avatar
 
     try:
+        paths = clip_files(a.data, a.clips)
         avatars = [(label, load_avatar(folder)) for label, folder in models]
     except (InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

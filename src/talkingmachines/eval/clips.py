@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..config import SAMPLE_RATE
 
-__all__ = ["eval_clips", "listening_frame", "long_stream_audio"]
+__all__ = ["clip_files", "eval_clips", "listening_frame", "long_stream_audio"]
+
+
+def clip_files(data, numbers: Sequence[int]) -> list[Path]:
+    """The `data synth` folder's clip files for clip ``numbers`` (``clip_NNNNN.npz``); an
+    `InputError` naming every one that is missing."""
+    from ..errors import InputError
+
+    paths = [Path(data) / f"clip_{c:05d}.npz" for c in numbers]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise InputError(f"no such clip: {', '.join(missing)}")
+    return paths
 
 
 def eval_clips(clips, n: int | None = None):
