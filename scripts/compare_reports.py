@@ -26,6 +26,10 @@ import sys
 from pathlib import Path
 
 
+# the per-clip figures paired against the baseline, and how a line names them
+PAIRED = {"confidence": "lip corr", "found_where_reference_found": "found where GT's is"}
+
+
 def _num(d: dict, key: str) -> float:
     v = d.get(key)
     return float("nan") if v is None else float(v)
@@ -94,13 +98,9 @@ def _diff(base: dict, other: dict, key: str, what: str) -> str:
             f"lower on {sum(x < 0 for x in d)} of {len(d)}")
 
 
-PAIRED = ("confidence", "found_where_reference_found")
-
-
 def _paired(base: dict, other: dict) -> str:
     """Per-clip differences: the lip correlation, and the face found where the ground truth's is."""
-    parts = [_diff(base, other, "confidence", "lip corr"),
-             _diff(base, other, "found_where_reference_found", "found where GT's is")]
+    parts = [_diff(base, other, key, what) for key, what in PAIRED.items()]
     return "; ".join(p for p in parts if p)
 
 
