@@ -243,7 +243,7 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
            "vae": {"steps": 3, "batch_size": 2, "clip_frames": 5, "lr": 1e-3},
            "decoder": {"steps": 2, "batch_size": 2, "latent_noise": 0.3, "feature_weight": 3.0, "dec_res_blocks": 2,
                        "dark_skin_repeat": 2,
-                       "refine_steps": 2, "refine_latent_noise": 0.1},
+                       "refine_steps": 2, "refine_latent_noise": 0.1, "adv_weight": 0.5, "adv_start": 0},
            "common": {"clip_chunks": 1, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress": False},
            "teacher": {"steps": 2, "lr": 1e-3, "mouth_weight": 3.0}, "ode": {"steps": 2, "ode_steps": 2, "ode_pairs": 2, "ode_batch": 2},
            "dmd": {"steps": 2, "fake_ratio": 1}}
@@ -274,10 +274,12 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
     assert all(torch.equal(se[k], refined[k]) for k in se)
     assert any(not torch.equal(first[k], refined[k]) for k in first if k.startswith("decoder."))
     assert all(torch.equal(first[k], refined[k]) for k in first if k.startswith("encoder."))
-    assert "| VAE decoder, that one fine-tuned again at lower noise (std up to 0.1) | 2 |" in card
+    assert ("| VAE decoder, that one fine-tuned again at lower noise (std up to 0.1; against a patch discriminator, "
+            "adversarial weight 0.5) | 2 |") in card
     assert (model / "loss_decoder_refine.png").is_file()
     assert ("VAE decoder, a new one (widths [96, 48, 24], 2 res blocks) trained on latents + noise (std up to 0.3; "
-            "eyes and mouth weighted 4x; dark-skinned clips 2x as often)") in card
+            "eyes and mouth weighted 4x; dark-skinned clips 2x as often; against a patch discriminator, adversarial "
+            "weight 0.5)") in card
     timings = json.loads((out / "timings.json").read_text())
     assert {"synth", "vae", "decoder", "teacher", "ode", "dmd", "export"} <= set(timings)
     # a stage resumed across sittings: timings.json saw only the last one, the card counts them all

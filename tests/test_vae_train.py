@@ -259,3 +259,54 @@ def test_feature_weight_counts_the_masked_pixels_more_and_flips_with_the_clip():
     assert torch.equal(wb[0, 0, 0], w[0, 0, 0].flip(-1)) and torch.equal(wb[1], torch.ones(1, 1, 8, 8))
     assert torch.equal(xb[0], _to_batch([clip], torch.device("cpu"), None)[0][0].flip(-1))
     assert _to_batch([clip], torch.device("cpu"), None)[1] is None  # no weight asked for: none built
+
+
+def test_adversarial_decoder_finetune_alternates_keeps_encoder_and_resumes(tmp_path):
+    """``adv_weight``: steps alternate between a patch discriminator (even) and the decoder (odd),
+    the encoder and latent statistics stay bit for bit, the adversarial term is balanced by
+    VQGAN's adaptive weight once ``adv_start`` decoder updates have passed, only the decoder's
+    losses are exported, and a stopped run resumes to the same decoder and discriminator."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from talkingmachines.model.vae import TinyVAE
+    from talkingmachines.train.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
+
+    d = PatchDiscriminator(width=8)
+    assert d(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 4, 4)
+    # hinge: 0 when real scores >= 1 and fakes <= -1; 1 at a discriminator that says 0 everywhere
+    assert float(hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -3.0))) == 0.0
+    assert float(hinge_d_loss(torch.zeros(4), torch.zeros(4))) == pytest.approx(1.0)
+    w = torch.ones(3, requires_grad=True)
+    assert float(adaptive_weight((2 * w).sum(), (0.5 * w).sum(), w)) == pytest.approx(4.0, rel=1e-3)
+
+    clips, base = _random_clips_and_saved_vae(tmp_path / "base", seed=2)
+    kw = dict(batch_size=2, lr=1e-2, progress=False, init_from=tmp_path / "base", freeze_encoder=True,
+              latent_noise=0.1, adv_weight=0.5, adv_start=1, ckpt_every=2, log_every=1)
+    res = train_tiny_vae(clips, tmp_path / "adv", steps=6, **kw)
+    ck = tmp_path / "adv" / "checkpoints" / "step_00000006"
+    state = json.loads((ck / "state.json").read_text())
+    assert [h["group"] for h in state["history"]] == ["disc", "vae"] * 3
+    assert state["group_updates"] == {"vae": 3, "disc": 3}
+    lams = [h["adv_lambda"] for h in state["history"] if h["group"] == "vae"]
+    assert lams[0] == 0.0 and all(x > 0 for x in lams[1:])  # off for the first decoder update, then on
+    assert [s for s, _ in res.losses] == [2, 4, 6]  # the decoder's steps only
+    assert len(json.loads((tmp_path / "adv" / "losses.json").read_text())) == 3
+    assert (ck / "model.disc.safetensors").is_file()
+    ft = TinyVAE.from_pretrained(tmp_path / "adv")
+    ea, eb = base.encoder.state_dict(), ft.encoder.state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert torch.equal(base.latents_mean, ft.latents_mean) and torch.equal(base.latents_std, ft.latents_std)
+
+    # as if stopped after step 4 (a discriminator step came last: the next one is the decoder's)
+    shutil.copytree(tmp_path / "adv" / "checkpoints" / "step_00000004", tmp_path / "stopped" / "checkpoints" / "step_00000004")
+    again = train_tiny_vae(clips, tmp_path / "stopped", steps=6, **kw)
+    assert again.start_step == 4
+    for (k, a), (_, b) in zip(again.vae.state_dict().items(), ft.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    da = load_file(str(ck / "model.disc.safetensors"))
+    db = load_file(str(tmp_path / "stopped" / "checkpoints" / "step_00000006" / "model.disc.safetensors"))
+    assert all(torch.allclose(da[k], db[k], atol=1e-6) for k in da)
+    with pytest.raises(ValueError, match="adv_weight"):
+        train_tiny_vae(clips, tmp_path / "bad", steps=1, adv_weight=0.5, progress=False)

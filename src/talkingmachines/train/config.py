@@ -383,9 +383,17 @@ class DecoderSection:
     # noise teaches it to draw a face from the student's slightly-off latents, the second sharpens it again
     refine_steps: int = 0
     refine_latent_noise: float = 0.1
+    # a patch discriminator's loss in every decoder phase (`vae_train.VAEOptions.adv_weight`; 0: none),
+    # counted after `adv_start` decoder updates; steps alternate discriminator / decoder
+    adv_weight: float = 0.0
+    adv_start: int = 50
 
     def __post_init__(self):
         _check_dark_repeat("decoder", self.dark_skin_repeat)
+        if not _is_number(self.adv_weight) or self.adv_weight < 0:
+            raise InputError(f"decoder.adv_weight must be a number >= 0 (got {self.adv_weight!r})")
+        if not _is_number(self.adv_start, int) or self.adv_start < 0:
+            raise InputError(f"decoder.adv_start must be a whole number >= 0 (got {self.adv_start!r})")
         if not _is_number(self.refine_steps, int) or self.refine_steps < 0:
             raise InputError(f"decoder.refine_steps must be a whole number >= 0 (got {self.refine_steps!r})")
         if not _is_number(self.refine_latent_noise) or self.refine_latent_noise < 0:

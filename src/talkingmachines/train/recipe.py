@@ -340,7 +340,7 @@ def run_decoder(r: RecipeConfig, out: Path) -> None:
         train_tiny_vae(clips, ddir, steps=steps, batch_size=d.batch_size, lr=d.lr, seed=r.seed, device=r.device,
                        ckpt_every=max(50, steps // 10), init_from=init, freeze_encoder=True, latent_noise=noise,
                        temporal_weight=r.vae.temporal_weight, feature_weight=d.feature_weight,
-                       dec_widths=widths, dec_res_blocks=res_blocks)
+                       adv_weight=d.adv_weight, adv_start=d.adv_start, dec_widths=widths, dec_res_blocks=res_blocks)
 
 
 def exported_vae(out: Path) -> Path:
@@ -427,7 +427,11 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     def knobs(sec) -> str:
         w, k = sec.feature_weight, sec.dark_skin_repeat
         return ((f"; eyes and mouth weighted {1 + w:g}x" if w > 0 else "")
-                + (f"; dark-skinned clips {k}x as often" if k > 1 else ""))
+                + (f"; dark-skinned clips {k}x as often" if k > 1 else "") + adversary(sec))
+
+    def adversary(sec) -> str:
+        adv = getattr(sec, "adv_weight", 0.0)
+        return f"; against a patch discriminator, adversarial weight {adv:g}" if adv > 0 else ""
 
     if vae.get("init_from"):  # vae.init_from: a trained VAE taken as it is
         rows = [f"| VAE (TinyVAE), taken from `{vae['init_from']}`, not trained here | 0 | 0.0 | - |"]
@@ -449,7 +453,7 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     ref = _done(out / "decoder_refine" / "DONE.json")
     if ref:
         rows.append(row(f"VAE decoder, that one fine-tuned again at lower noise (std up to "
-                        f"{r.decoder.refine_latent_noise:g})", ref))
+                        f"{r.decoder.refine_latent_noise:g}{adversary(r.decoder)})", ref))
     start = r.stage_config("teacher", out).init_from
     rows.append(row("teacher (bidirectional, flow matching" + (f"), fine-tuned from `{start}`" if start else ")"),
                     st["teacher"]))

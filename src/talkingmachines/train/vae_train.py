@@ -49,6 +49,7 @@ from ..errors import InputError
 from ..fileio import atomic_write_text
 from ..model.vae import TinyVAE, TinyVAEConfig, video_to_tensor
 from .config import CheckpointConfig, EMAConfig, OptimConfig, TrainConfig
+from .discriminator import PatchDiscriminator, adaptive_weight, frames_of, hinge_d_loss
 from .rng import GlobalOrder, sample_generator
 from .trainer import Trainer
 
@@ -83,6 +84,11 @@ class VAEOptions:
     dec_widths: tuple[int, ...] | None = None
     dec_res_blocks: int | None = None
     feature_weight: float = 0.0  # extra weight of the eyes' and mouth's pixels (clips with a "features" mask)
+    # decoder-only: a patch discriminator's hinge loss, scaled by VQGAN's adaptive weight times this
+    # (0: none); steps then alternate, discriminator (even) and decoder (odd)
+    adv_weight: float = 0.0
+    adv_start: int = 0  # decoder updates before the adversarial term counts (the discriminator trains throughout)
+    disc_lr: float = 2e-4
     flip: bool = True  # random horizontal flips
     stat_batches: int = 4  # batches for the latent statistics
     resume: bool = True
@@ -175,6 +181,8 @@ class VAETrainer(Trainer):
             raise InputError("freeze_encoder needs init_from (a trained VAE folder)")
         if opts.latent_noise < 0 or (opts.latent_noise > 0 and not opts.freeze_encoder):
             raise InputError("latent_noise must be >= 0 and needs freeze_encoder (a decoder-only fine-tune)")
+        if opts.adv_weight < 0 or (opts.adv_weight > 0 and not opts.freeze_encoder):
+            raise InputError("adv_weight must be >= 0 and needs freeze_encoder (a decoder-only fine-tune)")
         if (opts.dec_widths is not None or opts.dec_res_blocks is not None) and not (opts.freeze_encoder and opts.init_from):
             raise InputError("dec_widths / dec_res_blocks need init_from and freeze_encoder (a new decoder for a trained encoder)")
         self.videos, self.opts = videos, opts
@@ -214,6 +222,19 @@ class VAETrainer(Trainer):
             model.encoder.requires_grad_(False)
         self.vae = model
         self.add_group("vae", model, self.cfg.optim.lr, ema=False)
+        if opts.adv_weight > 0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed + 1)
+                disc = PatchDiscriminator().to(self.device)
+            self.add_group("disc", disc, opts.disc_lr, ema=False)
+
+    def expected_updates(self, g) -> int:
+        if self.opts.adv_weight <= 0:
+            return self.cfg.steps
+        return self.cfg.steps // 2 if g.name == "vae" else self.cfg.steps - self.cfg.steps // 2
+
+    def is_decoder_step(self, step: int) -> bool:
+        return self.opts.adv_weight <= 0 or step % 2 == 1
 
     def clips(self, step: int) -> list:
         """The clips of ``step``: from the global order, or the iterable's next ones."""
@@ -245,8 +266,8 @@ class VAETrainer(Trainer):
     def autocast(self):
         return nullcontext()  # fp32: a VAE's fine detail is what bf16 rounds away
 
-    def loss(self, batch, step: int):
-        x, w, g = batch
+    def _reconstruct(self, x, g):
+        """(reconstruction, raw latent mean, logvar) of a batch, as the decoder sees it in training."""
         model, o = self.vae, self.opts
         if o.freeze_encoder:  # the decoder learns to decode what `encode_video` gives: the mean
             with torch.no_grad():
@@ -257,12 +278,28 @@ class VAETrainer(Trainer):
                     level = torch.rand(mean.shape[0], 1, 1, 1, 1, generator=g) * o.latent_noise
                     eps = torch.randn(mean.shape, generator=g)
                     z = mean + (level * eps).to(mean) * model.latents_std
-            rec = model.decode_raw(z)
-        else:
-            mean, logvar = model.encode_moments(x)
-            eps = torch.randn(mean.shape, generator=g).to(device=x.device, dtype=mean.dtype)
-            rec = model.decode_raw(mean + eps * torch.exp(0.5 * logvar))
+            return model.decode_raw(z), mean, logvar
+        mean, logvar = model.encode_moments(x)
+        eps = torch.randn(mean.shape, generator=g).to(device=x.device, dtype=mean.dtype)
+        return model.decode_raw(mean + eps * torch.exp(0.5 * logvar)), mean, logvar
+
+    def loss(self, batch, step: int):
+        x, w, g = batch
+        o = self.opts
+        if not self.is_decoder_step(step):  # the discriminator: real frames against decoded ones
+            with torch.no_grad():
+                rec = self._reconstruct(x, g)[0].clamp(-1, 1)
+            disc = self.groups["disc"].handle
+            loss = hinge_d_loss(disc(frames_of(x)), disc(frames_of(rec)))
+            return "disc", loss, {"d_loss": loss.item()}
+        rec, mean, logvar = self._reconstruct(x, g)
         loss, parts = vae_loss(rec, x, mean, logvar, o.mse_weight, o.edge_weight, o.kl_weight, o.temporal_weight, w)
+        if o.adv_weight > 0:
+            adv = -self.groups["disc"].handle(frames_of(rec)).mean()
+            on = self.groups["vae"].updates >= o.adv_start
+            lam = adaptive_weight(loss, adv, self.vae.decoder.conv_out.weight) if on else loss.new_zeros(())
+            parts.update(adv=adv.item(), adv_lambda=float(lam))
+            loss = loss + o.adv_weight * lam * adv
         return "vae", loss, parts
 
     def save_extra(self, folder: Path) -> None:
@@ -295,7 +332,8 @@ class VAETrainer(Trainer):
         if not self.opts.freeze_encoder:  # a frozen encoder keeps its statistics: the latents stay the same
             self.vae.set_latent_stats(*self.latent_stats())
         self.vae.save_pretrained(final)
-        atomic_write_text(final / "losses.json", json.dumps([[h["step"], h["loss"]] for h in self.history]))
+        atomic_write_text(final / "losses.json",
+                          json.dumps([[h["step"], h["loss"]] for h in self.history if h.get("group", "vae") == "vae"]))
 
 
 def train_tiny_vae(
@@ -322,6 +360,8 @@ def train_tiny_vae(
     freeze_encoder: bool = False,
     latent_noise: float = 0.0,
     feature_weight: float = 0.0,
+    adv_weight: float = 0.0,
+    adv_start: int = 0,
     dec_widths: tuple[int, ...] | None = None,
     dec_res_blocks: int | None = None,
     grad_clip: float = 1.0,
@@ -346,11 +386,12 @@ def train_tiny_vae(
     opts = VAEOptions(config=config, mse_weight=mse_weight, edge_weight=edge_weight, kl_weight=kl_weight,
                       temporal_weight=temporal_weight, init_from=None if init_from is None else str(init_from),
                       freeze_encoder=freeze_encoder, latent_noise=latent_noise, feature_weight=feature_weight,
-                      dec_widths=dec_widths, dec_res_blocks=dec_res_blocks, flip=flip, stat_batches=stat_batches, resume=resume)
+                      adv_weight=adv_weight, adv_start=adv_start, dec_widths=dec_widths, dec_res_blocks=dec_res_blocks,
+                      flip=flip, stat_batches=stat_batches, resume=resume)
     tr = VAETrainer(cfg, videos, opts)
     try:
         tr.run()
     finally:
         tr.cleanup()
-    run = [(h["step"], h["loss"]) for h in tr.history if h["step"] > tr.start_step]
+    run = [(h["step"], h["loss"]) for h in tr.history if h["step"] > tr.start_step and h.get("group", "vae") == "vae"]
     return VAETrainResult(vae=tr.vae, losses=run, start_step=tr.start_step, step=tr.step, out_dir=tr.out)
