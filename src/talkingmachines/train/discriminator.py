@@ -2,7 +2,7 @@
 
 A decoder trained on L1/MSE alone draws the mean of what a latent might hold: soft eyes and
 lips, which is what a face detector misses first. A PatchGAN (Isola et al. 2017, as in the
-VQGAN / Stable Diffusion autoencoders) scores each ~30-pixel patch of a frame as real or
+VQGAN / Stable Diffusion autoencoders) scores each ~40-pixel patch (its receptive field: 38 pixels) of a frame as real or
 decoded, so the decoder is pushed towards crisp local texture without a pretrained network
 (none can be downloaded here). Hinge losses; GroupNorm instead of BatchNorm so that a score
 does not depend on the rest of the batch.
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PatchDiscriminator", "hinge_d_loss", "adaptive_weight"]
+__all__ = ["PatchDiscriminator", "frames_of", "hinge_d_loss", "adaptive_weight"]
 
 
 class PatchDiscriminator(nn.Module):

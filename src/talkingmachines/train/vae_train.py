@@ -18,6 +18,9 @@ clean clip. A generator's latents are never exactly on the encoder's manifold, a
 that has only seen clean latents turns those errors into streaks over the face.
 With ``dec_widths`` / ``dec_res_blocks`` the decoder is a fresh, larger one (the encoder and its
 statistics stay ``init_from``'s), for a sharper decoder under a DiT that is already trained.
+With ``adv_weight`` > 0 the decoder also trains against a patch discriminator (`discriminator.py`):
+steps alternate between the discriminator (hinge loss, real frames against decoded ones) and the
+decoder, whose adversarial term VQGAN's adaptive weight balances against the reconstruction's.
 
 Reproducible and resumable as every stage (`trainer.Trainer`): an indexable data set is read
 in the `rng.GlobalOrder` of ``(seed, step)`` (a plain iterable is consumed in order, and
