@@ -48,10 +48,6 @@ def sink_only():
         StreamingGenerator.denoise = shipped
 
 
-def found_where(found: np.ndarray, gt: np.ndarray) -> float:
-    return float(found[gt].mean()) if gt.any() else float("nan")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a model folder")
@@ -79,7 +75,11 @@ def main() -> int:
 
 def report(a, paths, avatar, judge) -> None:
     from talkingmachines.eval.clips import listening_frame
+    from talkingmachines.eval.face_judge import found_where
     from talkingmachines.eval.runners import generate_video
+
+    def share(found, gt) -> float:  # of the frames where the judge finds the real face
+        return found_where(found, gt)["found_where_reference_found"]
 
     print(f"found where the ground truth's face is, whole clip (quarters 1-4); {a.model}"
           + (", every chunk against the portrait alone" if a.sink_only else ""))
@@ -93,8 +93,8 @@ def report(a, paths, avatar, judge) -> None:
             video = generate_video(avatar, frames[portrait], audio, seed=seed)
             n = min(len(video), len(gt))
             found = np.array([p is not None for p in judge.video_landmarks(video[:n])])
-            q = [found_where(found[i * n // 4:(i + 1) * n // 4], gt[i * n // 4:(i + 1) * n // 4]) for i in range(4)]
-            cells.append(f"seed {seed}: {found_where(found, gt[:n]):.2f} ({' '.join(f'{x:.2f}' for x in q)})")
+            q = [share(found[i * n // 4:(i + 1) * n // 4], gt[i * n // 4:(i + 1) * n // 4]) for i in range(4)]
+            cells.append(f"seed {seed}: {share(found, gt):.2f} ({' '.join(f'{x:.2f}' for x in q)})")
         print(f"clip {c} (portrait frame {portrait}): " + " | ".join(cells), flush=True)
 
 
