@@ -243,7 +243,8 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
            "vae": {"steps": 3, "batch_size": 2, "clip_frames": 5, "lr": 1e-3},
            "decoder": {"steps": 2, "batch_size": 2, "latent_noise": 0.3, "feature_weight": 3.0, "dec_res_blocks": 2,
                        "dark_skin_repeat": 2,
-                       "refine_steps": 2, "refine_latent_noise": 0.1, "adv_weight": 0.5, "adv_start": 0},
+                       "refine_steps": 2, "refine_latent_noise": 0.1, "adv_weight": 0.5, "adv_start": 0,
+                       "ref": True, "latent_blur": 0.5},
            "common": {"clip_chunks": 1, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress": False},
            "teacher": {"steps": 2, "lr": 1e-3, "mouth_weight": 3.0}, "ode": {"steps": 2, "ode_steps": 2, "ode_pairs": 2, "ode_batch": 2},
            "dmd": {"steps": 2, "fake_ratio": 1}}
@@ -269,16 +270,19 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
     assert any(not torch.equal(se[k], te[k]) for k in se if k.startswith("decoder."))
     assert shipped.config.latents_std == trained.config.latents_std
     assert shipped.config.dec_res_blocks == 2 and trained.config.dec_res_blocks == 1  # a larger, fresh decoder
+    assert shipped.config.decoder_ref and not trained.config.decoder_ref  # that also sees the portrait's latent
     # ... then refined at lower noise: the export is the refined decoder, not the first fine-tune's
     first, refined = (TinyVAE.from_pretrained(out / s).state_dict() for s in ("decoder", "decoder_refine"))
     assert all(torch.equal(se[k], refined[k]) for k in se)
     assert any(not torch.equal(first[k], refined[k]) for k in first if k.startswith("decoder."))
     assert all(torch.equal(first[k], refined[k]) for k in first if k.startswith("encoder."))
-    assert ("| VAE decoder, that one fine-tuned again at lower noise (std up to 0.1; against a patch discriminator, "
+    assert ("| VAE decoder, that one fine-tuned again at lower noise (std up to 0.1; beside the portrait's latent "
+            "(decoder_ref); latents smudged up to 0.5 toward their 3x3 average; against a patch discriminator, "
             "adversarial weight 0.5) | 2 |") in card
     assert (model / "loss_decoder_refine.png").is_file()
     assert ("VAE decoder, a new one (widths [96, 48, 24], 2 res blocks) trained on latents + noise (std up to 0.3; "
-            "eyes and mouth weighted 4x; dark-skinned clips 2x as often; against a patch discriminator, adversarial "
+            "eyes and mouth weighted 4x; dark-skinned clips 2x as often; beside the portrait's latent (decoder_ref); "
+            "latents smudged up to 0.5 toward their 3x3 average; against a patch discriminator, adversarial "
             "weight 0.5)") in card
     timings = json.loads((out / "timings.json").read_text())
     assert {"synth", "vae", "decoder", "teacher", "ode", "dmd", "export"} <= set(timings)

@@ -159,13 +159,16 @@ def test_recipe_errors_are_input_errors():
     dec = {**d["decoder"], "steps": 100}
     for key, bad in (("refine_steps", -1), ("refine_steps", 1.5), ("refine_steps", True), ("refine_latent_noise", -0.1),
                      ("refine_latent_noise", "low"), ("adv_weight", -0.5), ("adv_weight", "yes"), ("adv_start", -1),
-                     ("adv_start", 2.5)):
+                     ("adv_start", 2.5), ("ref", 1), ("ref", "yes"), ("latent_blur", 1.5), ("latent_blur", -0.1),
+                     ("latent_blur", "soft")):
         with pytest.raises(InputError, match=f"decoder.{key} must be"):
             RecipeConfig.from_dict({**d, "decoder": {**dec, key: bad}})
     with pytest.raises(InputError, match=r"decoder.refine_steps needs decoder.steps > 0"):
         RecipeConfig.from_dict({**d, "decoder": {**dec, "steps": 0, "refine_steps": 10}})
     assert RecipeConfig.from_dict({**d, "decoder": {**dec, "refine_steps": 10}}).decoder.refine_steps == 10
     assert RecipeConfig.from_dict({**d, "decoder": {**dec, "adv_weight": 0.5}}).decoder.adv_weight == 0.5
+    ok = RecipeConfig.from_dict({**d, "decoder": {**dec, "ref": True, "latent_blur": 0.7}}).decoder
+    assert ok.ref is True and ok.latent_blur == 0.7
     for key, bad in (("layers", -1), ("layers", 2.5), ("layers", True), ("heads", -2), ("steps", -3), ("steps", "many")):
         with pytest.raises(InputError, match=f"grow.{key} must be a whole number"):
             RecipeConfig.from_dict({**d, "grow": {"layers": 12, "steps": 10, key: bad}})

@@ -139,6 +139,43 @@ def test_tiny_streaming_matches_whole_decode(tiny):
     assert u.shape == (12, 64, 96, 3) and u.dtype == np.uint8
 
 
+def test_reference_decoder_starts_as_the_plain_one_and_streams_as_the_whole_clip(tiny, tmp_path):
+    """A decoder that also sees the stream's first latent (`decoder_ref`): grown from a plain one it
+    decodes exactly as that one did (the new input weights are zero); trained, its streaming decode
+    (the first latent remembered as the reference) is the whole-clip decode; it saves and loads."""
+    torch.manual_seed(5)
+    z = torch.randn(1, 8, 1 + 3 * 3, 8, 12)
+    ref = tiny.with_ref_decoder()
+    assert ref.config.decoder_ref and not tiny.config.decoder_ref
+    assert ref.decoder.conv_in.in_channels == tiny.decoder.conv_in.in_channels + 8
+    assert torch.equal(ref.decode_float(z), tiny.decode_float(z))
+    with torch.no_grad():  # as if trained: the reference now changes what is drawn
+        ref.decoder.conv_in.weight[:, -8:].normal_(0, 0.05)
+    whole = ref.decode_float(z)
+    assert (whole - tiny.decode_float(z)).abs().max().item() > 1e-3
+    dec = ref.stream_decoder()
+    assert (torch.cat(_stream(dec, z), dim=2) - whole).abs().max().item() < 1e-5
+    assert dec.state_numel() == 2 * 8 * 8 * 12  # the last latent and the reference: flat over the stream
+    dec.reset()
+    one = [dec.decode_float(z[:, :, i:i + 1]) for i in range(z.shape[2])]
+    assert (torch.cat(one, dim=2) - whole).abs().max().item() < 1e-5
+    # another reference gives other frames: the decoder reads it
+    raw = ref.denormalize(z)
+    other = ref.decode_raw(raw, ref=raw[:, :, 1:2])
+    assert (other - ref.decode_raw(raw)).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="reference latent"):
+        ref.decode_raw(raw[:, :, 1:], prev=raw[:, :, :1], first=False)
+    with pytest.raises(ValueError, match="decoder_ref"):
+        tiny.decode_raw(raw, ref=raw[:, :, :1])
+    with pytest.raises(ValueError, match="already"):
+        ref.with_ref_decoder()
+    ref.save_pretrained(tmp_path / "ref")
+    loaded = load_vae("tiny", tmp_path / "ref")
+    assert loaded.config.decoder_ref and torch.equal(loaded.decode_float(z), whole)
+    with pytest.raises(ValueError, match="true or false"):
+        TinyVAEConfig(decoder_ref="yes")
+
+
 def test_tiny_encode_shapes_and_normalisation(tiny):
     rng = np.random.default_rng(1)
     video = rng.integers(0, 256, size=(9, 64, 64, 3), dtype=np.uint8)

@@ -310,3 +310,36 @@ def test_adversarial_decoder_finetune_alternates_keeps_encoder_and_resumes(tmp_p
     assert all(torch.allclose(da[k], db[k], atol=1e-6) for k in da)
     with pytest.raises(ValueError, match="adv_weight"):
         train_tiny_vae(clips, tmp_path / "bad", steps=1, adv_weight=0.5, progress=False)
+
+
+def test_reference_decoder_finetune_learns_from_the_first_latent_and_resumes(tmp_path):
+    """``decoder_ref``: a plain decoder is grown to one that also sees the clip's first latent (clean,
+    as a stream's portrait latent) and starts as it was; trained on smudged latents (``latent_blur``),
+    it comes to read the reference; the encoder stays bit for bit; a stopped run resumes exactly."""
+    import shutil
+
+    from talkingmachines.model.vae import TinyVAE
+
+    clips, base = _random_clips_and_saved_vae(tmp_path / "base", seed=3)
+    kw = dict(batch_size=2, lr=1e-2, progress=False, init_from=tmp_path / "base", freeze_encoder=True,
+              latent_noise=0.1, latent_blur=0.8, decoder_ref=True, ckpt_every=2, log_every=1)
+    res = train_tiny_vae(clips, tmp_path / "ref", steps=4, **kw)
+    ft = TinyVAE.from_pretrained(tmp_path / "ref")
+    assert ft.config.decoder_ref and not base.config.decoder_ref
+    assert ft.decoder.conv_in.weight[:, -base.latent_channels:].abs().max().item() > 0  # it reads the reference
+    ea, eb = base.encoder.state_dict(), ft.encoder.state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert torch.equal(base.latents_mean, ft.latents_mean)
+    assert [s for s, _ in res.losses] == [1, 2, 3, 4]
+
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step_00000002", tmp_path / "stopped" / "checkpoints" / "step_00000002")
+    again = train_tiny_vae(clips, tmp_path / "stopped", steps=4, **kw)
+    assert again.start_step == 2
+    for (k, a), (_, b) in zip(again.vae.state_dict().items(), ft.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    for bad, match in ((dict(decoder_ref=True), "decoder_ref"), (dict(latent_blur=0.5), "latent_blur")):
+        with pytest.raises(ValueError, match=match):
+            train_tiny_vae(clips, tmp_path / "bad", steps=1, progress=False, **bad)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        train_tiny_vae(clips, tmp_path / "bad", steps=1, progress=False, init_from=tmp_path / "base",
+                       freeze_encoder=True, latent_blur=1.5)

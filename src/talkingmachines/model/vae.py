@@ -199,6 +199,9 @@ class TinyVAEConfig:
     enc_res_blocks: int = 1
     dec_widths: tuple[int, ...] = TINY_WIDTHS[8][1]  # at (H/8,) H/4, H/2
     dec_res_blocks: int = 1
+    # the decoder also sees the stream's first latent (the portrait's, clean): what does not move (eyes,
+    # hair, background) can be copied from it where the DiT's latents are smudged
+    decoder_ref: bool = False
     latents_mean: list[float] = field(default_factory=lambda: [0.0] * 8)
     latents_std: list[float] = field(default_factory=lambda: [1.0] * 8)
 
@@ -213,6 +216,8 @@ class TinyVAEConfig:
                              f"got {list(self.enc_widths)} and {list(self.dec_widths)}")
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (*self.enc_widths, *self.dec_widths)):
             raise ValueError(f"widths must be whole numbers >= 1, got {list(self.enc_widths)} and {list(self.dec_widths)}")
+        if not isinstance(self.decoder_ref, bool):
+            raise ValueError(f"decoder_ref must be true or false, got {self.decoder_ref!r}")
         for name in ("enc_res_blocks", "dec_res_blocks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -310,14 +315,14 @@ class TinyEncoder(nn.Module):
 
 
 class TinyDecoder(nn.Module):
-    """[N, 2C + 1, h, w] (latent j, latent j-1, is-first flag) -> 4 frames [N, 12, s*h, s*w]
-    (s = ``cfg.spatial``)."""
+    """[N, 2C + 1, h, w] (latent j, latent j-1, is-first flag; with ``cfg.decoder_ref`` then the
+    reference latent, [N, 3C + 1, h, w]) -> 4 frames [N, 12, s*h, s*w] (s = ``cfg.spatial``)."""
 
     def __init__(self, cfg: TinyVAEConfig) -> None:
         super().__init__()
         d = cfg.dec_widths
         self.spatial = cfg.spatial
-        self.conv_in = nn.Conv2d(2 * cfg.latent_channels + 1, d[0], 3, padding=1)
+        self.conv_in = nn.Conv2d((3 if cfg.decoder_ref else 2) * cfg.latent_channels + 1, d[0], 3, padding=1)
         self.res = nn.ModuleList(_Res(d[0]) for _ in range(cfg.dec_res_blocks))
         self.up1 = _Up(d[0], d[1])
         if len(d) > 2:  # spatial 8
@@ -347,7 +352,8 @@ class TinyVAE(nn.Module, VideoVAE):
     It predicts a diagonal Gaussian (mean, logvar); encoding uses the mean.
     Decoder: latent j together with latent j-1 (causal context; zeros and a flag for the sink)
     goes through a 2-D conv net with pixel-shuffle upsampling to 4 frames; the sink keeps the
-    last of its 4 outputs (1 frame). The streaming state is therefore one latent frame.
+    last of its 4 outputs (1 frame). The streaming state is therefore one latent frame (and, with
+    ``decoder_ref``, the stream's first latent, which every latent is decoded beside).
     """
 
     def __init__(self, config: TinyVAEConfig | None = None) -> None:
@@ -409,11 +415,14 @@ class TinyVAE(nn.Module, VideoVAE):
         mean, logvar = out.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode_raw(self, z: torch.Tensor, prev: torch.Tensor | None = None, first: bool = True) -> torch.Tensor:
+    def decode_raw(self, z: torch.Tensor, prev: torch.Tensor | None = None, first: bool = True,
+                   ref: torch.Tensor | None = None) -> torch.Tensor:
         """Raw latents ``[B, C, t, h, w]`` -> float ``[B, 3, F, H, W]`` (unclamped).
 
         ``prev`` is the raw latent frame before ``z[:, :, 0]`` (``[B, C, 1, h, w]``); with
-        ``first=True`` ``z[:, :, 0]`` is the sink (no context) and yields one frame.
+        ``first=True`` ``z[:, :, 0]`` is the sink (no context) and yields one frame. A
+        ``decoder_ref`` VAE decodes every latent beside ``ref`` (``[B, C, 1, h, w]``), the
+        stream's first latent: ``z[:, :, :1]`` when ``first`` and no ``ref`` is given.
         """
         b, c, t, h, w = z.shape
         if first:
@@ -426,7 +435,17 @@ class TinyVAE(nn.Module, VideoVAE):
         flag = torch.zeros(b, 1, t, h, w, dtype=z.dtype, device=z.device)
         if first:
             flag[:, :, 0] = 1.0
-        inp = torch.cat([z, ctx, flag], dim=1).permute(0, 2, 1, 3, 4).reshape(b * t, 2 * c + 1, h, w)
+        parts = [z, ctx, flag]
+        if self.config.decoder_ref:
+            if ref is None:
+                if not first:
+                    raise ValueError("a decoder_ref VAE needs the reference latent when first=False")
+                ref = z[:, :, :1]
+            parts.append(ref.to(z.dtype).expand(b, c, t, h, w))
+        elif ref is not None:
+            raise ValueError("ref is for a decoder_ref VAE; this one decodes without it")
+        cin = sum(x.shape[1] for x in parts)
+        inp = torch.cat(parts, dim=1).permute(0, 2, 1, 3, 4).reshape(b * t, cin, h, w)
         out = self.decoder(inp)  # [B*t, 12, H, W]
         ch = self.config.in_channels
         s = self.spatial
@@ -473,6 +492,23 @@ class TinyVAE(nn.Module, VideoVAE):
         vae.encoder.load_state_dict(self.encoder.state_dict())
         return vae.to(self.device, self.dtype)
 
+    def with_ref_decoder(self) -> "TinyVAE":
+        """A copy whose decoder also sees the reference latent (``decoder_ref``), starting as exactly
+        this decoder: the new input channels' weights are zero, so it ignores the reference until
+        trained to use it (`vae_train.VAEOptions.decoder_ref`)."""
+        if self.config.decoder_ref:
+            raise ValueError("this VAE's decoder already sees the reference latent")
+        d = self.config.to_dict()
+        d["decoder_ref"] = True
+        vae = TinyVAE(TinyVAEConfig.from_dict(d)).to(self.device, self.dtype)
+        state = self.state_dict()
+        w = state["decoder.conv_in.weight"]
+        grown = w.new_zeros(w.shape[0], w.shape[1] + self.latent_channels, *w.shape[2:])
+        grown[:, : w.shape[1]] = w
+        state["decoder.conv_in.weight"] = grown
+        vae.load_state_dict(state)
+        return vae
+
     # ---- persistence (safetensors + config.json, never pickle)
     def save_pretrained(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
@@ -499,7 +535,8 @@ class TinyVAE(nn.Module, VideoVAE):
 
 
 class TinyStreamingDecoder(StreamDecoder):
-    """TinyVAE streaming decoder: the causal state is the last raw latent frame."""
+    """TinyVAE streaming decoder: the causal state is the last raw latent frame, and for a
+    ``decoder_ref`` VAE the stream's first one (the sink: the portrait's latent)."""
 
     def __init__(self, vae: TinyVAE) -> None:
         self.vae = vae
@@ -507,15 +544,18 @@ class TinyStreamingDecoder(StreamDecoder):
 
     def reset(self) -> None:
         self.prev: torch.Tensor | None = None
+        self.ref: torch.Tensor | None = None
 
     def state_numel(self) -> int:
-        return 0 if self.prev is None else self.prev.numel()
+        return sum(0 if x is None else x.numel() for x in (self.prev, self.ref))
 
     @torch.no_grad()
     def decode_float(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         raw = vae.denormalize(z.to(vae.device, vae.dtype))
-        out = vae.decode_raw(raw, prev=self.prev, first=self.prev is None)
+        if vae.config.decoder_ref and self.ref is None:
+            self.ref = raw[:, :, :1].clone()
+        out = vae.decode_raw(raw, prev=self.prev, first=self.prev is None, ref=self.ref)
         self.prev = raw[:, :, -1:].clone()
         return out.clamp(-1.0, 1.0)
 

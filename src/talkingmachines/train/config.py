@@ -387,9 +387,17 @@ class DecoderSection:
     # counted after `adv_start` decoder updates; steps alternate discriminator / decoder
     adv_weight: float = 0.0
     adv_start: int = 50
+    # the decoder also sees the stream's first latent (the portrait's; `TinyVAEConfig.decoder_ref`), trained on
+    # latents smudged up to `latent_blur` (`vae_train.VAEOptions.latent_blur`) so that it learns to use it
+    ref: bool = False
+    latent_blur: float = 0.0
 
     def __post_init__(self):
         _check_dark_repeat("decoder", self.dark_skin_repeat)
+        if not isinstance(self.ref, bool):
+            raise InputError(f"decoder.ref must be true or false (got {self.ref!r})")
+        if not _is_number(self.latent_blur) or not 0 <= self.latent_blur <= 1:
+            raise InputError(f"decoder.latent_blur must be a number in [0, 1] (got {self.latent_blur!r})")
         if not _is_number(self.adv_weight) or self.adv_weight < 0:
             raise InputError(f"decoder.adv_weight must be a number >= 0 (got {self.adv_weight!r})")
         if not _is_number(self.adv_start, int) or self.adv_start < 0:

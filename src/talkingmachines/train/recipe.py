@@ -340,7 +340,8 @@ def run_decoder(r: RecipeConfig, out: Path) -> None:
         train_tiny_vae(clips, ddir, steps=steps, batch_size=d.batch_size, lr=d.lr, seed=r.seed, device=r.device,
                        ckpt_every=max(50, steps // 10), init_from=init, freeze_encoder=True, latent_noise=noise,
                        temporal_weight=r.vae.temporal_weight, feature_weight=d.feature_weight,
-                       adv_weight=d.adv_weight, adv_start=d.adv_start, dec_widths=widths, dec_res_blocks=res_blocks)
+                       adv_weight=d.adv_weight, adv_start=d.adv_start, decoder_ref=d.ref, latent_blur=d.latent_blur,
+                       dec_widths=widths, dec_res_blocks=res_blocks)
 
 
 def exported_vae(out: Path) -> Path:
@@ -427,7 +428,12 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     def knobs(sec) -> str:
         w, k = sec.feature_weight, sec.dark_skin_repeat
         return ((f"; eyes and mouth weighted {1 + w:g}x" if w > 0 else "")
-                + (f"; dark-skinned clips {k}x as often" if k > 1 else "") + adversary(sec))
+                + (f"; dark-skinned clips {k}x as often" if k > 1 else "") + reference(sec) + adversary(sec))
+
+    def reference(sec) -> str:
+        blur = getattr(sec, "latent_blur", 0.0)
+        return (("; beside the portrait's latent (decoder_ref)" if getattr(sec, "ref", False) else "")
+                + (f"; latents smudged up to {blur:g} toward their 3x3 average" if blur > 0 else ""))
 
     def adversary(sec) -> str:
         adv = getattr(sec, "adv_weight", 0.0)
@@ -453,7 +459,7 @@ def model_card(r: RecipeConfig, out: Path, preset, timings: dict, folder: Path |
     ref = _done(out / "decoder_refine" / "DONE.json")
     if ref:
         rows.append(row(f"VAE decoder, that one fine-tuned again at lower noise (std up to "
-                        f"{r.decoder.refine_latent_noise:g}{adversary(r.decoder)})", ref))
+                        f"{r.decoder.refine_latent_noise:g}{reference(r.decoder)}{adversary(r.decoder)})", ref))
     start = r.stage_config("teacher", out).init_from
     rows.append(row("teacher (bidirectional, flow matching" + (f"), fine-tuned from `{start}`" if start else ")"),
                     st["teacher"]))

@@ -21,6 +21,9 @@ statistics stay ``init_from``'s), for a sharper decoder under a DiT that is alre
 With ``adv_weight`` > 0 the decoder also trains against a patch discriminator (`discriminator.py`):
 steps alternate between the discriminator (hinge loss, real frames against decoded ones) and the
 decoder, whose adversarial term VQGAN's adaptive weight balances against the reconstruction's.
+With ``decoder_ref`` the decoder also sees each clip's first latent, clean (a stream's decoder sees the
+portrait's, `TinyVAEConfig.decoder_ref`), and ``latent_blur`` smudges the latents it decodes, so that it
+learns to take what does not move from the reference.
 
 Reproducible and resumable as every stage (`trainer.Trainer`): an indexable data set is read
 in the `rng.GlobalOrder` of ``(seed, step)`` (a plain iterable is consumed in order, and
@@ -47,6 +50,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError
 from ..fileio import atomic_write_text
@@ -92,6 +96,13 @@ class VAEOptions:
     adv_weight: float = 0.0
     adv_start: int = 0  # decoder updates before the adversarial term counts (the discriminator trains throughout)
     disc_lr: float = 2e-4
+    # decoder-only: the decoder also sees the clip's first latent, clean, as a stream's decoder sees the
+    # portrait's (`TinyVAEConfig.decoder_ref`; a decoder without it is grown to it, starting as itself)
+    decoder_ref: bool = False
+    # decoder-only: per clip, the latents blended this far at most (uniform in [0, latent_blur]) toward a
+    # 3x3 spatial average of themselves: the smudge of a DiT that cannot tell where a feature sits, which
+    # a reference decoder can undo from the reference and a plain one cannot
+    latent_blur: float = 0.0
     flip: bool = True  # random horizontal flips
     stat_batches: int = 4  # batches for the latent statistics
     resume: bool = True
@@ -184,6 +195,11 @@ class VAETrainer(Trainer):
             raise InputError("freeze_encoder needs init_from (a trained VAE folder)")
         if opts.latent_noise < 0 or (opts.latent_noise > 0 and not opts.freeze_encoder):
             raise InputError("latent_noise must be >= 0 and needs freeze_encoder (a decoder-only fine-tune)")
+        for name in ("decoder_ref", "latent_blur"):
+            if getattr(opts, name) and not opts.freeze_encoder:
+                raise InputError(f"{name} needs freeze_encoder (a decoder-only fine-tune)")
+        if not 0 <= opts.latent_blur <= 1:
+            raise InputError(f"latent_blur must be in [0, 1], got {opts.latent_blur!r}")
         if opts.adv_weight < 0 or (opts.adv_weight > 0 and not opts.freeze_encoder):
             raise InputError("adv_weight must be >= 0 and needs freeze_encoder (a decoder-only fine-tune)")
         if (opts.dec_widths is not None or opts.dec_res_blocks is not None) and not (opts.freeze_encoder and opts.init_from):
@@ -221,6 +237,8 @@ class VAETrainer(Trainer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed)  # the initial weights depend on the seed only
                 model = TinyVAE(config or TinyVAEConfig()).to(self.device)
+        if opts.decoder_ref and not model.config.decoder_ref:
+            model = model.with_ref_decoder()
         if opts.freeze_encoder:
             model.encoder.requires_grad_(False)
         self.vae = model
@@ -277,11 +295,19 @@ class VAETrainer(Trainer):
                 model.encoder.eval()
                 mean, logvar = model.encode_moments(x)
                 z = mean
+                if o.latent_blur > 0:  # per clip, toward the 3x3 average of each latent frame
+                    b, c, t, h, w = mean.shape
+                    frames = mean.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+                    avg = F.avg_pool2d(frames, 3, 1, 1, count_include_pad=False)
+                    avg = avg.view(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+                    a = torch.rand(b, 1, 1, 1, 1, generator=g).to(mean) * o.latent_blur
+                    z = z + a * (avg - z)
                 if o.latent_noise > 0:  # per clip, a noise level in [0, latent_noise] of the latents' std
                     level = torch.rand(mean.shape[0], 1, 1, 1, 1, generator=g) * o.latent_noise
                     eps = torch.randn(mean.shape, generator=g)
-                    z = mean + (level * eps).to(mean) * model.latents_std
-            return model.decode_raw(z), mean, logvar
+                    z = z + (level * eps).to(mean) * model.latents_std
+            ref = mean[:, :, :1] if model.config.decoder_ref else None  # clean, as a stream's portrait latent
+            return model.decode_raw(z, ref=ref), mean, logvar
         mean, logvar = model.encode_moments(x)
         eps = torch.randn(mean.shape, generator=g).to(device=x.device, dtype=mean.dtype)
         return model.decode_raw(mean + eps * torch.exp(0.5 * logvar)), mean, logvar
@@ -365,6 +391,8 @@ def train_tiny_vae(
     feature_weight: float = 0.0,
     adv_weight: float = 0.0,
     adv_start: int = 0,
+    decoder_ref: bool = False,
+    latent_blur: float = 0.0,
     dec_widths: tuple[int, ...] | None = None,
     dec_res_blocks: int | None = None,
     grad_clip: float = 1.0,
@@ -389,7 +417,8 @@ def train_tiny_vae(
     opts = VAEOptions(config=config, mse_weight=mse_weight, edge_weight=edge_weight, kl_weight=kl_weight,
                       temporal_weight=temporal_weight, init_from=None if init_from is None else str(init_from),
                       freeze_encoder=freeze_encoder, latent_noise=latent_noise, feature_weight=feature_weight,
-                      adv_weight=adv_weight, adv_start=adv_start, dec_widths=dec_widths, dec_res_blocks=dec_res_blocks,
+                      adv_weight=adv_weight, adv_start=adv_start, decoder_ref=decoder_ref, latent_blur=latent_blur,
+                      dec_widths=dec_widths, dec_res_blocks=dec_res_blocks,
                       flip=flip, stat_batches=stat_batches, resume=resume)
     tr = VAETrainer(cfg, videos, opts)
     try:
