@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from talkingmachines.model.vae import TinyVAEConfig, load_vae
+from talkingmachines.model.vae import TinyVAEConfig, load_vae, video_to_tensor
 from talkingmachines.train.checkpoint import latest_checkpoint
 from talkingmachines.train.vae_train import train_tiny_vae
 
@@ -255,7 +255,8 @@ def test_feature_weight_counts_the_masked_pixels_more_and_flips_with_the_clip():
 
     rng = np.random.default_rng(0)
     clip = rng.integers(0, 255, (5, 8, 8, 3), dtype=np.uint8)
-    xb, wb = _to_batch([{"video": clip, "features": mask}, clip], torch.device("cpu"), torch.tensor([True, False]), 3.0)
+    xb, wb, rb = _to_batch([{"video": clip, "features": mask}, clip], torch.device("cpu"), torch.tensor([True, False]), 3.0)
+    assert rb is None  # no reference frames asked for
     assert torch.equal(wb[0, 0, 0], w[0, 0, 0].flip(-1)) and torch.equal(wb[1], torch.ones(1, 1, 8, 8))
     assert torch.equal(xb[0], _to_batch([clip], torch.device("cpu"), None)[0][0].flip(-1))
     assert _to_batch([clip], torch.device("cpu"), None)[1] is None  # no weight asked for: none built
@@ -320,7 +321,17 @@ def test_reference_decoder_finetune_learns_from_the_first_latent_and_resumes(tmp
 
     from talkingmachines.model.vae import TinyVAE
 
+    from talkingmachines.train.vae_train import _to_batch
+
     clips, base = _random_clips_and_saved_vae(tmp_path / "base", seed=3)
+    # each clip's own reference frame (the DiT stages' listening frame outside the crop), else its first
+    own = np.random.default_rng(9).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    x, _, ref = _to_batch([{"video": clips[0], "ref": own}, clips[1]], torch.device("cpu"), torch.tensor([True, False]),
+                          refs=True)
+    assert ref.shape == (2, 3, 1, 32, 32)
+    assert torch.equal(ref[0, :, 0], video_to_tensor(own[None])[0, :, 0].flip(-1))  # flipped with its clip
+    assert torch.equal(ref[1], x[1, :, :1])
+    clips = [{"video": c, "ref": c[-1]} for c in clips]
     kw = dict(batch_size=2, lr=1e-2, progress=False, init_from=tmp_path / "base", freeze_encoder=True,
               latent_noise=0.1, latent_blur=0.8, decoder_ref=True, ckpt_every=2, log_every=1)
     res = train_tiny_vae(clips, tmp_path / "ref", steps=4, **kw)

@@ -226,11 +226,14 @@ def run_synth(r: RecipeConfig) -> None:
                   speech=s.speech, video=s.video, version=version)
 
 
-def _train_clips(r: RecipeConfig, clip_frames: int, features: bool = False, dark_repeat: int = 1):
+def _train_clips(r: RecipeConfig, clip_frames: int, features: bool = False, dark_repeat: int = 1,
+                 refs: bool = False):
     """The training clips (without the held-out split every stage uses) as the uint8
-    [T, H, W, 3] videos the VAE trainer reads; with ``features``, as ``{"video", "features"}``
-    with each synthetic clip's eyes-and-mouth mask (`synth.features_mask_from_face`; None for
-    a clip without face parameters). With ``dark_repeat`` k > 1 each synthetic clip whose skin
+    [T, H, W, 3] videos the VAE trainer reads; with ``features`` or ``refs``, as dicts with
+    ``"video"`` and, with ``features``, each synthetic clip's eyes-and-mouth mask
+    (`synth.features_mask_from_face`; None for a clip without face parameters) as ``"features"``,
+    with ``refs`` the DiT stages' reference frame (`ClipDataset`: a listening frame outside the
+    crop) as ``"ref"``. With ``dark_repeat`` k > 1 each synthetic clip whose skin
     is in the "dark" band (`synth.face.skin_band`) is listed k times, as the DiT stages'
     ``dark_skin_repeat`` does."""
     from ..dataset import ClipDataset, held_out_split
@@ -262,8 +265,12 @@ def _train_clips(r: RecipeConfig, clip_frames: int, features: bool = False, dark
 
         def __getitem__(self, k):
             i = order[k]
-            video = train[i]["video"]
-            return {"video": video, "features": mask(i, video)} if features else video
+            item = train[i]
+            video = item["video"]
+            if not (features or refs):
+                return video
+            return {"video": video, **({"features": mask(i, video)} if features else {}),
+                    **({"ref": item["ref"]} if refs else {})}
 
     return Videos()
 
@@ -336,7 +343,7 @@ def run_decoder(r: RecipeConfig, out: Path) -> None:
         if steps <= 0 or (ddir / "DONE.json").is_file():
             continue
         if clips is None:
-            clips = _train_clips(r, r.vae.clip_frames, d.feature_weight > 0, d.dark_skin_repeat)
+            clips = _train_clips(r, r.vae.clip_frames, d.feature_weight > 0, d.dark_skin_repeat, refs=d.ref)
         train_tiny_vae(clips, ddir, steps=steps, batch_size=d.batch_size, lr=d.lr, seed=r.seed, device=r.device,
                        ckpt_every=max(50, steps // 10), init_from=init, freeze_encoder=True, latent_noise=noise,
                        temporal_weight=r.vae.temporal_weight, feature_weight=d.feature_weight,

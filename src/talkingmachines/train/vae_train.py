@@ -158,10 +158,11 @@ def _clip_array(c: Any) -> torch.Tensor:
 
 
 def _to_batch(clips: list, device: torch.device, flip: torch.Tensor | None,
-              feature_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The clips as [B, 3, T, H, W] in [-1, 1], and with ``feature_weight`` > 0 the per-pixel loss
+              feature_weight: float = 0.0, refs: bool = False):
+    """The clips as [B, 3, T, H, W] in [-1, 1], with ``feature_weight`` > 0 the per-pixel loss
     weight [B, 1, 1, H, W] (1 + feature_weight on a clip's "features" mask; 1 where it has none),
-    both flipped alike."""
+    and with ``refs`` each clip's reference frame [B, 3, 1, H, W] (its "ref", else its first
+    frame), all flipped alike: (x, w, ref), w and ref None when not asked for."""
     arrs = [_clip_array(c) for c in clips]
     t = min(a.shape[0] for a in arrs)
     t = 1 + 4 * ((t - 1) // 4)
@@ -173,12 +174,19 @@ def _to_batch(clips: list, device: torch.device, flip: torch.Tensor | None,
         w = torch.stack([torch.zeros(H, W) if m is None else torch.as_tensor(np.asarray(m), dtype=torch.float32)
                          for m in masks]).to(device)
         w = (1.0 + feature_weight * w).view(len(clips), 1, 1, H, W)
+    ref = None
+    if refs:  # a clip without its own reference frame is decoded beside its first frame
+        frames = [c.get("ref") if isinstance(c, dict) else None for c in clips]
+        ref = torch.stack([_clip_array(c)[0] if f is None else torch.as_tensor(np.asarray(f)) for f, c in zip(frames, clips)])
+        ref = video_to_tensor(ref[:, None], device)
     if flip is not None and bool(flip.any()):
         f = flip.to(device).view(-1, 1, 1, 1, 1)
         x = torch.where(f, x.flip(-1), x)
         if w is not None:
             w = torch.where(f, w.flip(-1), w)
-    return x, w
+        if ref is not None:
+            ref = torch.where(f, ref.flip(-1), ref)
+    return x, w, ref
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -281,14 +289,15 @@ class VAETrainer(Trainer):
         g = sample_generator(self.cfg.seed, step, 0, SALT_VAE)
         clips = self.clips(step)
         flip = torch.rand(len(clips), generator=g) < 0.5 if self.opts.flip else None
-        x, w = _to_batch(clips, self.device, flip, self.opts.feature_weight)
-        return x, w, g
+        x, w, ref = _to_batch(clips, self.device, flip, self.opts.feature_weight, self.vae.config.decoder_ref)
+        return x, w, g, ref
 
     def autocast(self):
         return nullcontext()  # fp32: a VAE's fine detail is what bf16 rounds away
 
-    def _reconstruct(self, x, g):
-        """(reconstruction, raw latent mean, logvar) of a batch, as the decoder sees it in training."""
+    def _reconstruct(self, x, g, ref_frames=None):
+        """(reconstruction, raw latent mean, logvar) of a batch, as the decoder sees it in training
+        (a reference decoder beside ``ref_frames``' latents, else beside the first frame's)."""
         model, o = self.vae, self.opts
         if o.freeze_encoder:  # the decoder learns to decode what `encode_video` gives: the mean
             with torch.no_grad():
@@ -306,22 +315,24 @@ class VAETrainer(Trainer):
                     level = torch.rand(mean.shape[0], 1, 1, 1, 1, generator=g) * o.latent_noise
                     eps = torch.randn(mean.shape, generator=g)
                     z = z + (level * eps).to(mean) * model.latents_std
-            ref = mean[:, :, :1] if model.config.decoder_ref else None  # clean, as a stream's portrait latent
+                ref = None
+                if model.config.decoder_ref:  # clean, as a stream's portrait latent
+                    ref = mean[:, :, :1] if ref_frames is None else model.encode_moments(ref_frames)[0]
             return model.decode_raw(z, ref=ref), mean, logvar
         mean, logvar = model.encode_moments(x)
         eps = torch.randn(mean.shape, generator=g).to(device=x.device, dtype=mean.dtype)
         return model.decode_raw(mean + eps * torch.exp(0.5 * logvar)), mean, logvar
 
     def loss(self, batch, step: int):
-        x, w, g = batch
+        x, w, g, ref = batch
         o = self.opts
         if not self.is_decoder_step(step):  # the discriminator: real frames against decoded ones
             with torch.no_grad():
-                rec = self._reconstruct(x, g)[0].clamp(-1, 1)
+                rec = self._reconstruct(x, g, ref)[0].clamp(-1, 1)
             disc = self.groups["disc"].handle
             loss = hinge_d_loss(disc(frames_of(x)), disc(frames_of(rec)))
             return "disc", loss, {"d_loss": loss.item()}
-        rec, mean, logvar = self._reconstruct(x, g)
+        rec, mean, logvar = self._reconstruct(x, g, ref)
         loss, parts = vae_loss(rec, x, mean, logvar, o.mse_weight, o.edge_weight, o.kl_weight, o.temporal_weight, w)
         if o.adv_weight > 0:
             adv = -self.groups["disc"].handle(frames_of(rec)).mean()
