@@ -21,8 +21,10 @@ statistics stay ``init_from``'s), for a sharper decoder under a DiT that is alre
 With ``adv_weight`` > 0 the decoder also trains against a patch discriminator (`discriminator.py`):
 steps alternate between the discriminator (hinge loss, real frames against decoded ones) and the
 decoder, whose adversarial term VQGAN's adaptive weight balances against the reconstruction's.
-With ``decoder_ref`` the decoder also sees each clip's first latent, clean (a stream's decoder sees the
-portrait's, `TinyVAEConfig.decoder_ref`), and ``latent_blur`` smudges the latents it decodes, so that it
+With ``decoder_ref`` the decoder also sees a reference latent, clean, as a stream's decoder sees the
+portrait's (`TinyVAEConfig.decoder_ref`): the clip's ``"ref"`` frame when it comes as a dict with one (the
+recipe gives the DiT stages' reference, a listening frame outside the crop, so the decoder cannot learn to
+copy the mouth from it), else its first frame; ``latent_blur`` smudges the latents it decodes, so that it
 learns to take what does not move from the reference.
 
 Reproducible and resumable as every stage (`trainer.Trainer`): an indexable data set is read
@@ -96,8 +98,9 @@ class VAEOptions:
     adv_weight: float = 0.0
     adv_start: int = 0  # decoder updates before the adversarial term counts (the discriminator trains throughout)
     disc_lr: float = 2e-4
-    # decoder-only: the decoder also sees the clip's first latent, clean, as a stream's decoder sees the
-    # portrait's (`TinyVAEConfig.decoder_ref`; a decoder without it is grown to it, starting as itself)
+    # decoder-only: the decoder also sees a reference latent, clean, as a stream's decoder sees the portrait's
+    # (`TinyVAEConfig.decoder_ref`; a decoder without it is grown to it, starting as itself): the clip's "ref"
+    # frame, else its first frame
     decoder_ref: bool = False
     # decoder-only: per clip, the latents blended this far at most (uniform in [0, latent_blur]) toward a
     # 3x3 spatial average of themselves: the smudge of a DiT that cannot tell where a feature sits, which
