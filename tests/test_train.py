@@ -356,6 +356,8 @@ def test_tiny_recipe_end_to_end_micro(tmp_path, capsys):
     assert all("noise 0.8: frame " in ln and "noise 0.6: frame " in ln for ln in lines), lines
     avatar = load_avatar(model)
     s = avatar.new_stream(seed=0)
+    # the engine's decoder decodes every chunk beside the portrait's latent (decoder.ref)
+    assert torch.equal(s.decoder.ref, avatar.vae.denormalize(s.ref))
     s.push_audio(np.zeros(16000, np.float32))
     s.end_audio()
     chunk = s.next_chunk()
