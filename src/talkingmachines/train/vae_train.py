@@ -180,7 +180,7 @@ def _to_batch(clips: list, device: torch.device, flip: torch.Tensor | None,
     ref = None
     if refs:  # a clip without its own reference frame is decoded beside its first frame
         frames = [c.get("ref") if isinstance(c, dict) else None for c in clips]
-        ref = torch.stack([_clip_array(c)[0] if f is None else torch.as_tensor(np.asarray(f)) for f, c in zip(frames, clips)])
+        ref = torch.stack([a[0] if f is None else torch.as_tensor(np.asarray(f)) for f, a in zip(frames, arrs)])
         ref = video_to_tensor(ref[:, None], device)
     if flip is not None and bool(flip.any()):
         f = flip.to(device).view(-1, 1, 1, 1, 1)
@@ -309,8 +309,7 @@ class VAETrainer(Trainer):
                 z = mean
                 if o.latent_blur > 0:  # per clip, toward the 3x3 average of each latent frame
                     b, c, t, h, w = mean.shape
-                    frames = mean.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-                    avg = F.avg_pool2d(frames, 3, 1, 1, count_include_pad=False)
+                    avg = F.avg_pool2d(frames_of(mean), 3, 1, 1, count_include_pad=False)
                     avg = avg.view(b, t, c, h, w).permute(0, 2, 1, 3, 4)
                     a = torch.rand(b, 1, 1, 1, 1, generator=g).to(mean) * o.latent_blur
                     z = z + a * (avg - z)
