@@ -250,6 +250,24 @@ def test_data_version_7_holds_the_gaze():
     assert c7.params["data_version"] == 7
 
 
+def test_data_version_8_is_version_5_with_a_still_head():
+    """v8: v5's readable mouth with v6's still head; the same seed draws v5's clip (identity,
+    speech, mouth) and the face never moves from the first frame."""
+    from talkingmachines.train.synth import make_clip, moves_head
+
+    assert not moves_head(8)
+    c5, c8 = (make_clip(3, 2.0, size=96, version=v) for v in (5, 8))
+    assert np.array_equal(c5.audio, c8.audio) and np.array_equal(c5.mouth_open, c8.mouth_open)
+    assert c8.params["face"] == c5.params["face"] and c8.params["face"]["mouth_shape"] == "lens"
+    g5, g8 = (c.frames.astype(float).mean(-1) for c in (c5, c8))
+    # with the mouth closed (blinks aside) a still head leaves the face where it was
+    closed = [t for t in range(len(g8)) if c8.mouth_open[t] < 0.05]
+    assert closed, "the clip never closes its mouth"
+    still = np.mean([np.abs(g8[t] - g8[closed[0]]).mean() for t in closed])
+    moving = np.mean([np.abs(g5[t] - g5[closed[0]]).mean() for t in closed])
+    assert still < 0.5 * moving, (still, moving)
+
+
 def test_bundled_portrait_is_drawn_like_the_shipped_models_data():
     """The default portrait is the renderer's photo-like face drawn as data version 4 draws its
     faces (version 3's close-up plus contour shading: what the shipped model was trained on), so

@@ -44,13 +44,13 @@ def _smooth_noise(rng: np.random.Generator, T: int, sigma: float) -> np.ndarray:
 
 
 # per close-up version: head-motion amplitude (v1's varies with speech; max opening: `face._OPEN_SCALE`)
-_HEAD_AMP = {2: 1.6, 3: 0.55, 4: 0.55, 5: 0.55, 6: 0.0, 7: 0.0}
+_HEAD_AMP = {2: 1.6, 3: 0.55, 4: 0.55, 5: 0.55, 6: 0.0, 7: 0.0, 8: 0.0}
 # versions whose eyes hold one fixation for the whole clip (`gaze_track`)
 STEADY_GAZE = (7,)
 
 
 def moves_head(version: int) -> bool:
-    """Whether data `version`'s head sways, nods and tilts (every version but 6 and 7)."""
+    """Whether data `version`'s head sways, nods and tilts (every version but 6, 7 and 8)."""
     return version == 1 or _HEAD_AMP[version] > 0
 
 
@@ -108,7 +108,7 @@ def make_clip(seed: int, seconds: float = 6.0, size: int = 128, speech: str = "a
     version: 1, the original data; 2, a close-up face (`framed`) whose head motion and brows
     do not follow the speech, so that loudness explains the mouth and nothing else (in v1,
     head motion was 2.2x larger while speaking and nods and brows followed loudness: a model
-    could lower its loss by moving the head instead of opening the mouth); 3-7: `framed`,
+    could lower its loss by moving the head instead of opening the mouth); 3-8: `framed`,
     `head_motion` and `gaze_track` say what each changes."""
     rng = np.random.default_rng([int(seed), 15485863])
     T = clip_frames_for(seconds)

@@ -240,9 +240,9 @@ class FaceState:
 
 
 
-DATA_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+DATA_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 # per close-up version: max opening x v1's (head-motion amplitude: `clip._HEAD_AMP`)
-_OPEN_SCALE = {2: 1.3, 3: 1.55, 4: 1.55, 5: 1.0, 6: 1.55, 7: 1.55}
+_OPEN_SCALE = {2: 1.3, 3: 1.55, 4: 1.55, 5: 1.0, 6: 1.55, 7: 1.55, 8: 1.0}
 # version 5's mouth colours: the inside no lighter than this luminance, the lips at least this
 # much lighter than the inside, lightened toward LIP_LIGHT when they are not
 INNER_MAX_LUM, LIP_OVER_INNER, LIP_LIGHT = 0.1, 0.3, (235, 150, 140)
@@ -272,7 +272,9 @@ def framed(params: FaceParams, version: int) -> FaceParams:
     faces, 20 openings each; outline faces 0.13), and at the widest openings read a round dark
     hole in a ring of lip as a closed mouth. 6: as 4 with a still head (no sway, nod or tilt:
     `clip.head_motion`), so that a reference frame is where the face stays; the same seed draws
-    the same identity, speech, blinks and gaze as v4. 7: as 6 with a steady gaze (`clip.gaze_track`)."""
+    the same identity, speech, blinks and gaze as v4. 7: as 6 with a steady gaze (`clip.gaze_track`).
+    8: as 5 (the readable mouth) with 6's still head: the shipped model's data without the sway
+    that made the DiT draw ghost eyes."""
     if version == 1:
         return params
     check_data_version(version)
@@ -281,7 +283,7 @@ def framed(params: FaceParams, version: int) -> FaceParams:
     if version >= 4:
         p = dataclasses.replace(p, contour=1.0, lid_line=True, closed_line=2.0, blush=False, mouth_outline=False,
                                 bg_kind="gradient" if p.bg_kind in ("dots", "stripes") else p.bg_kind)
-    if version == 5:
+    if version in (5, 8):
         p = _readable_mouth(p)
     return p
 
