@@ -252,7 +252,7 @@ def test_data_version_7_holds_the_gaze():
 
 def test_data_version_8_is_version_5_with_a_still_head():
     """v8: v5's readable mouth with v6's still head; the same seed draws v5's clip (identity,
-    speech, mouth) and the face never moves from the first frame."""
+    speech, mouth) and, with the mouth closed, the face stays where it was (v5's sways)."""
     from talkingmachines.train.synth import make_clip, moves_head
 
     assert not moves_head(8)

@@ -142,7 +142,8 @@ def register(sub) -> None:
                            help="1: the original clips; 2: close-up faces whose head and brows ignore the speech; "
                                 "3: as 2 with a wider opening and less head motion; 4: as 3 drawn with a real face's "
                                 "light-dark layout in every style (what a face detector keys on); 5: as 4 with a lens-shaped "
-                                "open mouth, a dark inside and lighter lips (what a landmark model reads)")
+                                "open mouth, a dark inside and lighter lips (what a landmark model reads); 6: as 4 with a still "
+                                "head; 7: as 6 with a steady gaze; 8: as 5 with a still head")
             s.add_argument("--preview", metavar="PNG", default=None,
                            help="only write a contact sheet of 16 random faces (--seed, --size)")
             s.set_defaults(fn=cmd_synth)
