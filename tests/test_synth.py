@@ -212,6 +212,18 @@ def test_data_version_3_moves_the_head_less_and_opens_the_mouth_wider():
     assert framed(p, 3).face_w == pytest.approx(framed(p, 2).face_w)
 
 
+def _head_moved(clip) -> int:
+    """The largest integer translation (pixels) of any frame from the first, by phase correlation."""
+    g = clip.frames.astype(float).mean(-1)
+
+    def shift(a, b):
+        r = np.fft.fft2(a) * np.conj(np.fft.fft2(b))
+        peak = np.abs(np.fft.ifft2(r / (np.abs(r) + 1e-9))).argmax()
+        return [(x + n // 2) % n - n // 2 for x, n in zip(np.unravel_index(peak, a.shape), a.shape)]
+
+    return max(int(np.abs(shift(g[t], g[0])).max()) for t in range(len(g)))
+
+
 def test_data_version_6_is_version_4_with_a_still_head():
     """v6: the same clip as v4 for the same seed (identity, speech, mouth, blinks, gaze) with no
     head sway, nod or tilt: every frame's face sits where the first frame's does (a reference
@@ -219,19 +231,11 @@ def test_data_version_6_is_version_4_with_a_still_head():
     from talkingmachines.train.synth import make_clip, moves_head
 
     assert not moves_head(6) and all(moves_head(v) for v in (1, 2, 3, 4, 5))
-
-    def shift(a, b):  # integer translation of b onto a, by phase correlation
-        r = np.fft.fft2(a) * np.conj(np.fft.fft2(b))
-        peak = np.abs(np.fft.ifft2(r / (np.abs(r) + 1e-9))).argmax()
-        return [(x + n // 2) % n - n // 2 for x, n in zip(np.unravel_index(peak, a.shape), a.shape)]
-
     for seed in (2, 5):
         c4, c6 = (make_clip(seed, 2.0, size=96, version=v) for v in (4, 6))
         assert np.array_equal(c4.audio, c6.audio) and np.array_equal(c4.mouth_open, c6.mouth_open)
         assert c6.params["face"] == c4.params["face"] and c6.params["data_version"] == 6
-        g4, g6 = (c.frames.astype(float).mean(-1) for c in (c4, c6))
-        moved4 = max(np.abs(shift(g4[t], g4[0])).max() for t in range(len(g4)))
-        moved6 = max(np.abs(shift(g6[t], g6[0])).max() for t in range(len(g6)))
+        moved4, moved6 = _head_moved(c4), _head_moved(c6)
         assert moved6 == 0 and moved4 >= 1, (moved4, moved6)
 
 
@@ -252,20 +256,16 @@ def test_data_version_7_holds_the_gaze():
 
 def test_data_version_8_is_version_5_with_a_still_head():
     """v8: v5's readable mouth with v6's still head; the same seed draws v5's clip (identity,
-    speech, mouth) and, with the mouth closed, the face stays where it was (v5's sways)."""
+    speech, mouth) and no frame's face moves from the first one's (v5's sways)."""
     from talkingmachines.train.synth import make_clip, moves_head
 
     assert not moves_head(8)
-    c5, c8 = (make_clip(3, 2.0, size=96, version=v) for v in (5, 8))
-    assert np.array_equal(c5.audio, c8.audio) and np.array_equal(c5.mouth_open, c8.mouth_open)
-    assert c8.params["face"] == c5.params["face"] and c8.params["face"]["mouth_shape"] == "lens"
-    g5, g8 = (c.frames.astype(float).mean(-1) for c in (c5, c8))
-    # with the mouth closed (blinks aside) a still head leaves the face where it was
-    closed = [t for t in range(len(g8)) if c8.mouth_open[t] < 0.05]
-    assert closed, "the clip never closes its mouth"
-    still = np.mean([np.abs(g8[t] - g8[closed[0]]).mean() for t in closed])
-    moving = np.mean([np.abs(g5[t] - g5[closed[0]]).mean() for t in closed])
-    assert still < 0.5 * moving, (still, moving)
+    for seed in (2, 3):
+        c5, c8 = (make_clip(seed, 2.0, size=96, version=v) for v in (5, 8))
+        assert np.array_equal(c5.audio, c8.audio) and np.array_equal(c5.mouth_open, c8.mouth_open)
+        assert c8.params["face"] == c5.params["face"] and c8.params["face"]["mouth_shape"] == "lens"
+        moved5, moved8 = _head_moved(c5), _head_moved(c8)
+        assert moved8 == 0 and moved5 >= 1, (moved5, moved8)
 
 
 def test_bundled_portrait_is_drawn_like_the_shipped_models_data():
